@@ -1,0 +1,8 @@
+"""InfLLM context memory on Hugging Face causal LMs: read once, retrieve per layer, answer."""
+from .config import InfLLMConfig
+from .engine import Answer, Engine
+from .errors import EngineError
+from .memory import ContextMemory
+from .trace import Trace
+
+__all__ = ["Answer", "ContextMemory", "Engine", "EngineError", "InfLLMConfig", "Trace"]

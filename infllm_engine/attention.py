@@ -1,0 +1,115 @@
+"""InfLLM attention, registered with transformers' AttentionInterface as "infllm".
+
+The model runs with all-zero position ids (HF's rotation is then the identity) and hands us raw
+q/k/v; the engine's loop passes the per-call state as the keyword `infllm`. For a chunk of queries at
+positions [s, e) and a query p:
+  local stage   keys j with p - n_local < j <= p, at their real relative positions;
+  global stage  sinks, the retrieved blocks and not-yet-blocked tokens with j <= p - n_local, all at
+                one fixed distance (query rotated to n_local, keys at 0).
+The two masks are exact complements over the keys a query may see, so no key is counted twice at
+chunk boundaries (the reference code's global mask is off by up to a chunk there). The stages merge
+by log-sum-exp into one exact softmax.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels import attention_stage, merge_stages, received_mass, topk_blocks
+
+from .config import InfLLMConfig
+from .errors import EngineError
+from .memory import ContextMemory, DenseLayer, LayerMemory
+from .rope import Rotary
+from .trace import Retrieval, Trace
+
+
+@dataclass(slots=True)
+class ForwardState:
+    """What one model forward over a chunk needs besides the hidden states."""
+
+    memory: ContextMemory
+    rope: Rotary
+    start: int                  # absolute position of the chunk's first token
+    trace: Trace | None
+    step: int
+
+
+def infllm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, infllm=None, **kwargs):
+    # query: [1, H, C, d]   key, value: [1, Hkv, C, d]   (un-rotated)   -> out [1, C, H, d], no weights
+    if infllm is None:
+        raise EngineError("the infllm attention runs only inside the engine's prefill/decode loop")
+    if query.shape[0] != 1:
+        raise EngineError("the infllm engine reads one sequence at a time (batch size 1)")
+    state: ForwardState = infllm
+    layer = state.memory.layers[module.layer_idx]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if isinstance(layer, DenseLayer):
+        out = _full(layer, query[0], key[0], value[0], state, scale)
+    else:
+        out = _infllm(layer, module.layer_idx, query[0], key[0], value[0], state, scale)
+    return out.transpose(0, 1).unsqueeze(0), None
+
+
+def _full(layer: DenseLayer, q, k, v, state: ForwardState, scale: float) -> torch.Tensor:
+    """The model's own attention: true positions, every past key (sdpa, as HF would run it)."""
+    s, c = state.start, q.shape[1]
+    keys, values = layer.append(state.rope.apply(k, s), v)
+    q = state.rope.apply(q, s)
+    mask = None
+    if c > 1:
+        mask = torch.arange(s + c, device=q.device)[None, :] <= torch.arange(s, s + c, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask, scale=scale, enable_gqa=True)[0]
+
+
+def _infllm(layer: LayerMemory, layer_idx: int, q, k, v, state: ForwardState, scale: float) -> torch.Tensor:
+    cfg: InfLLMConfig = state.memory.cfg
+    rope, n_local = state.rope, cfg.n_local
+    h, c, d = q.shape
+    hkv = k.shape[0]
+    g = h // hkv
+    s = state.start
+    e = s + c
+    q_pos = torch.arange(s, e, device=q.device)
+    layer.append(k, v)
+
+    # Local stage: the window [lo, e) at real relative positions (shifted so lo sits at 0).
+    lo = max(0, s - n_local + 1)
+    k_loc, v_loc = layer.span(lo, e)
+    k_pos = torch.arange(lo, e, device=q.device)
+    mask_loc = None
+    if c > 1:
+        rel = q_pos[:, None] - k_pos[None, :]
+        mask_loc = (rel >= 0) & (rel < n_local)
+    out_l, lse_l, p_l = attention_stage(
+        rope.apply(q, s - lo).view(hkv, g, c, d), rope.apply(k_loc, 0), v_loc, mask_loc, scale)
+
+    # Global stage: memory at the fixed distance n_local; keys keep their raw (position 0) form.
+    q_glob = rope.apply_at(q, n_local)
+    k_old, v_old, old_pos = layer.old(e - n_local)
+    mask_old = old_pos[None, :] <= q_pos[:, None] - n_local if c > 1 else None
+    ids = None
+    if cfg.method == "infllm" and cfg.topk > 0 and layer.blocks.n > 0:
+        ids, scores = topk_blocks(q_glob.mean(dim=1), layer.blocks.reprs, cfg.topk)
+        k_blk, v_blk = layer.blocks.gather(ids)
+        k_glob, v_glob = torch.cat([k_blk, k_old], 1), torch.cat([v_blk, v_old], 1)
+        if mask_old is not None:
+            mask_old = torch.cat([mask_old.new_ones(c, k_blk.shape[1]), mask_old], 1)
+    else:
+        k_glob, v_glob = k_old, v_old
+    out_g, lse_g, p_g = attention_stage(q_glob.view(hkv, g, c, d), k_glob, v_glob, mask_old, scale)
+
+    out, lse = merge_stages(out_l, lse_l, out_g, lse_g)
+    if cfg.method == "infllm":
+        # Representative scores: attention each window token received in the final softmax, per head.
+        layer.add_mass(lo, received_mass(p_l, lse_l, lse).reshape(h, -1).float())
+        if ids is not None and state.trace is not None:
+            n_blk = ids.shape[0] * cfg.block_size
+            mass = received_mass(p_g[..., :n_blk], lse_g, lse).sum(dim=(0, 1)) / (h * c)
+            local = torch.exp(lse_l - lse).mean()
+            state.trace.records.append(Retrieval(
+                layer_idx, state.step, ids, scores, mass.view(-1, cfg.block_size).sum(-1), local))
+    layer.evict(e - n_local)
+    return out.reshape(h, c, d)

@@ -1,0 +1,88 @@
+"""The one config of the engine: every InfLLM knob, validated when it is made."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+
+from .errors import EngineError
+
+METHODS = ("infllm", "streaming", "full")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True, frozen=True)
+class InfLLMConfig:
+    """Knobs of the context memory (names follow the InfLLM paper and reference code).
+
+    The defaults suit the embedded SmolLM2-135M (trained to 8K) on a CPU: attended context per
+    query is n_init + topk * block_size + n_local = 128 + 1024 + 2048, well inside 8K.
+    """
+
+    method: str = "infllm"          # infllm | streaming (sinks + window) | full (the model's own attention)
+    n_init: int = 128               # sink tokens, attended at the fixed memory distance
+    n_local: int = 2048             # sliding local window, attended at real relative positions
+    block_size: int = 128           # evicted tokens per memory block
+    repr_topk: int = 4              # most-attended tokens whose keys represent a block, per head
+    topk: int = 8                   # blocks retrieved per layer per step
+    chunk_size: int = 512           # queries per prefill chunk
+    cache_blocks: int = 64          # blocks held on the accelerator (LRU); block K/V stay in CPU memory
+    max_tokens: int = 2_000_000     # longest input accepted
+    device: str = "cpu"
+    dtype: str = "float32"          # fp32 on the CPU: bf16 matmuls there are ~5x slower
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("n_init", "n_local", "block_size", "repr_topk", "chunk_size", "max_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("topk", "cache_blocks"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                problems.append(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if not problems:
+            if self.repr_topk > self.block_size:
+                problems.append(f"repr_topk ({self.repr_topk}) cannot exceed block_size ({self.block_size})")
+            if self.topk > self.cache_blocks:
+                problems.append(
+                    f"topk ({self.topk}) cannot exceed cache_blocks ({self.cache_blocks}): "
+                    "every retrieved block must fit in the accelerator cache"
+                )
+            if self.chunk_size > self.n_local:
+                problems.append(f"chunk_size ({self.chunk_size}) cannot exceed n_local ({self.n_local})")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            problems.append(f"device {self.device!r} is not a torch device")
+        if problems:
+            raise EngineError("invalid engine config: " + "; ".join(problems))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def max_position(self) -> int:
+        """Largest rotary position infllm/streaming ever use: the local window plus one chunk."""
+        return self.n_local + self.chunk_size
+
+    def replace(self, **changes) -> "InfLLMConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def memory_hash(self) -> str:
+        """Hash of the knobs that shape a stored memory.
+
+        Retrieval while reading feeds later layers, so topk and chunk_size shape the K/V too; only
+        where it runs and the limits do not.
+        """
+        shaping = {k: v for k, v in self.to_dict().items() if k not in ("device", "cache_blocks", "max_tokens")}
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,146 @@
+"""The engine's API: read a text into a context memory, then ask questions against forks of it."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import InfLLMConfig
+from .errors import EngineError
+from .generate import decode, prefill
+from .loading import default_data_dir, load_model, prepare
+from .memory import ContextMemory
+from .rope import Rotary
+from .trace import Trace
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Answer:
+    """A streamed answer: iterate for text pieces; afterwards text, tokens, trace and timings are set."""
+
+    pieces: Iterator[str]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    trace: Trace = field(default_factory=Trace)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[str]:
+        for piece in self.pieces:
+            self.text += piece
+            yield piece
+
+    def wait(self) -> "Answer":
+        for _ in self:
+            pass
+        return self
+
+
+class Engine:
+    def __init__(self, model, tokenizer, cfg: InfLLMConfig = InfLLMConfig(), fingerprint: str = "in-memory"):
+        prepare(model)
+        self.model, self.tokenizer, self.cfg, self.fingerprint = model, tokenizer, cfg, fingerprint
+        mc = model.config
+        self.n_layers = mc.num_hidden_layers
+        self.n_heads = mc.num_attention_heads
+        self.n_kv_heads = getattr(mc, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // self.n_heads
+        self.device = torch.device(cfg.device)
+        self.rope = Rotary(model.base_model.rotary_emb, self.head_dim, self.device, cfg.torch_dtype)
+        eos = tokenizer.eos_token_id if tokenizer is not None else None
+        self.stop_ids = {eos} if isinstance(eos, int) else set(eos or [])
+
+    @classmethod
+    def load(cls, model: str | None = None, cfg: InfLLMConfig = InfLLMConfig(), data_dir: Path | None = None) -> "Engine":
+        lm, tokenizer, fingerprint = load_model(model, Path(data_dir or default_data_dir()), cfg.device, cfg.torch_dtype)
+        return cls(lm, tokenizer, cfg, fingerprint)
+
+    def with_config(self, cfg: InfLLMConfig) -> "Engine":
+        """The same model under other knobs (another method, topk, ...): nothing is reloaded."""
+        if (cfg.device, cfg.dtype) != (self.cfg.device, self.cfg.dtype):
+            raise EngineError("device and dtype are fixed when the model loads")
+        return Engine(self.model, self.tokenizer, cfg, self.fingerprint)
+
+    # -- text <-> tokens --------------------------------------------------------------------------
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tokenizer.encode(text, add_special_tokens=False), dtype=torch.long, device=self.device)
+
+    def chat_parts(self) -> tuple[str, str]:
+        """The chat template split around the user's message: (before, after)."""
+        marker = "\x00MESSAGE\x00"
+        if getattr(self.tokenizer, "chat_template", None):
+            rendered = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True)
+            before, after = rendered.split(marker)
+            return before, after
+        return "", "\nAnswer:"
+
+    # -- memory -----------------------------------------------------------------------------------
+    def new_memory(self) -> ContextMemory:
+        return ContextMemory(self.cfg, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim)
+
+    def read(self, ids: torch.Tensor, memory: ContextMemory | None = None, progress: Progress | None = None,
+             trace: Trace | None = None) -> ContextMemory:
+        """Prefill ids [n] into memory (a new one by default) and return it."""
+        memory = memory if memory is not None else self.new_memory()
+        self._check_input(memory, ids)
+        prefill(self.model, memory, self.rope, ids.to(self.device), trace, progress, want_logits=False)
+        return memory
+
+    def generate(self, memory: ContextMemory, ids: torch.Tensor, max_new_tokens: int = 64,
+                 temperature: float = 0.0, progress: Progress | None = None) -> Answer:
+        """Prefill ids after what memory holds (memory is changed), then stream the continuation."""
+        self._check_input(memory, ids)
+        if max_new_tokens < 1:
+            raise EngineError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        answer = Answer(iter(()))
+        answer.pieces = self._stream(memory, ids.to(self.device), max_new_tokens, temperature, answer, progress)
+        return answer
+
+    def ask(self, memory: ContextMemory, question: str, max_new_tokens: int = 256, temperature: float = 0.0) -> Answer:
+        """Answer a question about a memory read with `document_prompt`; the memory itself is untouched."""
+        if not question.strip():
+            raise EngineError("the question is empty")
+        _, after = self.chat_parts()
+        prompt = f"\n\nQuestion: {question.strip()}{after}"
+        return self.generate(memory.fork(), self.encode(prompt), max_new_tokens, temperature)
+
+    def document_prompt(self, text: str) -> str:
+        """The text a document is read as: the start of a chat turn that the question later closes."""
+        before, _ = self.chat_parts()
+        return f"{before}Read this document and answer questions about it.\n\n{text}"
+
+    # -- internals --------------------------------------------------------------------------------
+    def _check_input(self, memory: ContextMemory, ids: torch.Tensor) -> None:
+        if ids.ndim != 1 or ids.numel() == 0:
+            raise EngineError("the input is empty: there is nothing to read")
+        if memory.cfg != self.cfg and memory.cfg.memory_hash() != self.cfg.memory_hash():
+            raise EngineError("this memory was built with other engine settings")
+        if memory.length + ids.numel() > self.cfg.max_tokens:
+            raise EngineError(
+                f"the input is too long: {memory.length + ids.numel():,} tokens, over the configured maximum "
+                f"of {self.cfg.max_tokens:,}")
+
+    def _stream(self, memory, ids, max_new_tokens, temperature, answer: Answer, progress) -> Iterator[str]:
+        t0 = time.perf_counter()
+        logits = prefill(self.model, memory, self.rope, ids, answer.trace, progress)
+        answer.timings["prefill_s"] = time.perf_counter() - t0
+        shown = ""
+        t1 = time.perf_counter()
+        for token in decode(self.model, memory, self.rope, logits, max_new_tokens, self.stop_ids, answer.trace, temperature):
+            if not answer.token_ids:
+                answer.timings["first_token_s"] = time.perf_counter() - t0
+            answer.token_ids.append(token)
+            text = self.tokenizer.decode(answer.token_ids, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):   # wait for the rest of a multi-byte character
+                yield text[len(shown):]
+                shown = text
+        elapsed = time.perf_counter() - t1
+        answer.timings["decode_tokens_per_s"] = len(answer.token_ids) / elapsed if elapsed > 0 else 0.0
+        text = self.tokenizer.decode(answer.token_ids, skip_special_tokens=True)
+        if len(text) > len(shown):
+            yield text[len(shown):]

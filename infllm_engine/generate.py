@@ -1,0 +1,63 @@
+"""Our own prefill/decode loop (gpt-fast style plain functions): chunked, traced, streaming.
+
+transformers' generate() cannot pass our per-step state, chunk the prefill or skip the LM head, so
+the model is driven directly: base model forward with zero position ids, LM head on the last row.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .attention import ForwardState
+from .memory import ContextMemory
+from .rope import Rotary
+from .trace import Trace
+
+
+@torch.inference_mode()
+def forward_chunk(model, memory: ContextMemory, rope: Rotary, ids: torch.Tensor,
+                  trace: Trace | None, kind: str, want_logits: bool) -> torch.Tensor | None:
+    """Run ids [n] through the model at positions memory.length ..; returns last-row logits [V] if asked."""
+    step = trace.begin(kind, memory.length, ids.shape[0]) if trace is not None else -1
+    state = ForwardState(memory, rope, memory.length, trace, step)
+    zeros = torch.zeros(1, ids.shape[0], dtype=torch.long, device=ids.device)
+    hidden = model.base_model(input_ids=ids[None], position_ids=zeros, use_cache=False, infllm=state).last_hidden_state
+    memory.length += ids.shape[0]
+    if not want_logits:
+        return None
+    return model.get_output_embeddings()(hidden[0, -1]).float()
+
+
+def prefill(model, memory: ContextMemory, rope: Rotary, ids: torch.Tensor, trace: Trace | None = None,
+            progress: Callable[[int, int], None] | None = None, want_logits: bool = True) -> torch.Tensor | None:
+    """Feed ids [n] in chunks of cfg.chunk_size, aligned to absolute positions so that a text read in
+    pieces (document, then question) is chunked exactly as if read at once. Returns last logits [V]."""
+    size = memory.cfg.chunk_size
+    done, logits = 0, None
+    while done < ids.shape[0]:
+        n = min(size - memory.length % size, ids.shape[0] - done)
+        last = done + n == ids.shape[0]
+        logits = forward_chunk(model, memory, rope, ids[done: done + n], trace, "prefill", want_logits and last)
+        done += n
+        if progress is not None:
+            progress(done, ids.shape[0])
+    return logits
+
+
+def decode(model, memory: ContextMemory, rope: Rotary, logits: torch.Tensor, max_new_tokens: int,
+           stop_ids: set[int], trace: Trace | None = None, temperature: float = 0.0,
+           generator: torch.Generator | None = None) -> Iterator[int]:
+    """Yield up to max_new_tokens token ids, one forward per token; greedy unless temperature > 0."""
+    for i in range(max_new_tokens):
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=generator))
+        else:
+            token = int(torch.argmax(logits))
+        if token in stop_ids:
+            return
+        yield token
+        if i + 1 < max_new_tokens:
+            logits = forward_chunk(model, memory, rope, torch.tensor([token], device=logits.device),
+                                   trace, "decode", want_logits=True)

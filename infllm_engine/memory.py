@@ -1,0 +1,148 @@
+"""The context memory: per layer, sinks + the recent tokens still near the window + memory blocks.
+
+Token positions are absolute. Per layer we keep
+  sinks   [0, n_init)          raw K/V
+  recent  [r0, length)         raw K/V and the attention mass each token has received (per query head)
+  blocks  [n_init, r0)         in BlockStore, block i = [n_init + i*bs, n_init + (i+1)*bs)
+A block forms once all its tokens are out of every future query's window, so its representative
+scores are final. Block spans are the same in every layer, which is what the heatmap maps to pages.
+Keys are stored raw (un-rotated): positions are chosen at attention time.
+"""
+from __future__ import annotations
+
+import torch
+
+from .blocks import BlockStore, representatives
+from .config import InfLLMConfig
+
+
+class LayerMemory:
+    def __init__(self, cfg: InfLLMConfig, n_heads: int, n_kv_heads: int, head_dim: int, keep_blocks: bool):
+        dev, dt = torch.device(cfg.device), cfg.torch_dtype
+        self.n_init, self.block_size, self.repr_topk = cfg.n_init, cfg.block_size, cfg.repr_topk
+        self.keep_blocks = keep_blocks
+        empty = torch.empty(n_kv_heads, 0, head_dim, dtype=dt, device=dev)
+        self.sink_k, self.sink_v = empty, empty
+        self.recent_k, self.recent_v = empty, empty
+        self.recent_score = torch.empty(n_heads, 0, dtype=torch.float32, device=dev)
+        self.r0 = cfg.n_init
+        self.blocks = BlockStore(n_kv_heads, n_heads, cfg.block_size, head_dim, dt, dev, cfg.cache_blocks)
+
+    @property
+    def length(self) -> int:
+        return self.r0 + self.recent_k.shape[1] if self.recent_k.shape[1] else self.sink_k.shape[1]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [Hkv, C, d] raw, for the next C positions."""
+        room = self.n_init - self.sink_k.shape[1]
+        if room > 0:
+            self.sink_k = torch.cat([self.sink_k, k[:, :room]], 1)
+            self.sink_v = torch.cat([self.sink_v, v[:, :room]], 1)
+            k, v = k[:, room:], v[:, room:]
+        if k.shape[1]:
+            self.recent_k = torch.cat([self.recent_k, k], 1)
+            self.recent_v = torch.cat([self.recent_v, v], 1)
+            self.recent_score = torch.cat([self.recent_score, self.recent_score.new_zeros(self.recent_score.shape[0], k.shape[1])], 1)
+
+    def span(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of positions [lo, hi), which must lie in sinks + recent (the local window always does)."""
+        assert lo >= self.r0 or self.r0 == self.n_init, (lo, self.r0)
+        if lo >= self.n_init:
+            return self.recent_k[:, lo - self.r0: hi - self.r0], self.recent_v[:, lo - self.r0: hi - self.r0]
+        sinks_hi = min(hi, self.n_init)
+        k = torch.cat([self.sink_k[:, lo:sinks_hi], self.recent_k[:, : max(0, hi - self.r0)]], 1)
+        v = torch.cat([self.sink_v[:, lo:sinks_hi], self.recent_v[:, : max(0, hi - self.r0)]], 1)
+        return k, v
+
+    def old(self, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sinks and not-yet-blocked tokens at positions < hi: (k, v, positions)."""
+        ns = min(self.sink_k.shape[1], max(hi, 0))
+        nr = max(0, min(hi - self.r0, self.recent_k.shape[1]))
+        k = torch.cat([self.sink_k[:, :ns], self.recent_k[:, :nr]], 1)
+        v = torch.cat([self.sink_v[:, :ns], self.recent_v[:, :nr]], 1)
+        pos = torch.cat([torch.arange(ns), torch.arange(self.r0, self.r0 + nr)]).to(k.device)
+        return k, v, pos
+
+    def add_mass(self, lo: int, mass: torch.Tensor) -> None:
+        """mass: [H, n] attention received by positions lo .. lo + n - 1; only recent tokens keep it."""
+        skip = max(0, self.r0 - lo)
+        self.recent_score[:, lo + skip - self.r0: lo + mass.shape[1] - self.r0] += mass[:, skip:]
+
+    def evict(self, last_final: int) -> None:
+        """Form blocks from recent tokens at positions <= last_final (out of every future window)."""
+        bs = self.block_size
+        while self.r0 + bs - 1 <= last_final and self.recent_k.shape[1] >= bs:
+            k, v, score = self.recent_k[:, :bs], self.recent_v[:, :bs], self.recent_score[:, :bs]
+            if self.keep_blocks:
+                repr_, _ = representatives(k, score, self.repr_topk)
+                self.blocks.append(k, v, repr_)
+            self.recent_k, self.recent_v = self.recent_k[:, bs:], self.recent_v[:, bs:]
+            self.recent_score = self.recent_score[:, bs:]
+            self.r0 += bs
+
+    def fork(self) -> "LayerMemory":
+        other = object.__new__(LayerMemory)
+        other.__dict__.update(self.__dict__)
+        # K/V slices are replaced, never written in place; only the scores are updated in place.
+        other.recent_score = self.recent_score.clone()
+        other.blocks = self.blocks.fork()
+        return other
+
+
+class DenseLayer:
+    """Baseline `full`: every key, rotated at its true position, in a buffer grown by doubling."""
+
+    def __init__(self, cfg: InfLLMConfig, n_kv_heads: int, head_dim: int):
+        self.k = torch.empty(n_kv_heads, 0, head_dim, dtype=cfg.torch_dtype, device=torch.device(cfg.device))
+        self.v = self.k
+        self.length = 0
+        self._owned = True
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: [Hkv, C, d] rotated; returns all keys and values so far."""
+        n = self.length + k.shape[1]
+        if n > self.k.shape[1] or not self._owned:
+            cap = max(n, 2 * self.k.shape[1], 1024)
+            self.k = torch.cat([self.k[:, : self.length], self.k.new_empty(self.k.shape[0], cap - self.length, self.k.shape[2])], 1)
+            self.v = torch.cat([self.v[:, : self.length], self.v.new_empty(self.v.shape[0], cap - self.length, self.v.shape[2])], 1)
+            self._owned = True
+        self.k[:, self.length: n], self.v[:, self.length: n] = k, v
+        self.length = n
+        return self.k[:, :n], self.v[:, :n]
+
+    def fork(self) -> "DenseLayer":
+        other = object.__new__(DenseLayer)
+        other.__dict__.update(self.__dict__)
+        # The buffer has room past `length` that both would write into: each copies before its next write.
+        other._owned = self._owned = False
+        return other
+
+
+class ContextMemory:
+    """All layers' memory for one text, plus how many tokens it holds."""
+
+    def __init__(self, cfg: InfLLMConfig, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int):
+        self.cfg = cfg
+        self.length = 0
+        if cfg.method == "full":
+            self.layers = [DenseLayer(cfg, n_kv_heads, head_dim) for _ in range(n_layers)]
+        else:
+            keep = cfg.method == "infllm"
+            self.layers = [LayerMemory(cfg, n_heads, n_kv_heads, head_dim, keep) for _ in range(n_layers)]
+
+    @property
+    def n_blocks(self) -> int:
+        first = self.layers[0]
+        return first.blocks.n if isinstance(first, LayerMemory) else 0
+
+    def block_span(self, block_id: int) -> tuple[int, int]:
+        """Token span [start, stop) of a block: the same in every layer."""
+        start = self.cfg.n_init + block_id * self.cfg.block_size
+        return start, start + self.cfg.block_size
+
+    def fork(self) -> "ContextMemory":
+        """A copy to ask a question with; the blocks are shared read-only, the small parts copied."""
+        other = object.__new__(ContextMemory)
+        other.cfg, other.length = self.cfg, self.length
+        other.layers = [layer.fork() for layer in self.layers]
+        return other

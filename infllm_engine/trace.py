@@ -1,0 +1,72 @@
+"""The retrieval trace: which blocks each layer retrieved at each step, and how much attention they got.
+
+This is the data behind the heatmap, so it stays cheap: tensors are appended as they are (no host
+sync in the hot loop) and converted once, when the call is over.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True)
+class Step:
+    kind: str          # "prefill" (a chunk of the input) or "decode" (one generated token)
+    start: int         # first token position of the step
+    n_tokens: int
+
+
+@dataclass(slots=True)
+class Retrieval:
+    layer: int
+    step: int
+    block_ids: torch.Tensor     # [k] long
+    scores: torch.Tensor        # [k] query . representative
+    block_mass: torch.Tensor    # [k] share of the step's attention each retrieved block received
+    local_mass: torch.Tensor    # []  share of the step's attention on the local window
+
+
+@dataclass
+class Trace:
+    steps: list[Step] = field(default_factory=list)
+    records: list[Retrieval] = field(default_factory=list)
+
+    def begin(self, kind: str, start: int, n_tokens: int) -> int:
+        self.steps.append(Step(kind, start, n_tokens))
+        return len(self.steps) - 1
+
+    def to_dict(self) -> dict:
+        """Plain lists and numbers, ready for JSON or SQLite."""
+        return {
+            "steps": [{"kind": s.kind, "start": s.start, "n_tokens": s.n_tokens} for s in self.steps],
+            "records": [
+                {
+                    "layer": r.layer,
+                    "step": r.step,
+                    "block_ids": r.block_ids.tolist(),
+                    "scores": [round(x, 4) for x in r.scores.float().tolist()],
+                    "block_mass": [round(x, 5) for x in r.block_mass.float().tolist()],
+                    "local_mass": round(float(r.local_mass), 5),
+                }
+                for r in self.records
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Trace":
+        trace = cls([Step(**s) for s in data["steps"]])
+        for r in data["records"]:
+            trace.records.append(Retrieval(
+                r["layer"], r["step"], torch.tensor(r["block_ids"], dtype=torch.long), torch.tensor(r["scores"]),
+                torch.tensor(r["block_mass"]), torch.tensor(r["local_mass"]),
+            ))
+        return trace
+
+    def heat(self, n_layers: int, n_blocks: int, steps: set[int] | None = None) -> torch.Tensor:
+        """[n_layers, n_blocks]: attention mass each block received, summed over the chosen steps."""
+        heat = torch.zeros(n_layers, n_blocks)
+        for r in self.records:
+            if steps is None or r.step in steps:
+                heat[r.layer].index_add_(0, r.block_ids.cpu(), r.block_mass.float().cpu())
+        return heat

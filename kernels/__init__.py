@@ -1,0 +1,8 @@
+"""Attention and retrieval kernels. Tensors in, tensors out: no models, no files.
+
+Each op has a torch twin (the CPU path and the test oracle); Triton launchers sit beside them.
+"""
+from .attention import attention_stage, merge_stages, received_mass
+from .retrieval import score_blocks, topk_blocks
+
+__all__ = ["attention_stage", "merge_stages", "received_mass", "score_blocks", "topk_blocks"]

@@ -1,0 +1,54 @@
+"""Oracles shared by the tests: explicit dense attention and HF's own forward."""
+import torch
+
+from infllm_engine import InfLLMConfig
+from infllm_engine.rope import Rotary
+
+
+def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Every position's logits from HF's own sdpa attention and positions: [n, V]."""
+    impl = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.no_grad():
+            return model(ids[None]).logits[0]
+    finally:
+        model.set_attn_implementation(impl)
+
+
+def dense_infllm_reference(q, k, v, cfg: InfLLMConfig, rope: Rotary, scale: float, retrieved: dict[int, list[int]]):
+    """InfLLM attention built explicitly, query by query, from its definition.
+
+    q: [H, T, d]  k, v: [Hkv, T, d] raw; retrieved[chunk] = block ids that chunk retrieved.
+    Returns (out [H, T, d], local mass received per key [H, T] from queries whose window held it).
+    """
+    h, t, d = q.shape
+    g = h // k.shape[0]
+    out = torch.zeros(h, t, d, dtype=torch.float64)
+    mass = torch.zeros(h, t, dtype=torch.float64)
+    for c, s in enumerate(range(0, t, cfg.chunk_size)):
+        final = s - cfg.n_local + 1 - cfg.n_init               # non-sink tokens out of every window
+        n_formed = max(0, final) // cfg.block_size
+        for p in range(s, min(s + cfg.chunk_size, t)):
+            for head in range(h):
+                kh = head // g
+                logits, values, local_keys = [], [], []
+                q_far = rope.apply_at(q[head, p][None], cfg.n_local)[0]
+                for j in range(p + 1):
+                    if p - j < cfg.n_local:      # local: real relative distance p - j
+                        qr = rope.apply(q[head, p][None], p)[0]
+                        kr = rope.apply(k[kh, j][None], j)[0]
+                        logits.append(qr @ kr)
+                        local_keys.append((len(logits) - 1, j))
+                    else:
+                        block = (j - cfg.n_init) // cfg.block_size
+                        in_memory = j >= cfg.n_init and block < n_formed
+                        if in_memory and block not in retrieved.get(c, []):
+                            continue
+                        logits.append(q_far @ k[kh, j])       # fixed distance: key at 0
+                    values.append(v[kh, j])
+                w = torch.softmax(torch.stack(logits).double() * scale, 0)
+                out[head, p] = (w[:, None] * torch.stack(values).double()).sum(0)
+                for idx, j in local_keys:
+                    mass[head, j] += w[idx]
+    return out, mass
