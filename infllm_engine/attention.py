@@ -12,12 +12,12 @@ by log-sum-exp into one exact softmax.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from kernels import attention_stage, merge_stages, received_mass, topk_blocks
+from kernels import attention_stage, mask_bias, merge_stages, received_mass, topk_blocks
 
 from .config import InfLLMConfig
 from .errors import EngineError
@@ -35,6 +35,13 @@ class ForwardState:
     start: int                  # absolute position of the chunk's first token
     trace: Trace | None
     step: int
+    # Masks depend on positions only, and block formation is in step across layers: build once per chunk.
+    masks: dict = field(default_factory=dict)
+
+    def bias(self, name: str, make) -> torch.Tensor | None:
+        if name not in self.masks:
+            self.masks[name] = make()
+        return self.masks[name]
 
 
 def infllm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, infllm=None, **kwargs):
@@ -72,44 +79,44 @@ def _infllm(layer: LayerMemory, layer_idx: int, q, k, v, state: ForwardState, sc
     g = h // hkv
     s = state.start
     e = s + c
-    q_pos = torch.arange(s, e, device=q.device)
     layer.append(k, v)
+    keep_mass = cfg.method == "infllm"            # representatives need what each window token received
+    tracing = keep_mass and state.trace is not None
 
     # Local stage: the window [lo, e) at real relative positions (shifted so lo sits at 0).
     lo = max(0, s - n_local + 1)
     k_loc, v_loc = layer.span(lo, e)
-    k_pos = torch.arange(lo, e, device=q.device)
-    mask_loc = None
-    if c > 1:
-        rel = q_pos[:, None] - k_pos[None, :]
-        mask_loc = (rel >= 0) & (rel < n_local)
-    out_l, lse_l, p_l = attention_stage(
-        rope.apply(q, s - lo).view(hkv, g, c, d), rope.apply(k_loc, 0), v_loc, mask_loc, scale)
+
+    def local_mask():
+        rel = torch.arange(s, e, device=q.device)[:, None] - torch.arange(lo, e, device=q.device)[None, :]
+        return mask_bias((rel >= 0) & (rel < n_local), g) if c > 1 else None
+    local = attention_stage(rope.apply(q, s - lo).view(hkv, g, c, d), rope.apply(k_loc, 0), v_loc,
+                            state.bias("local", local_mask), scale, keep_scores=keep_mass)
 
     # Global stage: memory at the fixed distance n_local; keys keep their raw (position 0) form.
     q_glob = rope.apply_at(q, n_local)
     k_old, v_old, old_pos = layer.old(e - n_local)
-    mask_old = old_pos[None, :] <= q_pos[:, None] - n_local if c > 1 else None
-    ids = None
-    if cfg.method == "infllm" and cfg.topk > 0 and layer.blocks.n > 0:
+    ids, n_blk = None, 0
+    if keep_mass and cfg.topk > 0 and layer.blocks.n > 0:
         ids, scores = topk_blocks(q_glob.mean(dim=1), layer.blocks.reprs, cfg.topk)
         k_blk, v_blk = layer.blocks.gather(ids)
-        k_glob, v_glob = torch.cat([k_blk, k_old], 1), torch.cat([v_blk, v_old], 1)
-        if mask_old is not None:
-            mask_old = torch.cat([mask_old.new_ones(c, k_blk.shape[1]), mask_old], 1)
-    else:
-        k_glob, v_glob = k_old, v_old
-    out_g, lse_g, p_g = attention_stage(q_glob.view(hkv, g, c, d), k_glob, v_glob, mask_old, scale)
+        n_blk = k_blk.shape[1]
+        k_old, v_old = torch.cat([k_blk, k_old], 1), torch.cat([v_blk, v_old], 1)
 
-    out, lse = merge_stages(out_l, lse_l, out_g, lse_g)
-    if cfg.method == "infllm":
-        # Representative scores: attention each window token received in the final softmax, per head.
-        layer.add_mass(lo, received_mass(p_l, lse_l, lse).reshape(h, -1).float())
-        if ids is not None and state.trace is not None:
-            n_blk = ids.shape[0] * cfg.block_size
-            mass = received_mass(p_g[..., :n_blk], lse_g, lse).sum(dim=(0, 1)) / (h * c)
-            local = torch.exp(lse_l - lse).mean()
-            state.trace.records.append(Retrieval(
-                layer_idx, state.step, ids, scores, mass.view(-1, cfg.block_size).sum(-1), local))
+    def global_mask():
+        if c == 1:
+            return None
+        visible = old_pos[None, :] <= torch.arange(s, e, device=q.device)[:, None] - n_local
+        return mask_bias(torch.cat([visible.new_ones(c, n_blk), visible], 1), g)
+    far = attention_stage(q_glob.view(hkv, g, c, d), k_old, v_old, state.bias(f"global{n_blk}", global_mask),
+                          scale, keep_scores=tracing)
+
+    out, lse = merge_stages(local, far)
+    if keep_mass:
+        layer.add_mass(lo, received_mass(local, lse).reshape(h, -1).float())
+    if tracing and ids is not None:
+        mass = received_mass(far, lse, slice(0, n_blk)).sum(dim=(0, 1)) / (h * c)
+        state.trace.records.append(Retrieval(
+            layer_idx, state.step, ids, scores, mass.view(-1, cfg.block_size).sum(-1), torch.exp(local.lse - lse).mean()))
     layer.evict(e - n_local)
     return out.reshape(h, c, d)

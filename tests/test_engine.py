@@ -1,0 +1,111 @@
+"""The engine's API: bad input, the retrieval trace, the block cache and forks."""
+import json
+
+import pytest
+import torch
+
+from infllm_engine import Engine, EngineError, InfLLMConfig, Trace
+from infllm_engine.blocks import BlockStore, _DeviceCache
+from infllm_engine.loading import load_model
+
+from .conftest import tiny_llama, tiny_tokenizer
+
+SMALL = dict(n_init=4, n_local=32, block_size=8, repr_topk=2, chunk_size=16, topk=2, cache_blocks=8)
+
+
+@pytest.fixture
+def engine():
+    return Engine(tiny_llama(), tiny_tokenizer(), InfLLMConfig(max_tokens=300, **SMALL))
+
+
+def test_empty_and_too_long_inputs_are_refused_and_leave_memory_as_it_was(engine):
+    with pytest.raises(EngineError, match="the input is empty"):
+        engine.read(engine.encode(""))
+    memory = engine.read(torch.arange(250) % 256)
+    with pytest.raises(EngineError, match="too long: 350 tokens, over the configured maximum of 300"):
+        engine.read(torch.arange(100), memory)
+    assert memory.length == 250
+    with pytest.raises(EngineError, match="question is empty"):
+        engine.ask(memory, "   ")
+
+
+def test_a_wrong_model_path_says_so(tmp_path):
+    with pytest.raises(EngineError, match="does not exist"):
+        load_model(str(tmp_path / "nowhere"), tmp_path)
+    with pytest.raises(EngineError, match="has no config.json"):
+        load_model(str(tmp_path), tmp_path)
+
+
+def test_other_architectures_and_scaled_rope_are_refused(tmp_path):
+    from transformers import GPT2Config, LlamaConfig
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(EngineError, match="model type 'gpt2' is not supported"):
+        load_model(str(tmp_path / "gpt2"), tmp_path)
+    yarn = LlamaConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64,
+                       rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                        "original_max_position_embeddings": 2048})
+    yarn.save_pretrained(tmp_path / "yarn")
+    with pytest.raises(EngineError, match="rope type 'yarn' scales attention"):
+        load_model(str(tmp_path / "yarn"), tmp_path)
+
+
+def test_a_local_model_directory_loads_by_path(tmp_path):
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    loaded, _, fingerprint = load_model(str(tmp_path / "m"), tmp_path)
+    assert loaded.config._attn_implementation == "infllm" and len(fingerprint) == 16
+    ids = torch.arange(40) % 256
+    engine = Engine(loaded, tokenizer, InfLLMConfig(**SMALL))
+    original = Engine(model, tokenizer, InfLLMConfig(**SMALL))
+    a = engine.generate(engine.new_memory(), ids, max_new_tokens=5).wait()
+    b = original.generate(original.new_memory(), ids, max_new_tokens=5).wait()
+    assert a.token_ids == b.token_ids
+
+
+def test_the_trace_records_every_layer_and_step_and_survives_json(engine):
+    memory = engine.read(torch.arange(200) % 256)
+    answer = engine.ask(memory, "what is it?", max_new_tokens=6)
+    pieces = list(answer)
+    assert "".join(pieces) == answer.text and len(answer.token_ids) == 6
+    trace = answer.trace
+    kinds = [s.kind for s in trace.steps]
+    assert kinds[0] == "prefill" and kinds.count("decode") == 5
+    steps_per_layer = {(r.layer, r.step) for r in trace.records}
+    assert len(steps_per_layer) == len(trace.records) == engine.n_layers * len(trace.steps)
+    total = trace.steps[-1].start + 1
+    for r in trace.records:
+        # The question's own tokens become blocks of the fork once they leave the window.
+        limit = memory.n_blocks if r.step == 0 else (total - 4) // 8
+        assert r.block_ids.numel() == 2 and (r.block_ids < limit).all()
+        assert 0 < float(r.local_mass) <= 1 and (r.block_mass >= 0).all() and float(r.block_mass.sum()) < 1
+    restored = Trace.from_dict(json.loads(json.dumps(trace.to_dict())))
+    assert restored.to_dict() == trace.to_dict()
+    heat = restored.heat(engine.n_layers, memory.n_blocks)
+    assert heat.shape == (engine.n_layers, memory.n_blocks) and heat.sum() > 0
+
+
+def test_the_device_cache_returns_the_right_blocks_under_eviction():
+    store = BlockStore(2, 4, 8, 16, torch.float32, torch.device("cpu"), cache_blocks=3)
+    store.cache = _DeviceCache(3, (2, 8, 16), torch.float32, torch.device("cpu"))   # as on an accelerator
+    plain = BlockStore(2, 4, 8, 16, torch.float32, torch.device("cpu"), cache_blocks=3)
+    for i in range(10):
+        k, v, r = torch.randn(2, 8, 16), torch.randn(2, 8, 16), torch.randn(4, 16)
+        store.append(k, v, r)
+        plain.append(k, v, r)
+    for ids in ([0, 1, 2], [2, 5, 9], [1, 5], [7, 8, 9], [0, 9, 3]):
+        got, want = store.gather(torch.tensor(ids)), plain.gather(torch.tensor(ids))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert len(store.cache.slots) <= 3
+
+
+def test_a_fork_that_grows_never_changes_its_parent():
+    store = BlockStore(1, 1, 4, 8, torch.float32, torch.device("cpu"), cache_blocks=0)
+    for _ in range(3):
+        store.append(torch.ones(1, 4, 8), torch.ones(1, 4, 8), torch.ones(1, 8))
+    child = store.fork()
+    child.append(torch.zeros(1, 4, 8), torch.zeros(1, 4, 8), torch.zeros(1, 8))
+    store.append(2 * torch.ones(1, 4, 8), torch.ones(1, 4, 8), torch.ones(1, 8))
+    assert child.n == store.n == 4
+    assert child.k[3].sum() == 0 and store.k[3].sum() == 2 * 32
