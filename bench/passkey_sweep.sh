@@ -4,7 +4,7 @@
 set -u
 out=${1:-bench/out}
 mkdir -p "$out"
-run() { .venv/bin/python -m bench.passkey --samples 1 --json "$out/$1-$2.json" --method "$1" --length "$2" --depths "${@:3}" 2>>"$out/log.txt" | tee -a "$out/summary.txt"; }
+run() { [ -e "$out/$1-$2.json" ] && return; .venv/bin/python -m bench.passkey --samples 1 --json "$out/$1-$2.json" --method "$1" --length "$2" --depths "${@:3}" 2>>"$out/log.txt" | tee -a "$out/summary.txt"; }
 five="0 0.25 0.5 0.75 1"
 for n in 4096 8192 16384 32768; do run infllm $n $five; done
 for n in 4096 8192 16384; do run full $n $five; done

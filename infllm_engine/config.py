@@ -78,6 +78,10 @@ class InfLLMConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def layout(self) -> tuple:
+        """The knobs that shape a memory's structure; a memory is usable by any config with the same layout."""
+        return (self.method, self.n_init, self.n_local, self.block_size, self.dtype)
+
     def memory_hash(self) -> str:
         """Hash of the knobs that shape a stored memory.
 

@@ -102,12 +102,18 @@ class Engine:
         return answer
 
     def ask(self, memory: ContextMemory, question: str, max_new_tokens: int = 256, temperature: float = 0.0) -> Answer:
-        """Answer a question about a memory read with `document_prompt`; the memory itself is untouched."""
+        """Answer a question about a memory read with `document_prompt`; the memory itself is untouched.
+
+        The fork runs under this engine's config, so retrieval knobs (topk, ...) may differ from reading.
+        """
         if not question.strip():
             raise EngineError("the question is empty")
         _, after = self.chat_parts()
         prompt = f"\n\nQuestion: {question.strip()}{after}"
-        return self.generate(memory.fork(), self.encode(prompt), max_new_tokens, temperature)
+        fork = memory.fork()
+        self._check_input(fork, self.encode(prompt))
+        fork.cfg = self.cfg
+        return self.generate(fork, self.encode(prompt), max_new_tokens, temperature)
 
     def document_prompt(self, text: str) -> str:
         """The text a document is read as: the start of a chat turn that the question later closes."""
@@ -118,8 +124,10 @@ class Engine:
     def _check_input(self, memory: ContextMemory, ids: torch.Tensor) -> None:
         if ids.ndim != 1 or ids.numel() == 0:
             raise EngineError("the input is empty: there is nothing to read")
-        if memory.cfg != self.cfg and memory.cfg.memory_hash() != self.cfg.memory_hash():
-            raise EngineError("this memory was built with other engine settings")
+        if memory.cfg.layout() != self.cfg.layout():
+            raise EngineError(
+                f"this memory was built as {memory.cfg.method} with n_init={memory.cfg.n_init}, n_local="
+                f"{memory.cfg.n_local}, block_size={memory.cfg.block_size}; read the document again for these settings")
         if memory.length + ids.numel() > self.cfg.max_tokens:
             raise EngineError(
                 f"the input is too long: {memory.length + ids.numel():,} tokens, over the configured maximum "

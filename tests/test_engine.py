@@ -109,3 +109,13 @@ def test_a_fork_that_grows_never_changes_its_parent():
     store.append(2 * torch.ones(1, 4, 8), torch.ones(1, 4, 8), torch.ones(1, 8))
     assert child.n == store.n == 4
     assert child.k[3].sum() == 0 and store.k[3].sum() == 2 * 32
+
+
+def test_a_memory_is_asked_with_other_retrieval_knobs_but_not_another_layout(engine):
+    memory = engine.read(torch.arange(200) % 256)
+    wider = engine.with_config(engine.cfg.replace(topk=4, cache_blocks=8))
+    answer = wider.ask(memory, "what?", max_new_tokens=3).wait()
+    assert {r.block_ids.numel() for r in answer.trace.records} == {4}
+    assert memory.cfg.topk == 2                                  # the fork changed, not the document
+    with pytest.raises(EngineError, match="read the document again"):
+        engine.with_config(engine.cfg.replace(n_local=64)).ask(memory, "what?")
