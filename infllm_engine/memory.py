@@ -28,10 +28,6 @@ class LayerMemory:
         self.r0 = cfg.n_init
         self.blocks = BlockStore(n_kv_heads, n_heads, cfg.block_size, head_dim, dt, dev, cfg.cache_blocks)
 
-    @property
-    def length(self) -> int:
-        return self.r0 + self.recent_k.shape[1] if self.recent_k.shape[1] else self.sink_k.shape[1]
-
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [Hkv, C, d] raw, for the next C positions."""
         room = self.n_init - self.sink_k.shape[1]
