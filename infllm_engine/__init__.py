@@ -2,7 +2,8 @@
 from .config import InfLLMConfig
 from .engine import Answer, Engine
 from .errors import EngineError
+from . import snapshot
 from .memory import ContextMemory
 from .trace import Trace
 
-__all__ = ["Answer", "ContextMemory", "Engine", "EngineError", "InfLLMConfig", "Trace"]
+__all__ = ["snapshot", "Answer", "ContextMemory", "Engine", "EngineError", "InfLLMConfig", "Trace"]

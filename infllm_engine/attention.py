@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kernels import attention_stage, mask_bias, merge_stages, received_mass, topk_blocks
+from kernels import attention_stage, mask_bias, merge_stages, received_mass
 
 from .config import InfLLMConfig
 from .errors import EngineError
@@ -98,7 +98,7 @@ def _infllm(layer: LayerMemory, layer_idx: int, q, k, v, state: ForwardState, sc
     k_old, v_old, old_pos = layer.old(e - n_local)
     ids, n_blk = None, 0
     if keep_mass and cfg.topk > 0 and layer.blocks.n > 0:
-        ids, scores = topk_blocks(q_glob.mean(dim=1), layer.blocks.reprs, cfg.topk)
+        ids, scores = layer.blocks.retrieve(q_glob.mean(dim=1), cfg.topk)
         k_blk, v_blk = layer.blocks.gather(ids)
         n_blk = k_blk.shape[1]
         k_old, v_old = torch.cat([k_blk, k_old], 1), torch.cat([v_blk, v_old], 1)

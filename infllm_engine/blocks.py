@@ -1,15 +1,20 @@
 """Memory blocks of one layer: evicted K/V, their representatives, and an accelerator cache.
 
-Block K/V live in CPU memory (they may be memory-mapped from disk); representatives live on the
+Block K/V live in host memory (possibly memory-mapped from disk); representatives live on the
 compute device because every retrieval scores all of them. On an accelerator, a bounded LRU cache
-holds the blocks retrieved recently so a decode step rarely copies anything from the host.
-Stores are shared by forks: a fork that adds a block copies the arrays first (copy-on-write).
+holds recently retrieved blocks so a decode step rarely copies anything from the host.
+
+A store is a read-only `base` shared by forks (the document) plus an owned, growing `tail` (blocks
+formed while reading, or from a question's own tokens). Forking freezes the tail into the base, so a
+question never copies the document's blocks, and a memory-mapped base is never written.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 
 import torch
+
+from kernels import score_blocks, top_blocks
 
 
 def representatives(keys: torch.Tensor, scores: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,61 +30,92 @@ def representatives(keys: torch.Tensor, scores: torch.Tensor, r: int) -> tuple[t
     return chosen.mean(dim=1), idx
 
 
+class _Part:
+    """k, v [n, Hkv, bs, d] on the host and reprs [n, H, d] on the compute device."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, reprs: torch.Tensor, n: int):
+        self.k, self.v, self.reprs, self.n = k, v, reprs, n
+
+    def view(self) -> "_Part":
+        return _Part(self.k[: self.n], self.v[: self.n], self.reprs[: self.n], self.n)
+
+
 class BlockStore:
     def __init__(self, n_kv_heads: int, n_heads: int, block_size: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, cache_blocks: int):
         self.shape = (n_kv_heads, block_size, head_dim)
-        self.n_heads = n_heads
         self.device = device
-        self.host = torch.device("cpu") if device.type != "cpu" else device
-        self.k = torch.empty(0, *self.shape, dtype=dtype, device=self.host)
-        self.v = torch.empty(0, *self.shape, dtype=dtype, device=self.host)
-        self.reprs_buf = torch.empty(0, n_heads, head_dim, dtype=dtype, device=device)
-        self.n = 0
-        self._owned = True
+        self.host = torch.device("cpu")
+        empty = lambda: _Part(torch.empty(0, *self.shape, dtype=dtype), torch.empty(0, *self.shape, dtype=dtype),
+                              torch.empty(0, n_heads, head_dim, dtype=dtype, device=device), 0)
+        self._empty = empty
+        self.base, self.tail = empty(), empty()
         self.cache = _DeviceCache(cache_blocks, self.shape, dtype, device) if device.type != "cpu" else None
 
     @property
-    def reprs(self) -> torch.Tensor:
-        """[n, H, d] on the compute device."""
-        return self.reprs_buf[: self.n]
+    def n(self) -> int:
+        return self.base.n + self.tail.n
 
     def append(self, k: torch.Tensor, v: torch.Tensor, repr_: torch.Tensor) -> None:
         """k, v: [Hkv, bs, d]   repr_: [H, d]"""
-        if self.n == self.k.shape[0] or not self._owned:
-            cap = max(16, 2 * self.n)
-            self.k = _regrow(self.k, self.n, cap)
-            self.v = _regrow(self.v, self.n, cap)
-            self.reprs_buf = _regrow(self.reprs_buf, self.n, cap)
-            self._owned = True
-        self.k[self.n] = k.to(self.host)
-        self.v[self.n] = v.to(self.host)
-        self.reprs_buf[self.n] = repr_
-        self.n += 1
+        t = self.tail
+        if t.n == t.k.shape[0]:
+            cap = max(16, 2 * t.n)
+            t.k, t.v, t.reprs = _regrow(t.k, t.n, cap), _regrow(t.v, t.n, cap), _regrow(t.reprs, t.n, cap)
+        t.k[t.n], t.v[t.n], t.reprs[t.n] = k.to(self.host), v.to(self.host), repr_
+        t.n += 1
+
+    def retrieve(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k blocks whose representatives best match query [H, d]: (ids, scores), ids ascending."""
+        parts = [p.reprs[: p.n] for p in (self.base, self.tail) if p.n]
+        scores = torch.cat([score_blocks(query, r) for r in parts]) if len(parts) > 1 else score_blocks(query, parts[0])
+        return top_blocks(scores, k)
 
     def gather(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of the given blocks, concatenated in token order: [Hkv, len(ids) * bs, d] each."""
-        if self.cache is None:
-            k, v = self.k[ids], self.v[ids]
-        else:
-            k, v = self.cache.fetch(ids, self.k, self.v)
+        k, v = self._host(ids) if self.cache is None else self.cache.fetch(ids, self._host)
         hkv, bs, d = self.shape
-        return (k.transpose(0, 1).reshape(hkv, -1, d), v.transpose(0, 1).reshape(hkv, -1, d))
+        return k.transpose(0, 1).reshape(hkv, -1, d), v.transpose(0, 1).reshape(hkv, -1, d)
+
+    def _host(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = ids.to(self.host)
+        if not self.tail.n:
+            return self.base.k[ids], self.base.v[ids]
+        if not self.base.n:
+            return self.tail.k[ids], self.tail.v[ids]
+        in_base = ids < self.base.n
+        k = torch.empty(ids.shape[0], *self.shape, dtype=self.base.k.dtype)
+        v = torch.empty_like(k)
+        k[in_base], v[in_base] = self.base.k[ids[in_base]], self.base.v[ids[in_base]]
+        rest = ids[~in_base] - self.base.n
+        k[~in_base], v[~in_base] = self.tail.k[rest], self.tail.v[rest]
+        return k, v
+
+    def blocks(self, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Blocks [start, n) as (k, v, reprs): views where they lie in one part."""
+        parts = [p.view() for p in (self.base, self.tail) if p.n]
+        if len(parts) == 1:
+            p = parts[0]
+            return p.k[start:], p.v[start:], p.reprs[start:]
+        if not parts:
+            e = self._empty()
+            return e.k, e.v, e.reprs
+        return tuple(torch.cat([a, b])[start:] for a, b in zip(*[(p.k, p.v, p.reprs) for p in parts]))
 
     def fork(self) -> "BlockStore":
+        """A store sharing every block so far; either side's new blocks stay its own."""
+        if self.tail.n:      # freeze: the tail becomes (part of) the shared base
+            k, v, reprs = self.blocks()
+            self.base, self.tail = _Part(k, v, reprs, k.shape[0]), self._empty()
         other = object.__new__(BlockStore)
         other.__dict__.update(self.__dict__)
-        other._owned = False
-        self._owned = False
+        other.tail = self._empty()
         other.cache = self.cache.empty_like() if self.cache is not None else None
         return other
 
     def load(self, k: torch.Tensor, v: torch.Tensor, reprs: torch.Tensor) -> None:
-        """Adopt stored arrays (possibly memory-mapped): k, v [n, Hkv, bs, d], reprs [n, H, d]."""
-        self.k, self.v = k, v
-        self.reprs_buf = reprs.to(self.device)
-        self.n = k.shape[0]
-        self._owned = False    # never write into a file mapping
+        """Adopt stored blocks as the base, without a copy: k, v [n, Hkv, bs, d] (may be a file mapping), reprs [n, H, d]."""
+        self.base, self.tail = _Part(k, v, reprs.to(self.device), k.shape[0]), self._empty()
 
 
 def _regrow(t: torch.Tensor, n: int, cap: int) -> torch.Tensor:
@@ -100,7 +136,7 @@ class _DeviceCache:
     def empty_like(self) -> "_DeviceCache":
         return _DeviceCache(self.capacity, tuple(self.k.shape[1:]), self.k.dtype, self.k.device)
 
-    def fetch(self, ids: torch.Tensor, host_k: torch.Tensor, host_v: torch.Tensor):
+    def fetch(self, ids: torch.Tensor, host):
         wanted = ids.tolist()
         missing = [b for b in wanted if b not in self.slots]
         if missing:
@@ -111,10 +147,9 @@ class _DeviceCache:
                     break
                 if b not in keep:
                     free.append(self.slots.pop(b))
-            src = torch.tensor(missing, dtype=torch.long)
+            k, v = host(torch.tensor(missing, dtype=torch.long))
             dst = torch.tensor(free[: len(missing)], dtype=torch.long, device=self.k.device)
-            self.k[dst] = host_k[src].to(self.k.device, non_blocking=True)
-            self.v[dst] = host_v[src].to(self.k.device, non_blocking=True)
+            self.k[dst], self.v[dst] = k.to(self.k.device), v.to(self.k.device)
             self.slots.update(zip(missing, dst.tolist()))
         for b in wanted:
             self.slots.move_to_end(b)

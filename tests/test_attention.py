@@ -152,7 +152,7 @@ def test_a_question_leaves_the_document_memory_unchanged():
     engine = Engine(model, tiny_tokenizer(), InfLLMConfig(n_local=32, topk=2, **SMALL))
     doc = torch.randint(0, 256, (220,), generator=torch.Generator().manual_seed(5))
     memory = engine.read(doc)
-    before = [(l.recent_k.clone(), l.recent_score.clone(), l.blocks.n, l.blocks.reprs.clone()) for l in memory.layers]
+    before = [(l.recent_k.clone(), l.recent_score.clone(), l.blocks.n, l.blocks.blocks()[2].clone()) for l in memory.layers]
     question = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(6))
     first = engine.generate(memory.fork(), question, max_new_tokens=12).wait()
     second = engine.generate(memory.fork(), question, max_new_tokens=12).wait()
@@ -161,4 +161,4 @@ def test_a_question_leaves_the_document_memory_unchanged():
     assert memory.length == 220
     for layer, (k, score, n, reprs) in zip(memory.layers, before):
         assert torch.equal(layer.recent_k, k) and torch.equal(layer.recent_score, score)
-        assert layer.blocks.n == n and torch.equal(layer.blocks.reprs, reprs)
+        assert layer.blocks.n == n and torch.equal(layer.blocks.blocks()[2], reprs)

@@ -108,7 +108,8 @@ def test_a_fork_that_grows_never_changes_its_parent():
     child.append(torch.zeros(1, 4, 8), torch.zeros(1, 4, 8), torch.zeros(1, 8))
     store.append(2 * torch.ones(1, 4, 8), torch.ones(1, 4, 8), torch.ones(1, 8))
     assert child.n == store.n == 4
-    assert child.k[3].sum() == 0 and store.k[3].sum() == 2 * 32
+    assert child.blocks()[0][3].sum() == 0 and store.blocks()[0][3].sum() == 2 * 32
+    assert child.base.k.data_ptr() == store.base.k.data_ptr() and child.base.n == 3   # shared, not copied
 
 
 def test_a_memory_is_asked_with_other_retrieval_knobs_but_not_another_layout(engine):

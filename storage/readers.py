@@ -1,0 +1,381 @@
+"""Turn a book-like file into clean text plus a map from character offsets to pages.
+
+Every token and memory block the engine builds is later traced back to a page (PDF) or a
+chapter/section (EPUB, HTML, Markdown, text) through `Document.pages` and `Document.page_at`.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+import warnings
+import zipfile
+from bisect import bisect_right
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from xml.etree import ElementTree
+
+import ebooklib
+from bs4 import BeautifulSoup, NavigableString
+from ebooklib import epub
+from pypdf import PdfReader
+
+SUPPORTED = (".pdf", ".epub", ".txt", ".md", ".html", ".htm")
+
+# Libraries whose log records belong in Document.log rather than on the user's console.
+_LIBRARY_LOGGERS = ("pypdf", "ebooklib")
+# Font obfuscation is not DRM: DRM-free EPUBs list obfuscated fonts in encryption.xml too.
+_FONT_OBFUSCATION = {"http://www.idpf.org/2008/embedding", "http://ns.adobe.com/pdf/enc#RC"}
+_BLOCK_TAGS = ("p", "div", "section", "article", "blockquote", "pre", "li", "tr", "table",
+               "ul", "ol", "dl", "dt", "dd", "figure", "figcaption", "header", "footer",
+               "h1", "h2", "h3", "h4", "h5", "h6", "hr")
+_SECTION_MARK = "\x00section\x00"  # cannot occur in decoded text, so splitting on it is safe
+
+
+class DocumentError(ValueError):
+    """A problem with the user's file, worded so it can be shown to them as is."""
+
+
+@dataclass(slots=True)
+class Page:
+    number: int  # 1-based: physical page for PDFs, position for chapters and sections
+    label: str
+    start: int  # [start, end) into Document.text
+    end: int
+
+
+@dataclass
+class Document:
+    title: str
+    source_name: str
+    kind: str
+    text: str
+    pages: list[Page]
+    sha256: str
+    log: list[str] = field(default_factory=list)
+
+    def page_at(self, offsets: Sequence[int]) -> list[int]:
+        """Index into `pages` for each character offset; gaps belong to the preceding page."""
+        starts = [p.start for p in self.pages]
+        return [max(bisect_right(starts, o) - 1, 0) for o in offsets]
+
+
+def clean_text(text: str) -> str:
+    """Normalise extracted text while keeping paragraph breaks."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    # Only join when a lowercase letter continues the word: "exam-\nple", but keep "Anglo-\nSaxon".
+    text = re.sub(r"(?<=[^\W\d_])-[ \t]*\n[ \t]*(?=([^\W\d_]))",
+                  lambda m: "" if m.group(1).islower() else m.group(0), text)
+    text = re.sub(r"[ \t]+", " ", text)
+    text = re.sub(r" +\n", "\n", text)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+def strip_running_lines(pages: Sequence[str]) -> list[str]:
+    """Drop a page's first/last line when it repeats (digits ignored) on >= half and >= 3 pages."""
+    split = [page.split("\n") for page in pages]
+    for lines in split:  # blank edge lines would hide the real header/footer
+        while lines and not lines[0].strip():
+            lines.pop(0)
+        while lines and not lines[-1].strip():
+            lines.pop()
+    with_text = [lines for lines in split if lines]
+    need = max(3, (len(with_text) + 1) // 2)
+
+    def key(line: str) -> str:
+        return re.sub(r"\d+", "#", " ".join(line.split()))
+
+    firsts = Counter(key(lines[0]) for lines in with_text)
+    lasts = Counter(key(lines[-1]) for lines in with_text)
+    for lines in with_text:
+        if lines and firsts[key(lines[0])] >= need:
+            lines.pop(0)
+        if lines and lasts[key(lines[-1])] >= need:
+            lines.pop()
+    return ["\n".join(lines) for lines in split]
+
+
+def read_document(path: Path, max_bytes: int = 200 * 2**20) -> Document:
+    """Read a PDF, EPUB, text, Markdown or HTML file; raise DocumentError on anything unusable."""
+    path = Path(path)
+    name = path.name
+    if not path.exists():
+        raise DocumentError(f"{path} does not exist.")
+    if path.is_dir():
+        raise DocumentError(f"{path} is a directory, not a file.")
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED:
+        raise DocumentError(f"{name}: unsupported file type '{suffix or '(none)'}'; "
+                            f"supported types are {', '.join(SUPPORTED)}.")
+    size = path.stat().st_size
+    if size == 0:
+        raise DocumentError(f"{name} is empty (0 bytes).")
+    if size > max_bytes:
+        raise DocumentError(f"{name} is {_mb(size)} MB, over the {_mb(max_bytes)} MB limit.")
+    data = path.read_bytes()
+    kind = "html" if suffix == ".htm" else suffix[1:]
+    log: list[str] = []
+    with _capture_library_logs(log):
+        if kind == "pdf":
+            title, sections = _read_pdf(name, data, log)
+        elif kind == "epub":
+            title, sections = _read_epub(path, log)
+        elif kind == "html":
+            title, sections = _read_html(data)
+        else:
+            title, sections = _read_plain(kind, _decode(data, log))
+    title = title or path.stem
+    text, pages = _assemble(sections)
+    if not pages:
+        raise DocumentError(f"{name} is empty: no text was found in it.")
+    return Document(title=title, source_name=name, kind=kind, text=text, pages=pages,
+                    sha256=hashlib.sha256(data).hexdigest(), log=_dedupe(log))
+
+
+# A section is (number, label, raw text); text is cleaned in _assemble.
+Section = tuple[int, str, str]
+
+
+def _assemble(sections: Sequence[Section]) -> tuple[str, list[Page]]:
+    parts: list[str] = []
+    pages: list[Page] = []
+    pos = 0
+    for number, label, raw in sections:
+        body = clean_text(raw)
+        if not body:
+            continue
+        if parts:
+            parts.append("\n\n")  # the gap between pages; page_at maps it to the page before
+            pos += 2
+        parts.append(body)
+        pages.append(Page(number=number, label=label, start=pos, end=pos + len(body)))
+        pos += len(body)
+    return "".join(parts), pages
+
+
+def _read_pdf(name: str, data: bytes, log: list[str]) -> tuple[str, list[Section]]:
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        if reader.is_encrypted:
+            try:  # owner-password-only PDFs open with the empty user password
+                opened = bool(reader.decrypt(""))
+            except Exception as exc:  # e.g. an algorithm pypdf cannot handle without extras
+                log.append(f"decrypt: {exc}")
+                opened = False
+            if not opened:
+                raise DocumentError(f"{name} is encrypted; remove the password and try again.")
+        count = len(reader.pages)
+    except DocumentError:
+        raise
+    except Exception as exc:  # pypdf raises PdfReadError, PdfStreamError and plain errors alike
+        raise DocumentError(f"{name} is not a readable PDF ({_short(exc)}).") from exc
+    if count == 0:
+        raise DocumentError(f"{name} has no pages.")
+    texts: list[str] = []
+    failures = 0
+    for i in range(count):
+        try:
+            texts.append(reader.pages[i].extract_text() or "")
+        except Exception as exc:  # one bad page should not cost the whole book
+            log.append(f"p. {i + 1}: text extraction failed: {_short(exc)}")
+            texts.append("")
+            failures += 1
+    if failures == count:
+        raise DocumentError(f"{name} is not a readable PDF (no page could be parsed).")
+    if not any(t.strip() for t in texts):
+        raise DocumentError(f"{name} has no text layer; it looks scanned. Run OCR on it first.")
+    texts = strip_running_lines([t.replace("\r\n", "\n").replace("\r", "\n") for t in texts])
+    try:
+        title = str((reader.metadata or {}).get("/Title") or "").strip()
+    except Exception:  # broken metadata is not worth refusing the book for
+        title = ""
+    return title, [(i + 1, f"p. {i + 1}", t) for i, t in enumerate(texts)]
+
+
+def _read_epub(path: Path, log: list[str]) -> tuple[str, list[Section]]:
+    name = path.name
+    if not zipfile.is_zipfile(path):
+        raise DocumentError(f"{name} is not a readable EPUB (it is not a zip archive).")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            encryption = zf.read("META-INF/encryption.xml") if "META-INF/encryption.xml" in names else None
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DocumentError(f"{name} is not a readable EPUB ({_short(exc)}).") from exc
+    if "META-INF/rights.xml" in names or (encryption is not None and _encrypts_content(encryption)):
+        raise DocumentError(f"{name} is DRM-protected; only DRM-free EPUBs can be read.")
+    try:
+        book = epub.read_epub(str(path))
+    except Exception as exc:  # ebooklib raises EpubException, KeyError, lxml errors...
+        raise DocumentError(f"{name} is not a readable EPUB ({_short(exc)}).") from exc
+    toc: dict[str, str] = {}
+    _collect_toc(book.toc, toc)
+    meta = book.get_metadata("DC", "title")
+    title = str(meta[0][0]).strip() if meta else ""
+    sections: list[Section] = []
+    for idref, _linear in book.spine:
+        item = book.get_item_with_id(idref)
+        if item is None or item.get_type() != ebooklib.ITEM_DOCUMENT or isinstance(item, epub.EpubNav):
+            continue
+        soup = BeautifulSoup(item.content or b"", "lxml")
+        # The TOC is the author's own label; <title> often just repeats the book title.
+        label = toc.get(item.get_name()) or _heading(soup, "h1") or _heading(soup, "h2") \
+            or _heading(soup, "title")
+        text = _html_text(soup)
+        if text.strip():
+            number = len(sections) + 1
+            sections.append((number, label or f"Chapter {number}", text))
+    if not sections:
+        log.append("no chapter with text in the spine")
+    return title, sections
+
+
+def _encrypts_content(xml: bytes) -> bool:
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError:
+        return True  # an unreadable encryption manifest is safest treated as DRM
+    for data in root.iter("{http://www.w3.org/2001/04/xmlenc#}EncryptedData"):
+        method = data.find("{http://www.w3.org/2001/04/xmlenc#}EncryptionMethod")
+        if method is None or method.get("Algorithm") not in _FONT_OBFUSCATION:
+            return True
+    return False
+
+
+def _collect_toc(entries: object, into: dict[str, str]) -> None:
+    """Map file name -> title; a file's first TOC entry wins (later ones point at subsections)."""
+    for entry in entries or []:
+        children = None
+        if isinstance(entry, tuple):  # ebooklib nests as (Section, [children])
+            entry, children = entry
+        href, title = getattr(entry, "href", None), getattr(entry, "title", None)
+        if href and title:
+            into.setdefault(href.split("#", 1)[0], " ".join(str(title).split()))
+        if children:
+            _collect_toc(children, into)
+
+
+def _heading(soup: BeautifulSoup, tag: str) -> str:
+    found = soup.find(tag)
+    return " ".join(found.get_text(" ").split()) if found else ""
+
+
+def _html_text(soup: BeautifulSoup, mark_sections: bool = False) -> str:
+    """Text of an HTML tree: source line wraps become spaces, block elements become paragraphs."""
+    for junk in soup(["script", "style", "head", "template", "noscript"]):
+        junk.decompose()
+    for s in soup.find_all(string=re.compile(r"\s")):
+        # exact type: comments and doctypes are NavigableString subclasses we must leave alone
+        if type(s) is NavigableString and s.find_parent("pre") is None:
+            s.replace_with(re.sub(r"\s+", " ", str(s)))
+    for br in soup("br"):
+        br.replace_with("\n")
+    for tag in soup(_BLOCK_TAGS):
+        if mark_sections and tag.name in ("h1", "h2"):
+            tag.insert_before(_SECTION_MARK)
+        tag.insert_before("\n\n")
+        tag.insert_after("\n\n")
+    return "\n".join(line.strip() for line in soup.get_text().split("\n"))
+
+
+def _read_html(data: bytes) -> tuple[str, list[Section]]:
+    soup = BeautifulSoup(data, "lxml")  # bytes, so a <meta charset> is honoured
+    title = _heading(soup, "title") or _heading(soup, "h1")
+    first, *rest = _html_text(soup, mark_sections=True).split(_SECTION_MARK)
+    # each later chunk starts with its heading's text, which is the section's label
+    return title, _number([("start", first)] + [(c.strip().split("\n", 1)[0], c) for c in rest])
+
+
+def _read_plain(kind: str, text: str) -> tuple[str, list[Section]]:
+    if kind == "txt":
+        if "\f" not in text:
+            return "", [(1, "text", text)]
+        return "", [(i + 1, f"p. {i + 1}", page) for i, page in enumerate(text.split("\f"))]
+    # Markdown: split before level-1/2 headings (like h1/h2 for HTML), never inside code fences.
+    chunks, current, fenced = [], [], False
+    for line in text.split("\n"):
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        if not fenced and re.match(r"#{1,2}\s+\S", line) and current:
+            chunks.append("\n".join(current))
+            current = []
+        current.append(line)
+    chunks.append("\n".join(current))
+    first_h1 = re.search(r"^#\s+(.+?)\s*#*\s*$", text, re.M)
+    title = first_h1.group(1) if first_h1 else ""
+
+    labelled = []
+    for chunk in chunks:
+        head = re.match(r"#{1,2}\s+(.+?)\s*#*\s*$", chunk.split("\n", 1)[0])
+        labelled.append((head.group(1) if head else "start", chunk))
+    return title, _number(labelled)
+
+
+def _number(chunks: list[tuple[str, str]]) -> list[Section]:
+    """Number the (label, text) chunks that have text, 1-based."""
+    kept = [(label, text) for label, text in chunks if clean_text(text)]
+    return [(i + 1, label, text) for i, (label, text) in enumerate(kept)]
+
+
+def _decode(data: bytes, log: list[str]) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        log.append("file is not valid UTF-8; decoded as Latin-1")
+        return data.decode("latin-1")
+
+
+@contextmanager
+def _capture_library_logs(log: list[str]) -> Iterator[None]:
+    """Route library log records and warnings into `log` instead of the console, then restore."""
+
+    class ListHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                message = record.getMessage()
+            except Exception:  # a malformed record must not break reading
+                message = str(record.msg)
+            log.append(f"{record.name}: {message}")
+
+    handler = ListHandler(logging.WARNING)
+    saved = []
+    for logger_name in _LIBRARY_LOGGERS:
+        logger = logging.getLogger(logger_name)
+        saved.append((logger, logger.propagate, logger.level))
+        logger.addHandler(handler)
+        logger.propagate = False
+        if logger.level == logging.NOTSET or logger.level > logging.WARNING:
+            logger.setLevel(logging.WARNING)  # inherit nothing: a quiet root would hide warnings
+    try:
+        # Not thread-safe (a Python limitation of catch_warnings); reads are expected serially.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield
+            finally:
+                log.extend(f"{w.category.__name__}: {w.message}" for w in caught)
+    finally:
+        for logger, propagate, level in saved:
+            logger.removeHandler(handler)
+            logger.propagate = propagate
+            logger.setLevel(level)
+
+
+def _dedupe(log: list[str]) -> list[str]:
+    """Per-glyph font warnings repeat hundreds of times; keep one line each with a count."""
+    counts = Counter(log)
+    return [m if counts[m] == 1 else f"{m} (x{counts[m]})" for m in dict.fromkeys(log)]
+
+
+def _short(exc: Exception) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f}".removesuffix(".0")
