@@ -1,76 +1,154 @@
-"""InfLLM reading assistant, command line.
+"""InfLLM reading assistant: the command line.
 
-    python app.py ask FILE "question" [--method infllm|streaming|full] [--model DIR] [--topk K]
-
-Reads a text file into an InfLLM context memory with the embedded SmolLM2-135M-Instruct (or the
-model given), streams the answer, then shows which memory blocks each layer retrieved.
+    python app.py ingest FILE... [--json]      read documents into the library (resumes if interrupted)
+    python app.py list [--json]                the library
+    python app.py ask DOC "question" [--json]  stream an answer; DOC is an id or a title
+    python app.py delete DOC
+Global options (before or after the subcommand): --data-dir DIR, --model DIR, --method, --topk, --n-local.
+Exit status 0 on success, 2 on any error, with the message on stderr.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 from infllm_engine import Engine, EngineError, InfLLMConfig
 from infllm_engine.loading import default_data_dir
+from storage.ingest import ingest, load_memory
+from storage.library import Library, LibraryError
+from storage.readers import DocumentError
+
+USER_ERRORS = (EngineError, LibraryError, DocumentError)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="app.py", description="InfLLM reading assistant")
-    parser.add_argument("--data-dir", type=Path, default=None, help=f"default: {default_data_dir()}")
-    parser.add_argument("--model", default=None, help="HF Llama/Mistral/Qwen2/Qwen3 directory (default: embedded SmolLM2)")
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: an option given after the subcommand must not be reset by the subparser's default.
+    common.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS, help=f"default: {default_data_dir()}")
+    common.add_argument("--model", default=argparse.SUPPRESS, help="HF Llama/Mistral/Qwen2/Qwen3 directory")
+    common.add_argument("--method", choices=["infllm", "streaming", "full"], default=argparse.SUPPRESS)
+    common.add_argument("--topk", type=int, default=argparse.SUPPRESS)
+    common.add_argument("--n-local", type=int, default=argparse.SUPPRESS)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    parser = argparse.ArgumentParser(prog="app.py", description="InfLLM reading assistant", parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    ask = sub.add_parser("ask", help="read a text file and answer a question about it")
-    ask.add_argument("file", type=Path)
+    sub.add_parser("ingest", parents=[common], help="read documents into the library").add_argument("files", nargs="+", type=Path)
+    sub.add_parser("list", parents=[common], help="list the library")
+    ask = sub.add_parser("ask", parents=[common], help="ask a question about a document")
+    ask.add_argument("doc")
     ask.add_argument("question")
-    ask.add_argument("--method", choices=["infllm", "streaming", "full"], default="infllm")
-    ask.add_argument("--topk", type=int, default=InfLLMConfig.topk)
-    ask.add_argument("--n-local", type=int, default=InfLLMConfig.n_local)
     ask.add_argument("--max-new-tokens", type=int, default=200)
-    return parser.parse_args(argv)
+    sub.add_parser("delete", parents=[common], help="delete a document and its memory").add_argument("doc")
+    args = parser.parse_args(argv)
+    defaults = {"data_dir": default_data_dir(), "model": None, "method": "infllm", "topk": InfLLMConfig().topk,
+                "n_local": InfLLMConfig().n_local, "json": False}
+    for name, value in defaults.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+    return args
 
 
-def progress_bar(started: float):
+def make_engine(args: argparse.Namespace) -> Engine:
+    cfg = InfLLMConfig(method=args.method, topk=args.topk, n_local=args.n_local)
+    return Engine.load(args.model, cfg, args.data_dir)
+
+
+def progress_bar(name: str):
+    started = time.perf_counter()
+
     def show(done: int, total: int) -> None:
         rate = done / max(time.perf_counter() - started, 1e-9)
         eta = (total - done) / rate if rate else 0
-        print(f"\rreading {done:,}/{total:,} tokens  {rate:,.0f} tok/s  ETA {eta:,.0f} s", end="", file=sys.stderr, flush=True)
+        width = 30
+        bar = "#" * int(width * done / total) + "-" * (width - int(width * done / total))
+        print(f"\r{name[:30]:30} [{bar}] {done:,}/{total:,} tok  {rate:,.0f} tok/s  ETA {eta:,.0f} s",
+              end="", file=sys.stderr, flush=True)
     return show
 
 
-def ask(args: argparse.Namespace) -> None:
-    if not args.file.is_file():
-        raise EngineError(f"no such file: {args.file}")
-    text = args.file.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise EngineError(f"{args.file} is empty: there is nothing to read")
-    cfg = InfLLMConfig(method=args.method, topk=args.topk, n_local=args.n_local)
-    engine = Engine.load(args.model, cfg, args.data_dir)
-    memory = engine.read(engine.encode(engine.document_prompt(text)), progress=progress_bar(time.perf_counter()))
-    print(file=sys.stderr)
+def cmd_ingest(args, library: Library) -> int:
+    engine, failed = make_engine(args), 0
+    for path in args.files:
+        try:
+            done = ingest(library, engine, path, None if args.json else progress_bar(path.name))
+            if args.json:
+                print(json.dumps({"file": str(path), "id": done.doc_id, "title": done.title, "status": done.status,
+                                  "tokens": done.tokens, "seconds": round(done.seconds, 2),
+                                  "resumed_from": done.resumed_from}), flush=True)
+            else:
+                print(f"\n{done.doc_id}\t{done.title}\t{done.status}\t{done.tokens:,} tokens", flush=True)
+        except USER_ERRORS as err:
+            failed += 1
+            if args.json:
+                print(json.dumps({"file": str(path), "id": None, "status": "error", "error": str(err)}), flush=True)
+            print(f"error: {path.name}: {err}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def cmd_list(args, library: Library) -> int:
+    rows = [{k: d[k] for k in ("id", "title", "status", "pages", "tokens", "bytes")} for d in library.documents()]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'id':>4}  {'status':8} {'pages':>5} {'tokens':>10} {'disk':>10}  title")
+    for r in rows:
+        print(f"{r['id']:>4}  {r['status']:8} {r['pages']:>5} {r['tokens']:>10,} {r['bytes'] / 2**20:>8.1f}MB  {r['title']}")
+    return 0
+
+
+def cmd_ask(args, library: Library) -> int:
+    doc = library.document(args.doc)
+    engine = make_engine(args)
+    t0 = time.perf_counter()
+    memory = load_memory(library, engine, doc["id"])
+    load_s = time.perf_counter() - t0
     answer = engine.ask(memory, args.question, max_new_tokens=args.max_new_tokens)
     for piece in answer:
-        print(piece, end="", flush=True)
-    print()
-    heat = answer.trace.heat(engine.n_layers, memory.n_blocks)
-    if memory.n_blocks:
-        top = heat.sum(0).topk(min(5, memory.n_blocks))
-        spans = [memory.block_span(int(b)) for b in top.indices]
-        print("most retrieved blocks (token spans):", ", ".join(f"{a}-{b}" for a, b in spans), file=sys.stderr)
-    print(f"{memory.length:,} tokens in memory, {memory.n_blocks} blocks; "
-          f"{answer.timings.get('decode_tokens_per_s', 0):.1f} tok/s decode", file=sys.stderr)
+        if not args.json:
+            print(piece, end="", flush=True)
+    blocks = {b["block"]: b for b in library.blocks(doc["id"])}
+    heat = answer.trace.heat(engine.n_layers, memory.n_blocks).sum(0)
+    top = [int(i) for i in heat.argsort(descending=True)[:5] if heat[i] > 0]
+    retrieved = [{"block": i, "tokens": [blocks[i]["start_token"], blocks[i]["end_token"]],
+                  "pages": [blocks[i]["first_page"], blocks[i]["last_page"]], "mass": round(float(heat[i]), 4)}
+                 for i in top]
+    conversation = library.new_conversation(doc["id"], args.question)
+    library.add_message(conversation, "user", args.question)
+    timings = {"memory_load_s": round(load_s, 3), **{k: round(v, 3) for k, v in answer.timings.items()}}
+    library.add_message(conversation, "assistant", answer.text, engine.cfg.method, answer.trace.to_dict(), timings)
+    if args.json:
+        print(json.dumps({"document": doc["id"], "answer": answer.text, "timings": timings, "retrieved": retrieved}))
+    else:
+        print()
+        pages = ", ".join(f"p{r['pages'][0]}" + (f"-{r['pages'][1]}" if r["pages"][1] != r["pages"][0] else "")
+                          for r in retrieved)
+        print(f"[memory {load_s:.1f} s, first token {answer.timings.get('first_token_s', 0):.1f} s, "
+              f"{answer.timings.get('decode_tokens_per_s', 0):.1f} tok/s; most retrieved pages: {pages or 'none'}]",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_delete(args, library: Library) -> int:
+    doc = library.document(args.doc)
+    library.delete(doc["id"])
+    print(f"deleted {doc['id']}\t{doc['title']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.command == "ask":
-            ask(args)
-    except EngineError as err:
+        library = Library(args.data_dir)
+        return {"ingest": cmd_ingest, "list": cmd_list, "ask": cmd_ask, "delete": cmd_delete}[args.command](args, library)
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: what was read so far is saved; run the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

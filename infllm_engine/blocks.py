@@ -92,15 +92,16 @@ class BlockStore:
         return k, v
 
     def blocks(self, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Blocks [start, n) as (k, v, reprs): views where they lie in one part."""
-        parts = [p.view() for p in (self.base, self.tail) if p.n]
-        if len(parts) == 1:
-            p = parts[0]
-            return p.k[start:], p.v[start:], p.reprs[start:]
-        if not parts:
-            e = self._empty()
-            return e.k, e.v, e.reprs
-        return tuple(torch.cat([a, b])[start:] for a, b in zip(*[(p.k, p.v, p.reprs) for p in parts]))
+        """Blocks [start, n) as (k, v, reprs): views where they lie in one part (a checkpoint after a
+        resume asks only for the tail, and never reads the mapped base)."""
+        base, tail = self.base.view(), self.tail.view()
+        if start >= base.n:
+            s = start - base.n
+            return tail.k[s:], tail.v[s:], tail.reprs[s:]
+        if not tail.n:
+            return base.k[start:], base.v[start:], base.reprs[start:]
+        return (torch.cat([base.k[start:], tail.k]), torch.cat([base.v[start:], tail.v]),
+                torch.cat([base.reprs[start:], tail.reprs]))
 
     def fork(self) -> "BlockStore":
         """A store sharing every block so far; either side's new blocks stay its own."""

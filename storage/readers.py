@@ -33,7 +33,7 @@ _FONT_OBFUSCATION = {"http://www.idpf.org/2008/embedding", "http://ns.adobe.com/
 _BLOCK_TAGS = ("p", "div", "section", "article", "blockquote", "pre", "li", "tr", "table",
                "ul", "ol", "dl", "dt", "dd", "figure", "figcaption", "header", "footer",
                "h1", "h2", "h3", "h4", "h5", "h6", "hr")
-_SECTION_MARK = "\x00section\x00"  # cannot occur in decoded text, so splitting on it is safe
+_SECTION_MARK = "\x00section\x00"  # NULs do not occur in real HTML text, so splitting is safe
 
 
 class DocumentError(ValueError):
@@ -117,7 +117,10 @@ def read_document(path: Path, max_bytes: int = 200 * 2**20) -> Document:
         raise DocumentError(f"{name} is empty (0 bytes).")
     if size > max_bytes:
         raise DocumentError(f"{name} is {_mb(size)} MB, over the {_mb(max_bytes)} MB limit.")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DocumentError(f"{name} could not be read ({exc.strerror or exc}).") from exc
     kind = "html" if suffix == ".htm" else suffix[1:]
     log: list[str] = []
     with _capture_library_logs(log):
@@ -224,8 +227,9 @@ def _read_epub(path: Path, log: list[str]) -> tuple[str, list[Section]]:
             continue
         soup = BeautifulSoup(item.content or b"", "lxml")
         # The TOC is the author's own label; <title> often just repeats the book title.
-        label = toc.get(item.get_name()) or _heading(soup, "h1") or _heading(soup, "h2") \
-            or _heading(soup, "title")
+        page_title = _heading(soup, "title")
+        label = (toc.get(item.get_name()) or _heading(soup, "h1") or _heading(soup, "h2")
+                 or (page_title if page_title != title else ""))
         text = _html_text(soup)
         if text.strip():
             number = len(sections) + 1
@@ -308,7 +312,6 @@ def _read_plain(kind: str, text: str) -> tuple[str, list[Section]]:
     chunks.append("\n".join(current))
     first_h1 = re.search(r"^#\s+(.+?)\s*#*\s*$", text, re.M)
     title = first_h1.group(1) if first_h1 else ""
-
     labelled = []
     for chunk in chunks:
         head = re.match(r"#{1,2}\s+(.+?)\s*#*\s*$", chunk.split("\n", 1)[0])

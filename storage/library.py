@@ -1,0 +1,172 @@
+"""The library: documents, their pages and memory on disk, conversations. SQL through sqlite-utils.
+
+Memory files of document N live in <data>/memory/N/:
+  blocks_k.raw, blocks_v.raw  [block, layer, Hkv, bs, d]   append-only, memory-mapped on load
+  reprs.raw                   [block, layer, H, d]
+  state-<tokens>.safetensors  sinks, window and scores at the last commit (a new file each commit)
+A commit appends blocks and writes the new state file first, then updates SQLite in one transaction,
+then removes the previous state file. Whatever a killed run wrote past the last commit is cut off
+when the ingest resumes, so a half-written document never counts as read.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from sqlite_utils import Database
+
+from . import tensors
+from .schema import migrate
+
+
+class LibraryError(ValueError):
+    """A readable message about the library: an unknown document, a memory from another model..."""
+
+
+class Library:
+    def __init__(self, data_dir: Path):
+        self.dir = Path(data_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(self.dir / "library.db")
+        self.db.execute("PRAGMA journal_mode = WAL")
+        migrate(self.db)
+
+    # -- documents --------------------------------------------------------------------------------
+    def documents(self) -> list[dict]:
+        return list(self.db.query("SELECT * FROM documents ORDER BY id"))
+
+    def document(self, ref: int | str) -> dict:
+        """A document by id, or by title (exact, then unique prefix)."""
+        rows = []
+        if isinstance(ref, int) or str(ref).isdigit():
+            rows = list(self.db.query("SELECT * FROM documents WHERE id = ?", [int(ref)]))
+        if not rows:
+            rows = list(self.db.query("SELECT * FROM documents WHERE title = ?", [str(ref)]))
+        if not rows:
+            rows = list(self.db.query("SELECT * FROM documents WHERE title LIKE ? || '%'", [str(ref)]))
+        if len(rows) != 1:
+            raise LibraryError(f"no document {ref!r} in the library" if not rows else
+                               f"{ref!r} matches {len(rows)} documents; use its id")
+        return rows[0]
+
+    def find(self, sha256: str, fingerprint: str, config_hash: str) -> dict | None:
+        rows = list(self.db.query(
+            "SELECT * FROM documents WHERE sha256 = ? AND model_fingerprint = ? AND config_hash = ?",
+            [sha256, fingerprint, config_hash]))
+        return rows[0] if rows else None
+
+    def add(self, *, title: str, source_name: str, kind: str, sha256: str, fingerprint: str, config_hash: str,
+            config: dict, tokens: int, pages: list[tuple[str, int, int]]) -> int:
+        """A new document in status 'reading', with its pages as (label, start_token, end_token)."""
+        with self.db.conn:
+            doc_id = self.db["documents"].insert(dict(
+                title=title, source_name=source_name, kind=kind, sha256=sha256, model_fingerprint=fingerprint,
+                config_hash=config_hash, config=json.dumps(config), status="reading", pages=len(pages), tokens=tokens,
+            )).last_pk
+            self.db["pages"].insert_all(
+                dict(document_id=doc_id, number=i + 1, label=label, start_token=a, end_token=b)
+                for i, (label, a, b) in enumerate(pages))
+        self.memory_dir(doc_id).mkdir(parents=True, exist_ok=True)
+        return doc_id
+
+    def pages(self, doc_id: int) -> list[dict]:
+        return list(self.db.query("SELECT * FROM pages WHERE document_id = ? ORDER BY number", [doc_id]))
+
+    def blocks(self, doc_id: int) -> list[dict]:
+        return list(self.db.query("SELECT * FROM blocks WHERE document_id = ? ORDER BY block", [doc_id]))
+
+    def delete(self, doc_id: int) -> None:
+        with self.db.conn:
+            self.db.execute("DELETE FROM documents WHERE id = ?", [doc_id])
+        shutil.rmtree(self.memory_dir(doc_id), ignore_errors=True)
+
+    def fail(self, doc_id: int, error: str) -> None:
+        with self.db.conn:
+            self.db["documents"].update(doc_id, {"status": "failed", "error": error})
+
+    # -- memory on disk ---------------------------------------------------------------------------
+    def memory_dir(self, doc_id: int) -> Path:
+        return self.dir / "memory" / str(int(doc_id))
+
+    def commit(self, doc_id: int, state: dict[str, torch.Tensor], new_blocks: dict[str, torch.Tensor],
+               read_tokens: int, seconds: float) -> None:
+        """Make reading progress durable: new blocks (engine.snapshot.blocks layout) + the current state."""
+        doc = self.document(doc_id)
+        folder = self.memory_dir(doc_id)
+        n_layers = sum(1 for k in new_blocks if k.endswith(".k"))
+        added = new_blocks["0.k"].shape[0] if n_layers else 0
+        for name in ("k", "v", "reprs") if n_layers else ():
+            rows = torch.stack([new_blocks[f"{i}.{name}"] for i in range(n_layers)], dim=1)
+            path = folder / f"blocks_{name}.raw"
+            tensors.truncate_rows(path, tuple(rows.shape[1:]), rows.dtype, doc["n_blocks"])  # a killed run's rest
+            if added:
+                tensors.append_rows(path, rows)
+        state_file = f"state-{read_tokens}.safetensors"
+        tensors.write(folder / state_file, state)
+        with self.db.conn:
+            self.db["documents"].update(doc_id, {
+                "read_tokens": read_tokens, "n_blocks": doc["n_blocks"] + added, "state_file": state_file,
+                "read_seconds": doc["read_seconds"] + seconds, "bytes": _folder_bytes(folder)})
+        if doc["state_file"] and doc["state_file"] != state_file:
+            (folder / doc["state_file"]).unlink(missing_ok=True)
+
+    def finish(self, doc_id: int, block_spans: list[tuple[int, int]]) -> None:
+        """Mark a fully read document ready, with each block's token span mapped to pages."""
+        pages = self.pages(doc_id)
+        starts = [p["start_token"] for p in pages]
+        def page_of(token: int) -> int:
+            return max(1, bisect.bisect_right(starts, token))
+        with self.db.conn:
+            self.db["blocks"].insert_all(
+                dict(document_id=doc_id, block=i, start_token=a, end_token=b,
+                     first_page=page_of(a), last_page=page_of(b - 1)) for i, (a, b) in enumerate(block_spans))
+            self.db["documents"].update(doc_id, {"status": "ready", "bytes": _folder_bytes(self.memory_dir(doc_id))})
+
+    def load(self, doc_id: int, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype
+             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The committed memory as (state, blocks) for engine.snapshot.restore; block arrays stay mapped.
+
+        shapes: per-layer row shapes {"k": (Hkv, bs, d), "v": ..., "reprs": (H, d)} and "layers": (L,).
+        Cuts off anything a killed run wrote past the last commit.
+        """
+        doc = self.document(doc_id)
+        if not doc["state_file"]:
+            raise LibraryError(f"document {doc_id} has no memory yet")
+        folder, n, n_layers = self.memory_dir(doc_id), doc["n_blocks"], shapes["layers"][0]
+        state, _ = tensors.read(folder / doc["state_file"])
+        blocks = {}
+        for name in ("k", "v", "reprs"):
+            row = (n_layers, *shapes[name])
+            tensors.truncate_rows(folder / f"blocks_{name}.raw", row, dtype, n)
+            mapped = tensors.map_rows(folder / f"blocks_{name}.raw", row, dtype, n)
+            for i in range(n_layers):
+                blocks[f"{i}.{name}"] = mapped[:, i]
+        return state, blocks
+
+    # -- conversations ----------------------------------------------------------------------------
+    def new_conversation(self, doc_id: int, title: str) -> int:
+        with self.db.conn:
+            return self.db["conversations"].insert({"document_id": doc_id, "title": title[:200]}).last_pk
+
+    def conversations(self, doc_id: int) -> list[dict]:
+        return list(self.db.query("SELECT * FROM conversations WHERE document_id = ? ORDER BY id", [doc_id]))
+
+    def add_message(self, conversation_id: int, role: str, content: str, method: str | None = None,
+                    trace: dict | None = None, timings: dict | None = None) -> int:
+        with self.db.conn:
+            return self.db["messages"].insert(dict(
+                conversation_id=conversation_id, role=role, content=content, method=method,
+                trace=json.dumps(trace) if trace is not None else None,
+                timings=json.dumps(timings) if timings is not None else None)).last_pk
+
+    def messages(self, conversation_id: int) -> list[dict]:
+        rows = self.db.query("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", [conversation_id])
+        return [{**r, "trace": json.loads(r["trace"]) if r["trace"] else None,
+                 "timings": json.loads(r["timings"]) if r["timings"] else None} for r in rows]
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*") if p.is_file())

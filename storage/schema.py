@@ -1,0 +1,86 @@
+"""The library's SQLite schema, as numbered migrations applied in order (PRAGMA user_version)."""
+from __future__ import annotations
+
+from sqlite_utils import Database
+
+MIGRATIONS: list[str] = [
+    # 1: documents, their pages, memory blocks, checkpoints of an ingest, conversations.
+    """
+    CREATE TABLE IF NOT EXISTS documents (
+        id INTEGER PRIMARY KEY,
+        title TEXT NOT NULL,
+        source_name TEXT NOT NULL,       -- the uploaded file's base name; never used as a path
+        kind TEXT NOT NULL,              -- pdf | epub | txt | md | html
+        sha256 TEXT NOT NULL,            -- of the file's bytes: the same file is recognised
+        model_fingerprint TEXT NOT NULL, -- a memory is only used with the model ...
+        config_hash TEXT NOT NULL,       -- ... and the engine layout that built it
+        config TEXT NOT NULL,            -- the engine config as JSON
+        state_file TEXT,                 -- the committed small state (sinks, window, scores)
+        status TEXT NOT NULL,            -- reading | ready | failed
+        error TEXT,
+        pages INTEGER NOT NULL DEFAULT 0,
+        tokens INTEGER NOT NULL DEFAULT 0,      -- tokens of the whole document
+        read_tokens INTEGER NOT NULL DEFAULT 0, -- tokens in committed memory so far
+        n_blocks INTEGER NOT NULL DEFAULT 0,    -- blocks in committed memory so far
+        read_seconds REAL NOT NULL DEFAULT 0,
+        bytes INTEGER NOT NULL DEFAULT 0,       -- memory on disk
+        created_at TEXT NOT NULL DEFAULT (datetime('now')),
+        UNIQUE (sha256, model_fingerprint, config_hash)
+    );
+    CREATE TABLE IF NOT EXISTS pages (
+        document_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+        number INTEGER NOT NULL,          -- 1-based, in reading order
+        label TEXT NOT NULL,              -- "p. 12" or a chapter title
+        start_token INTEGER NOT NULL,
+        end_token INTEGER NOT NULL,       -- exclusive
+        PRIMARY KEY (document_id, number)
+    );
+    -- Block i spans the same tokens in every layer; first/last page make the heatmap's x axis.
+    CREATE TABLE IF NOT EXISTS blocks (
+        document_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+        block INTEGER NOT NULL,
+        start_token INTEGER NOT NULL,
+        end_token INTEGER NOT NULL,
+        first_page INTEGER NOT NULL,
+        last_page INTEGER NOT NULL,
+        PRIMARY KEY (document_id, block)
+    );
+    -- Append-only block files of an ingest, in order; the state file is rewritten at each commit.
+    CREATE TABLE IF NOT EXISTS segments (
+        document_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        file TEXT NOT NULL,
+        first_block INTEGER NOT NULL,
+        n_blocks INTEGER NOT NULL,
+        PRIMARY KEY (document_id, seq)
+    );
+    CREATE TABLE IF NOT EXISTS conversations (
+        id INTEGER PRIMARY KEY,
+        document_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+        title TEXT NOT NULL,
+        created_at TEXT NOT NULL DEFAULT (datetime('now'))
+    );
+    CREATE TABLE IF NOT EXISTS messages (
+        id INTEGER PRIMARY KEY,
+        conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        role TEXT NOT NULL,               -- user | assistant
+        content TEXT NOT NULL,
+        method TEXT,                      -- infllm | streaming | full, for answers
+        trace TEXT,                       -- the retrieval trace as JSON, for answers
+        timings TEXT,                     -- JSON
+        created_at TEXT NOT NULL DEFAULT (datetime('now'))
+    );
+    """,
+]
+
+
+def migrate(db: Database) -> int:
+    """Bring the database to the newest schema; returns its version. Each step is one transaction."""
+    db.execute("PRAGMA foreign_keys = ON")
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise RuntimeError(f"the library was written by a newer version of this app (schema {version})")
+    for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
+        with db.conn:
+            db.conn.executescript(f"BEGIN; {sql}; PRAGMA user_version = {number}; COMMIT;")
+    return len(MIGRATIONS)

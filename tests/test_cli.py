@@ -1,0 +1,103 @@
+"""The command line in subprocesses, with a tiny model saved to disk: JSON output, errors, kill -9."""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from storage import tensors
+
+from .conftest import tiny_llama, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def app(*args, check=True):
+    run = subprocess.run([sys.executable, "app.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check:
+        assert run.returncode == 0, run.stderr
+    return run
+
+
+def test_ingest_list_ask_delete_with_json(tmp_path, model_dir):
+    book = tmp_path / "notes.txt"
+    book.write_text("The key to the shed is under the blue pot. " * 80)
+    data = tmp_path / "data"
+    line = json.loads(app("ingest", book, "--json", "--data-dir", data, "--model", model_dir).stdout)
+    assert line["status"] == "ready" and line["tokens"] > 3000
+    listed = json.loads(app("--data-dir", data, "list", "--json").stdout)
+    assert listed == [{"id": line["id"], "title": "notes", "status": "ready", "pages": 1,
+                       "tokens": line["tokens"], "bytes": listed[0]["bytes"]}] and listed[0]["bytes"] > 0
+    asked = json.loads(app("--model", model_dir, "ask", "notes", "Where is the key?", "--json",
+                           "--max-new-tokens", "5", "--data-dir", data).stdout)
+    assert set(asked["timings"]) >= {"memory_load_s", "prefill_s", "first_token_s", "decode_tokens_per_s"}
+    assert asked["retrieved"] and all(r["pages"] == [1, 1] for r in asked["retrieved"])
+    assert app("--data-dir", data, "delete", str(line["id"])).returncode == 0
+    assert json.loads(app("--data-dir", data, "list", "--json").stdout) == []
+
+
+def test_errors_exit_non_zero_with_the_message_on_stderr(tmp_path, model_dir):
+    missing = app("--data-dir", tmp_path, "ask", "nothing", "q", check=False)
+    assert missing.returncode == 2 and "no document 'nothing'" in missing.stderr
+    bad = tmp_path / "bad.pdf"
+    bad.write_bytes(b"not a pdf at all")
+    out = app("ingest", bad, "--json", "--data-dir", tmp_path, "--model", model_dir, check=False)
+    assert out.returncode == 2 and json.loads(out.stdout)["status"] == "error" and "readable PDF" in out.stderr
+    wrong = app("ingest", bad, "--data-dir", tmp_path, "--model", tmp_path / "no-model", check=False)
+    assert wrong.returncode == 2 and "does not exist" in wrong.stderr
+
+
+def read_memory(data: Path):
+    folder = next((data / "memory").iterdir())
+    state, _ = tensors.read(next(folder.glob("state-*.safetensors")))
+    return state, {p.name: p.read_bytes() for p in folder.glob("*.raw")}
+
+
+def test_an_ingest_killed_mid_document_resumes_to_the_same_memory(tmp_path, model_dir):
+    book = tmp_path / "long.txt"
+    book.write_text("".join(f"Line {i}: the quick brown fox number {i} jumps. " for i in range(900)))
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    cmd = [sys.executable, "app.py", "ingest", str(book), "--json", "--data-dir", str(killed), "--model", str(model_dir)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    db, deadline, progress = killed / "library.db", time.time() + 120, 0
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                with sqlite3.connect(db) as conn:
+                    row = conn.execute("SELECT read_tokens, tokens FROM documents").fetchone()
+            except sqlite3.OperationalError:     # created, not yet migrated
+                row = None
+            if row and 0 < row[0] < row[1]:
+                progress = row[0]
+                break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert progress > 0, "the ingest finished before it could be killed"
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT status FROM documents").fetchone()[0] == "reading"   # never shown as ready
+    resumed = json.loads(app(*cmd[2:]).stdout)
+    assert resumed["status"] == "ready" and resumed["resumed_from"] >= progress
+    app("ingest", book, "--data-dir", whole, "--model", model_dir)
+    state_a, raw_a = read_memory(killed)
+    state_b, raw_b = read_memory(whole)
+    assert raw_a.keys() == raw_b.keys() == {"blocks_k.raw", "blocks_v.raw", "blocks_reprs.raw"}
+    for name in raw_a:
+        a, b = (torch.frombuffer(bytearray(r[name]), dtype=torch.float32) for r in (raw_a, raw_b))
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for name in state_b:
+        torch.testing.assert_close(state_a[name], state_b[name], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,108 @@
+"""The persistent library with a tiny model: ingest, reload after a restart, delete, bad input."""
+import pytest
+import torch
+
+from infllm_engine import Engine, InfLLMConfig
+from storage.ingest import ingest, load_memory
+from storage.library import Library, LibraryError
+from storage.readers import DocumentError
+
+from .conftest import tiny_llama, tiny_tokenizer
+
+SMALL = dict(n_init=4, n_local=64, block_size=16, repr_topk=2, chunk_size=32, topk=2, cache_blocks=8)
+BOOK = "\f".join(f"Page {p}. " + " ".join(f"word{p}x{i}" for i in range(60)) for p in range(1, 6))
+
+
+@pytest.fixture
+def engine():
+    return Engine(tiny_llama(), tiny_tokenizer(), InfLLMConfig(**SMALL), fingerprint="tiny-a")
+
+
+@pytest.fixture
+def book(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text(BOOK)
+    return path
+
+
+def test_a_document_is_read_once_and_its_blocks_map_to_pages(tmp_path, engine, book):
+    library = Library(tmp_path / "lib")
+    done = ingest(library, engine, book, commit_every=2)
+    row = library.document(done.doc_id)
+    assert (row["status"], row["pages"], row["tokens"]) == ("ready", 5, done.tokens) and done.tokens > 1500
+    blocks = library.blocks(done.doc_id)
+    assert len(blocks) == row["n_blocks"] > 50
+    assert blocks[0]["first_page"] == 1 and blocks[-1]["last_page"] == 5
+    assert all(a["first_page"] <= b["first_page"] for a, b in zip(blocks, blocks[1:]))
+    assert row["bytes"] > 0 and len(list(library.memory_dir(done.doc_id).glob("state-*"))) == 1
+    again = ingest(library, engine, book)
+    assert again.status == "already in the library" and again.doc_id == done.doc_id
+    assert library.document("book")["id"] == done.doc_id          # by title too
+
+
+def test_answers_are_identical_after_a_restart(tmp_path, engine, book):
+    library = Library(tmp_path / "lib")
+    done = ingest(library, engine, book)
+    before = engine.ask(done.memory, "which words?", max_new_tokens=10).wait()
+
+    restarted = Engine(engine.model, engine.tokenizer, InfLLMConfig(**SMALL), fingerprint="tiny-a")
+    memory = load_memory(Library(tmp_path / "lib"), restarted, done.doc_id)
+    after = restarted.ask(memory, "which words?", max_new_tokens=10).wait()
+    assert after.token_ids == before.token_ids and after.trace.to_dict() == before.trace.to_dict()
+
+
+def test_a_memory_from_another_model_is_never_used(tmp_path, engine, book):
+    library = Library(tmp_path / "lib")
+    first = ingest(library, engine, book).doc_id
+    other = Engine(engine.model, engine.tokenizer, InfLLMConfig(**SMALL), fingerprint="tiny-b")
+    with pytest.raises(LibraryError, match="another model"):
+        load_memory(library, other, first)
+    assert ingest(library, other, book).doc_id != first               # read again for that model
+
+
+def test_deleting_frees_the_disk_and_rows(tmp_path, engine, book):
+    library = Library(tmp_path / "lib")
+    doc_id = ingest(library, engine, book).doc_id
+    conversation = library.new_conversation(doc_id, "q")
+    library.add_message(conversation, "user", "q")
+    assert library.memory_dir(doc_id).exists()
+    library.delete(doc_id)
+    assert not library.memory_dir(doc_id).exists() and library.documents() == []
+    assert library.db["blocks"].count == library.db["pages"].count == library.db["messages"].count == 0
+
+
+def test_conversations_round_trip_with_their_traces(tmp_path, engine, book):
+    library = Library(tmp_path / "lib")
+    doc_id = ingest(library, engine, book).doc_id
+    answer = engine.ask(load_memory(library, engine, doc_id), "what?", max_new_tokens=4).wait()
+    conversation = library.new_conversation(doc_id, "what?")
+    library.add_message(conversation, "user", "what?")
+    library.add_message(conversation, "assistant", answer.text, "infllm", answer.trace.to_dict(), answer.timings)
+    saved = Library(tmp_path / "lib").messages(conversation)
+    assert [m["role"] for m in saved] == ["user", "assistant"]
+    assert saved[1]["trace"] == answer.trace.to_dict() and saved[1]["content"] == answer.text
+
+
+@pytest.mark.parametrize("name, data, words", [
+    ("broken.pdf", b"%PDF-1.4\n1 0 obj <<", "not a readable PDF"),
+    ("image.pdf", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "not a readable PDF"),
+    ("empty.txt", b"", "empty"),
+    ("notes.docx", b"PK\x03\x04 zip", "supported"),
+])
+def test_bad_files_get_a_clear_message_and_leave_the_library_intact(tmp_path, engine, book, name, data, words):
+    library = Library(tmp_path / "lib")
+    kept = ingest(library, engine, book).doc_id
+    bad = tmp_path / name
+    bad.write_bytes(data)
+    with pytest.raises(DocumentError, match=words):
+        ingest(library, engine, bad)
+    assert [d["id"] for d in library.documents()] == [kept]
+    assert load_memory(library, engine, kept).length > 0
+
+
+def test_an_input_over_the_maximum_is_refused_before_anything_is_added(tmp_path, engine, book):
+    library = Library(tmp_path / "lib")
+    small = engine.with_config(engine.cfg.replace(max_tokens=100))
+    with pytest.raises(LibraryError, match="over the configured maximum of 100"):
+        ingest(library, small, book)
+    assert library.documents() == []
