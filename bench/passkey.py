@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import re
@@ -26,6 +27,17 @@ INTRO = ("There is an important info hidden inside a lot of irrelevant text. Fin
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def machine() -> str:
+    """The CPU model and core count, for results tables."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def build_prompt(engine: Engine, length: int, depth: float, key: str) -> torch.Tensor:
@@ -73,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "method": args.method, "length": args.length, "samples_per_depth": args.samples, "seed": args.seed,
         "config": cfg.to_dict(), "accuracy": sum(s["correct"] for s in samples) / len(samples),
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
+        "machine": machine(),
         "date": date.today().isoformat(), "command": "python -m bench.passkey " + " ".join(argv or sys.argv[1:]),
         "samples": samples,
     }

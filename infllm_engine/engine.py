@@ -109,11 +109,11 @@ class Engine:
         if not question.strip():
             raise EngineError("the question is empty")
         _, after = self.chat_parts()
-        prompt = f"\n\nQuestion: {question.strip()}{after}"
+        ids = self.encode(f"\n\nQuestion: {question.strip()}{after}")
+        self._check_input(memory, ids)          # against the document's own layout, before the fork adopts ours
         fork = memory.fork()
-        self._check_input(fork, self.encode(prompt))
         fork.cfg = self.cfg
-        return self.generate(fork, self.encode(prompt), max_new_tokens, temperature)
+        return self.generate(fork, ids, max_new_tokens, temperature)
 
     def document_prompt(self, text: str) -> str:
         """The text a document is read as: the start of a chat turn that the question later closes."""
@@ -137,18 +137,19 @@ class Engine:
         t0 = time.perf_counter()
         logits = prefill(self.model, memory, self.rope, ids, answer.trace, progress)
         answer.timings["prefill_s"] = time.perf_counter() - t0
-        shown = ""
-        t1 = time.perf_counter()
+        shown, t_first = "", time.perf_counter()
         for token in decode(self.model, memory, self.rope, logits, max_new_tokens, self.stop_ids, answer.trace, temperature):
             if not answer.token_ids:
-                answer.timings["first_token_s"] = time.perf_counter() - t0
+                t_first = time.perf_counter()
+                answer.timings["first_token_s"] = t_first - t0
             answer.token_ids.append(token)
             text = self.tokenizer.decode(answer.token_ids, skip_special_tokens=True)
             if not text.endswith("\ufffd"):   # wait for the rest of a multi-byte character
                 yield text[len(shown):]
                 shown = text
-        elapsed = time.perf_counter() - t1
-        answer.timings["decode_tokens_per_s"] = len(answer.token_ids) / elapsed if elapsed > 0 else 0.0
+        # The first token comes from the prefill's logits; the rate counts the ones decoded after it.
+        elapsed = time.perf_counter() - t_first
+        answer.timings["decode_tokens_per_s"] = (len(answer.token_ids) - 1) / elapsed if elapsed > 0 else 0.0
         text = self.tokenizer.decode(answer.token_ids, skip_special_tokens=True)
         if len(text) > len(shown):
             yield text[len(shown):]
