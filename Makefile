@@ -16,7 +16,8 @@ app: $(STAMP)
 	$(PY) app.py $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(ARGS)
+	# Triton kernels run on the CPU in the interpreter, against their torch twins.
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests $(ARGS)
 
 clean:
 	rm -rf .venv
