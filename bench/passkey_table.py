@@ -16,13 +16,15 @@ from bench.passkey import machine
 
 
 def skipped(method: str, n: int, by_cell: dict) -> str:
-    """Why a cell is empty. Full attention grows with the square of the length: the sweep leaves it out
-    past 32K and says what a sample would cost, extrapolated from the longest full run measured."""
+    """Why a cell is empty. For full attention past 32K, also what a sample would cost: the longest measured
+    full run scaled by the square of the length (an upper bound: only attention grows quadratically)."""
     runs = sorted((length, r) for (m, length), r in by_cell.items() if m == "full")
     if method == "full" and n > 32768 and runs:
         length, r = runs[-1]
         per_sample = sum(s["seconds"] for s in r["samples"]) / len(r["samples"])
-        return f"not run: quadratic, ~{per_sample * (n / length) ** 2 / 3600:.0f} h/sample (from {length // 1024}K)"
+        minutes = per_sample * (n / length) ** 2 / 60
+        cost = f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+        return f"not run (out of time; est. <= {cost}/sample from {length // 1024}K)"
     return "not run: out of time this session"
 
 
