@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from .config import InfLLMConfig
 from .errors import EngineError
 from .memory import ContextMemory, DenseLayer, LayerMemory
 
@@ -70,8 +69,3 @@ def restore(memory: ContextMemory, saved_state: dict[str, torch.Tensor], saved_b
         raise EngineError(f"the saved memory is incomplete: {memory.n_blocks} blocks of {expected}")
     return memory
 
-
-def check_layout(cfg: InfLLMConfig, saved_cfg: dict) -> None:
-    """A memory is only usable under the same layout (method, n_init, n_local, block_size, dtype)."""
-    if InfLLMConfig(**saved_cfg).layout() != cfg.layout():
-        raise EngineError("the saved memory was built with other engine settings")

@@ -83,9 +83,7 @@ def ingest(library: Library, engine: Engine, path: Path, progress: Progress | No
             library.commit(doc_id, snapshot.state(memory), snapshot.blocks(memory, committed_blocks), stop,
                            time.perf_counter() - t)
             start = stop
-    except KeyboardInterrupt:
-        raise                       # progress so far is committed; the next run resumes it
-    except Exception as err:
+    except Exception as err:        # (Ctrl-C is no Exception: the status stays 'reading', the next run resumes)
         library.fail(doc_id, str(err))
         raise
     library.finish(doc_id, [memory.block_span(i) for i in range(memory.n_blocks)])
