@@ -4,6 +4,7 @@
     python app.py list [--json]                the library
     python app.py ask DOC "question" [--json]  stream an answer; DOC is an id or a title
     python app.py delete DOC
+    python app.py [serve] [--host H] [--port P] [--auth USER:PASSWORD]   the browser app (the default)
 Global options (before or after the subcommand): --data-dir DIR, --model DIR, --method, --topk, --n-local.
 Exit status 0 on success, 2 on any error, with the message on stderr.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,8 +35,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_argument("--topk", type=int, default=argparse.SUPPRESS)
     common.add_argument("--n-local", type=int, default=argparse.SUPPRESS)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
-    parser = argparse.ArgumentParser(prog="app.py", description="InfLLM reading assistant", parents=[common])
-    sub = parser.add_subparsers(dest="command", required=True)
+    web = argparse.ArgumentParser(add_help=False)
+    web.add_argument("--host", default=argparse.SUPPRESS, help="address to bind (default 127.0.0.1: this machine only)")
+    web.add_argument("--port", type=int, default=argparse.SUPPRESS, help="default 7860")
+    web.add_argument("--auth", default=argparse.SUPPRESS,
+                     help="USER:PASSWORD required to open the page (or set INFLLM_READER_AUTH)")
+    web.add_argument("--max-upload-mb", type=int, default=argparse.SUPPRESS, help="default 200")
+    parser = argparse.ArgumentParser(prog="app.py", description="InfLLM reading assistant", parents=[common, web])
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", parents=[common, web], help="the browser app (the default)")
     sub.add_parser("ingest", parents=[common], help="read documents into the library").add_argument("files", nargs="+", type=Path)
     sub.add_parser("list", parents=[common], help="list the library")
     ask = sub.add_parser("ask", parents=[common], help="ask a question about a document")
@@ -44,10 +53,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub.add_parser("delete", parents=[common], help="delete a document and its memory").add_argument("doc")
     args = parser.parse_args(argv)
     defaults = {"data_dir": default_data_dir(), "model": None, "method": "infllm", "topk": InfLLMConfig().topk,
-                "n_local": InfLLMConfig().n_local, "json": False}
+                "n_local": InfLLMConfig().n_local, "json": False, "command": None, "host": "127.0.0.1",
+                "port": 7860, "auth": os.environ.get("INFLLM_READER_AUTH"), "max_upload_mb": 200}
     for name, value in defaults.items():
-        if not hasattr(args, name):
+        if getattr(args, name, None) is None:
             setattr(args, name, value)
+    args.command = args.command or "serve"
     return args
 
 
@@ -138,11 +149,40 @@ def cmd_delete(args, library: Library) -> int:
     return 0
 
 
+def cmd_serve(args, library: Library) -> int:
+    from ui.handlers import App, Settings
+    from ui.layout import CSS, build
+
+    auth = None
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            raise LibraryError("--auth takes USER:PASSWORD")
+        auth = (user, password)
+    if not 1 <= args.port <= 65535:
+        raise LibraryError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.max_upload_mb < 1:
+        raise LibraryError(f"--max-upload-mb must be at least 1, got {args.max_upload_mb}")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
+        print(f"warning: serving on {args.host} without --auth: anyone who reaches this address can use the app",
+              file=sys.stderr)
+    engine = make_engine(args)
+    app = App.start(engine, library, args.max_upload_mb * 2**20)
+    demo = build(app, Settings(args.method, args.topk, args.n_local))
+    demo.queue(default_concurrency_limit=1)
+    import gradio as gr
+    demo.launch(server_name=args.host, server_port=args.port, auth=auth, max_file_size=f"{args.max_upload_mb}mb",
+                theme=gr.themes.Soft(primary_hue="indigo", neutral_hue="slate"), css=CSS, footer_links=[],
+                show_error=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         library = Library(args.data_dir)
-        return {"ingest": cmd_ingest, "list": cmd_list, "ask": cmd_ask, "delete": cmd_delete}[args.command](args, library)
+        commands = {"ingest": cmd_ingest, "list": cmd_list, "ask": cmd_ask, "delete": cmd_delete, "serve": cmd_serve}
+        return commands[args.command](args, library)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

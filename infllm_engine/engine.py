@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +79,16 @@ class Engine:
             return before, after
         return "", "\nAnswer:"
 
+    def turn_break(self) -> str:
+        """What the chat template puts between an assistant's answer and the user's next message."""
+        answer, question = "\x00ANSWER\x00", "\x00QUESTION\x00"
+        if getattr(self.tokenizer, "chat_template", None):
+            rendered = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "document"}, {"role": "assistant", "content": answer},
+                 {"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+            return rendered.split(answer)[1].split(question)[0]
+        return "\n\nQuestion: "
+
     # -- memory -----------------------------------------------------------------------------------
     def new_memory(self) -> ContextMemory:
         return ContextMemory(self.cfg, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim)
@@ -101,19 +111,31 @@ class Engine:
         answer.pieces = self._stream(memory, ids.to(self.device), max_new_tokens, temperature, answer, progress)
         return answer
 
-    def ask(self, memory: ContextMemory, question: str, max_new_tokens: int = 256, temperature: float = 0.0) -> Answer:
+    def ask(self, memory: ContextMemory, question: str, max_new_tokens: int = 256, temperature: float = 0.0,
+            history: Sequence[tuple[str, str]] = ()) -> Answer:
         """Answer a question about a memory read with `document_prompt`; the memory itself is untouched.
 
+        history: the conversation's earlier (question, answer) turns, re-read before this question, so a
+        conversation needs no memory of its own and survives a restart as plain text.
         The fork runs under this engine's config, so retrieval knobs (topk, ...) may differ from reading.
         """
         if not question.strip():
             raise EngineError("the question is empty")
-        _, after = self.chat_parts()
-        ids = self.encode(f"\n\nQuestion: {question.strip()}{after}")
+        ids = self.encode(self.question_text(question, history))
         self._check_input(memory, ids)          # against the document's own layout, before the fork adopts ours
         fork = memory.fork()
         fork.cfg = self.cfg
         return self.generate(fork, ids, max_new_tokens, temperature)
+
+    def question_text(self, question: str, history: Sequence[tuple[str, str]] = ()) -> str:
+        """What follows the document for a question after earlier turns: it closes the document's chat turn."""
+        _, after = self.chat_parts()
+        asked = [q for q, _ in history] + [question]
+        text = f"\n\nQuestion: {asked[0].strip()}{after}"
+        between = self.turn_break() if history else ""
+        for (_, answer), q in zip(history, asked[1:]):
+            text += f"{answer.strip()}{between}{q.strip()}{after}"
+        return text
 
     def document_prompt(self, text: str) -> str:
         """The text a document is read as: the start of a chat turn that the question later closes."""

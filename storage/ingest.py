@@ -48,10 +48,15 @@ def token_pages(engine: Engine, doc: Document) -> tuple[torch.Tensor, list[tuple
 
 
 def ingest(library: Library, engine: Engine, path: Path, progress: Progress | None = None,
-           commit_every: int = 8, max_bytes: int = 200 * 2**20) -> Ingested:
-    """Read one file into the library (or find it there, or resume it); returns what happened."""
+           commit_every: int = 8, max_bytes: int = 200 * 2**20, name: str | None = None) -> Ingested:
+    """Read one file into the library (or find it there, or resume it); returns what happened.
+
+    name: the file's original name, when path is an upload that the library keeps (Library.keep_upload).
+    """
     t0 = time.perf_counter()
-    doc = read_document(Path(path), max_bytes)
+    path = Path(path)
+    doc = read_document(path, max_bytes, name)
+    kept = path.name if path.parent.resolve() == (library.dir / "uploads").resolve() else None
     ids, pages = token_pages(engine, doc)
     if ids.numel() > engine.cfg.max_tokens:
         raise LibraryError(f"{doc.source_name} is {ids.numel():,} tokens, over the configured maximum of "
@@ -64,7 +69,7 @@ def ingest(library: Library, engine: Engine, path: Path, progress: Progress | No
     if row is None:
         doc_id = library.add(title=doc.title, source_name=doc.source_name, kind=doc.kind, sha256=doc.sha256,
                              fingerprint=engine.fingerprint, config_hash=cfg.memory_hash(), config=cfg.to_dict(),
-                             tokens=ids.numel(), pages=pages)
+                             tokens=ids.numel(), pages=pages, upload=kept)
     else:
         doc_id = row["id"]
         if row["state_file"]:
@@ -86,7 +91,8 @@ def ingest(library: Library, engine: Engine, path: Path, progress: Progress | No
     except Exception as err:        # (Ctrl-C is no Exception: the status stays 'reading', the next run resumes)
         library.fail(doc_id, str(err))
         raise
-    library.finish(doc_id, [memory.block_span(i) for i in range(memory.n_blocks)])
+    spans = [memory.block_span(i) for i in range(memory.n_blocks)]
+    library.finish(doc_id, spans, [engine.tokenizer.decode(ids[a:b].tolist()) for a, b in spans])
     return Ingested(doc_id, doc.title, "ready", ids.numel(), time.perf_counter() - t0, resumed, memory)
 
 

@@ -11,14 +11,17 @@ when the ingest resumes, so a half-written document never counts as read.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import torch
 from sqlite_utils import Database
 
 from . import tensors
+from .readers import SUPPORTED
 from .schema import migrate
 
 
@@ -30,9 +33,17 @@ class Library:
     def __init__(self, data_dir: Path):
         self.dir = Path(data_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.db = Database(self.dir / "library.db")
+        self._local = threading.local()
         self.db.execute("PRAGMA journal_mode = WAL")
         migrate(self.db)
+
+    @property
+    def db(self) -> Database:
+        """One connection per thread: the UI reads while a background ingest writes (WAL allows both)."""
+        if not hasattr(self._local, "db"):
+            self._local.db = Database(self.dir / "library.db")
+            self._local.db.execute("PRAGMA foreign_keys = ON")
+        return self._local.db
 
     # -- documents --------------------------------------------------------------------------------
     def documents(self) -> list[dict]:
@@ -59,13 +70,13 @@ class Library:
         return rows[0] if rows else None
 
     def add(self, *, title: str, source_name: str, kind: str, sha256: str, fingerprint: str, config_hash: str,
-            config: dict, tokens: int, pages: list[tuple[str, int, int]]) -> int:
+            config: dict, tokens: int, pages: list[tuple[str, int, int]], upload: str | None = None) -> int:
         """A new document in status 'reading', with its pages as (label, start_token, end_token)."""
         with self.db.conn:
             doc_id = self.db["documents"].insert(dict(
                 title=title, source_name=source_name, kind=kind, sha256=sha256, model_fingerprint=fingerprint,
                 config_hash=config_hash, config=json.dumps(config), status="reading", pages=len(pages), tokens=tokens,
-            )).last_pk
+                upload=upload)).last_pk
             self.db["pages"].insert_all(
                 dict(document_id=doc_id, number=i + 1, label=label, start_token=a, end_token=b)
                 for i, (label, a, b) in enumerate(pages))
@@ -79,9 +90,37 @@ class Library:
         return list(self.db.query("SELECT * FROM blocks WHERE document_id = ? ORDER BY block", [doc_id]))
 
     def delete(self, doc_id: int) -> None:
+        upload = self.document(doc_id)["upload"]
         with self.db.conn:
             self.db.execute("DELETE FROM documents WHERE id = ?", [doc_id])
         shutil.rmtree(self.memory_dir(doc_id), ignore_errors=True)
+        if upload and not list(self.db.query("SELECT id FROM documents WHERE upload = ?", [upload])):
+            (self.dir / "uploads" / upload).unlink(missing_ok=True)
+
+    # -- uploads ----------------------------------------------------------------------------------
+    def keep_upload(self, source: Path, name: str) -> Path:
+        """Copy an uploaded file into the library as <sha256>.<ext>: its own name never becomes a path."""
+        suffix = Path(name).suffix.lower()
+        if suffix not in SUPPORTED:
+            raise LibraryError(f"{name}: unsupported file type '{suffix or '(none)'}'; "
+                               f"supported types are {', '.join(SUPPORTED)}.")
+        digest = hashlib.sha256()
+        with open(source, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        folder = self.dir / "uploads"
+        folder.mkdir(exist_ok=True)
+        kept = folder / f"{digest.hexdigest()}{suffix}"
+        if not kept.exists():
+            partial = kept.with_suffix(".partial")
+            shutil.copyfile(source, partial)
+            partial.replace(kept)
+        return kept
+
+    def upload_path(self, doc_id: int) -> Path | None:
+        upload = self.document(doc_id)["upload"]
+        path = self.dir / "uploads" / upload if upload else None
+        return path if path is not None and path.exists() else None
 
     def fail(self, doc_id: int, error: str) -> None:
         with self.db.conn:
@@ -113,16 +152,17 @@ class Library:
         if doc["state_file"] and doc["state_file"] != state_file:
             (folder / doc["state_file"]).unlink(missing_ok=True)
 
-    def finish(self, doc_id: int, block_spans: list[tuple[int, int]]) -> None:
-        """Mark a fully read document ready, with each block's token span mapped to pages."""
+    def finish(self, doc_id: int, block_spans: list[tuple[int, int]], texts: list[str] | None = None) -> None:
+        """Mark a fully read document ready, with each block's token span mapped to pages (and its text)."""
         pages = self.pages(doc_id)
         starts = [p["start_token"] for p in pages]
         def page_of(token: int) -> int:
             return max(1, bisect.bisect_right(starts, token))
         with self.db.conn:
             self.db["blocks"].insert_all(
-                dict(document_id=doc_id, block=i, start_token=a, end_token=b,
-                     first_page=page_of(a), last_page=page_of(b - 1)) for i, (a, b) in enumerate(block_spans))
+                dict(document_id=doc_id, block=i, start_token=a, end_token=b, first_page=page_of(a),
+                     last_page=page_of(b - 1), text=texts[i] if texts else None)
+                for i, (a, b) in enumerate(block_spans))
             self.db["documents"].update(doc_id, {"status": "ready", "bytes": _folder_bytes(self.memory_dir(doc_id))})
 
     def load(self, doc_id: int, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype

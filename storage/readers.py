@@ -100,15 +100,18 @@ def strip_running_lines(pages: Sequence[str]) -> list[str]:
     return ["\n".join(lines) for lines in split]
 
 
-def read_document(path: Path, max_bytes: int = 200 * 2**20) -> Document:
-    """Read a PDF, EPUB, text, Markdown or HTML file; raise DocumentError on anything unusable."""
+def read_document(path: Path, max_bytes: int = 200 * 2**20, name: str | None = None) -> Document:
+    """Read a PDF, EPUB, text, Markdown or HTML file; raise DocumentError on anything unusable.
+
+    name: the name to show (an upload's original name) when the file is stored under another one.
+    """
     path = Path(path)
-    name = path.name
+    name = name or path.name
     if not path.exists():
         raise DocumentError(f"{path} does not exist.")
     if path.is_dir():
         raise DocumentError(f"{path} is a directory, not a file.")
-    suffix = path.suffix.lower()
+    suffix = Path(name).suffix.lower()
     if suffix not in SUPPORTED:
         raise DocumentError(f"{name}: unsupported file type '{suffix or '(none)'}'; "
                             f"supported types are {', '.join(SUPPORTED)}.")
@@ -127,12 +130,12 @@ def read_document(path: Path, max_bytes: int = 200 * 2**20) -> Document:
         if kind == "pdf":
             title, sections = _read_pdf(name, data, log)
         elif kind == "epub":
-            title, sections = _read_epub(path, log)
+            title, sections = _read_epub(path, name, log)
         elif kind == "html":
             title, sections = _read_html(data)
         else:
             title, sections = _read_plain(kind, _decode(data, log))
-    title = title or path.stem
+    title = title or Path(name).stem
     text, pages = _assemble(sections)
     if not pages:
         raise DocumentError(f"{name} is empty: no text was found in it.")
@@ -200,8 +203,7 @@ def _read_pdf(name: str, data: bytes, log: list[str]) -> tuple[str, list[Section
     return title, [(i + 1, f"p. {i + 1}", t) for i, t in enumerate(texts)]
 
 
-def _read_epub(path: Path, log: list[str]) -> tuple[str, list[Section]]:
-    name = path.name
+def _read_epub(path: Path, name: str, log: list[str]) -> tuple[str, list[Section]]:
     if not zipfile.is_zipfile(path):
         raise DocumentError(f"{name} is not a readable EPUB (it is not a zip archive).")
     try:

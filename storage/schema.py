@@ -71,6 +71,12 @@ MIGRATIONS: list[str] = [
         created_at TEXT NOT NULL DEFAULT (datetime('now'))
     );
     """,
+    # 2: the text of each block, for showing retrieved passages; the kept upload, for reading a
+    #    document again under other settings.
+    """
+    ALTER TABLE blocks ADD COLUMN text TEXT;
+    ALTER TABLE documents ADD COLUMN upload TEXT;  -- file name under <data>/uploads/: <sha256>.<ext>
+    """,
 ]
 
 

@@ -120,3 +120,29 @@ def test_a_memory_is_asked_with_other_retrieval_knobs_but_not_another_layout(eng
     assert memory.cfg.topk == 2                                  # the fork changed, not the document
     with pytest.raises(EngineError, match="read the document again"):
         engine.with_config(engine.cfg.replace(n_local=64)).ask(memory, "what?")
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_follow_up_question_reads_the_earlier_turns_as_the_chat_template_writes_them(engine):
+    engine.tokenizer.chat_template = CHATML
+    history = [("Who wrote it?", "Ann."), ("When?", "In 1901.")]
+    ours = engine.document_prompt("DOC") + engine.question_text("And where?", history)
+    template = engine.tokenizer.apply_chat_template([
+        {"role": "user", "content": "Read this document and answer questions about it.\n\nDOC\n\nQuestion: Who wrote it?"},
+        {"role": "assistant", "content": "Ann."}, {"role": "user", "content": "When?"},
+        {"role": "assistant", "content": "In 1901."}, {"role": "user", "content": "And where?"}],
+        tokenize=False, add_generation_prompt=True)
+    assert ours == template
+
+
+def test_a_follow_up_answer_is_the_continuation_of_the_whole_conversation(engine):
+    memory = engine.read(torch.arange(120) % 256)
+    history = [("first?", "yes")]
+    answer = engine.ask(memory, "second?", max_new_tokens=4, history=history).wait()
+    fork = memory.fork()
+    direct = engine.generate(fork, engine.encode("\n\nQuestion: first?\nAnswer:yes\n\nQuestion: second?\nAnswer:"),
+                             max_new_tokens=4).wait()
+    assert answer.token_ids == direct.token_ids and memory.length == 120

@@ -1,0 +1,111 @@
+"""End to end in a real headless Chromium: upload a PDF, wait until it is read, ask, see the streamed
+answer and the heatmap, restart the app and find the document and the conversation again.
+
+Uses Debian's chromium (apt-get install chromium) through playwright's executable_path; skips when
+either is missing. Set INFLLM_SCREENSHOT=docs/screenshot.png to refresh the README's screenshot.
+"""
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .test_readers import make_pdf
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[1]
+playwright = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM), reason="Debian's chromium is not installed")
+QUESTION = "Who is the lighthouse keeper of Port Emberly?"
+
+
+def market_records(path: Path) -> Path:
+    """Eight pages of market records (7.4K tokens) with one fact planted on page 3."""
+    rng = random.Random(0)
+    towns = ["Ashford", "Brightwater", "Coldharbour", "Dunmore", "Eastwick", "Fairhaven", "Glenrock", "Hollowmere"]
+    trades = ["baker", "smith", "miller", "weaver", "potter", "cooper", "mason", "tanner"]
+    pages = [[f"In {rng.choice(towns)} the {rng.choice(trades)} number {p * 40 + i} sold goods at the market "
+              f"on day {rng.randint(1, 300)}." for i in range(40)] for p in range(8)]
+    pages[2][10] = "The lighthouse keeper of Port Emberly is named Mirela Vance."
+    path.write_bytes(make_pdf(pages, title="Market Records"))
+    return path
+
+
+class Server:
+    def __init__(self, data_dir: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/"
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+        self.log = open(data_dir.parent / f"server-{self.port}.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "app.py", "--data-dir", str(data_dir), "--port", str(self.port)],
+                                     cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, Path(self.log.name).read_text()[-3000:]
+            try:
+                urllib.request.urlopen(self.url, timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(Path(self.log.name).read_text()[-3000:])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
+def choose_document(page) -> None:
+    page.locator("#document input").click()
+    page.get_by_role("option", name="Market Records · infllm").click()
+
+
+def test_upload_ask_inspect_restart(tmp_path):
+    pdf = market_records(tmp_path / "market-records.pdf")
+    data_dir = tmp_path / "data"
+    server = Server(data_dir)
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM,
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1200})
+            page.goto(server.url)
+            page.locator("#upload input[type=file]").set_input_files(str(pdf))
+            page.wait_for_function("() => document.querySelector('#library').innerText.includes('ready')",
+                                   timeout=300_000)
+            assert "Market Records" in page.locator("#library").inner_text()
+            choose_document(page)
+            page.locator("#question textarea").fill(QUESTION)
+            page.locator("#ask").click()
+            # Streamed: the answer shows while the model still works on it ("answering…").
+            page.wait_for_function("() => document.querySelector('#inspector').innerText.includes('answering')",
+                                   timeout=120_000)
+            page.wait_for_selector("#inspector svg.heatmap rect.cell", timeout=300_000)
+            answer = page.locator("#chat").inner_text()
+            assert QUESTION in answer and "Mirela Vance" in answer
+            figures = page.locator("#inspector .figures").inner_text()
+            assert "blocks retrieved" in figures and "tok/s" in figures
+            page.locator("#inspector ol.passages li").first.click()
+            page.wait_for_function("() => document.querySelector('#passage').innerText.includes('block')")
+            assert "p. " in page.locator("#passage").inner_text()
+            shot = os.environ.get("INFLLM_SCREENSHOT")
+            page.screenshot(path=str(ROOT / shot) if shot else str(tmp_path / "page.png"), full_page=True)
+            server.stop()
+
+            server = Server(data_dir)
+            page.goto(server.url)
+            choose_document(page)
+            page.wait_for_function("q => document.querySelector('#chat').innerText.includes(q)", arg=QUESTION)
+            assert "Mirela Vance" in page.locator("#chat").inner_text()
+            page.wait_for_selector("#inspector svg.heatmap rect.cell")
+            browser.close()
+    finally:
+        server.stop()

@@ -1,0 +1,167 @@
+"""The page's handlers as plain functions, with a tiny model: upload, progress, chat, inspection, delete."""
+import re
+import time
+
+import pytest
+
+from infllm_engine import Engine, InfLLMConfig
+from storage.library import Library
+from ui import handlers as h
+from ui import inspect
+
+from .conftest import tiny_llama, tiny_tokenizer
+
+SMALL = dict(n_init=4, n_local=64, block_size=16, repr_topk=2, chunk_size=32, topk=2, cache_blocks=8)
+BOOK = "\f".join(f"Page {p}. " + " ".join(f"word{p}x{i}" for i in range(60)) for p in range(1, 6))
+SETTINGS = h.Settings("infllm", topk=2, n_local=64, max_new_tokens=6)
+
+
+@pytest.fixture
+def app(tmp_path):
+    engine = Engine(tiny_llama(), tiny_tokenizer(), InfLLMConfig(**SMALL), fingerprint="tiny")
+    return h.App.start(engine, Library(tmp_path / "data"), max_upload_bytes=1 << 20)
+
+
+def dropped(tmp_path, name: str, data: str | bytes) -> str:
+    """A file as Gradio hands it over: a temp path that ends in the original name."""
+    folder = tmp_path / "gradio-tmp" / str(time.monotonic_ns())
+    folder.mkdir(parents=True)
+    path = folder / name
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return str(path)
+
+
+def read(app, tmp_path, name="book.txt", data=BOOK) -> int:
+    note = h.upload(app, [dropped(tmp_path, name, data)], SETTINGS)
+    assert "queued" in note
+    app.reader.wait()
+    return app.library.documents()[-1]["id"]
+
+
+def test_a_dropped_file_is_kept_under_its_hash_read_in_the_background_and_listed(app, tmp_path):
+    doc_id = read(app, tmp_path)
+    kept = list((app.library.dir / "uploads").iterdir())
+    assert [p.name for p in kept] == [f"{app.library.document(doc_id)['sha256']}.txt"]
+    rows = h.library_rows(app)
+    assert rows[0][:6] == [doc_id, "book", "infllm", "ready", 5, app.library.document(doc_id)["tokens"]]
+    assert h.document_choices(app) == [("book · infllm", doc_id)]
+    assert "✓ book.txt: read" in h.progress_html(app)
+
+
+def test_a_file_name_never_becomes_a_path(app, tmp_path):
+    doc_id = read(app, tmp_path, name="..%2F..%2Fevil.txt")
+    assert app.library.document(doc_id)["source_name"] == "..%2F..%2Fevil.txt"
+    stored = {p.relative_to(app.library.dir).parts[0] for p in app.library.dir.rglob("*") if p.is_file()}
+    assert stored <= {"library.db", "library.db-wal", "library.db-shm", "uploads", "memory"}
+
+
+def test_bad_uploads_get_readable_messages_and_add_nothing(app, tmp_path):
+    note = h.upload(app, [dropped(tmp_path, "notes.docx", "x"), dropped(tmp_path, "big.txt", "y" * (2 << 20))],
+                    SETTINGS)
+    assert "unsupported file type '.docx'" in note and "over the 1 MB limit" in note
+    note = h.upload(app, [dropped(tmp_path, "empty.txt", "")], SETTINGS)
+    app.reader.wait()
+    assert "empty (0 bytes)" in h.progress_html(app) and app.library.documents() == []
+    with pytest.raises(h.UserError, match="n_local"):
+        h.upload(app, [dropped(tmp_path, "ok.txt", BOOK)], h.Settings(n_local=0))
+
+
+def test_progress_shows_tokens_per_second_and_eta_while_reading(app, tmp_path):
+    h.upload(app, [dropped(tmp_path, "long.txt", BOOK * 6)], SETTINGS)
+    seen = ""
+    deadline = time.monotonic() + 60
+    while app.reader.active() and time.monotonic() < deadline:
+        html = h.progress_html(app)
+        if "tok/s" in html:
+            seen = html
+        time.sleep(0.01)
+    assert re.search(r"<progress value='\d+' max='\d+'>.*[\d,]+ / [\d,]+ tokens · [\d,]+ tok/s · (ETA|starting)", seen)
+
+
+def test_an_answer_streams_is_saved_and_comes_back_with_its_heatmap(app, tmp_path):
+    doc_id = read(app, tmp_path)
+    steps = list(h.ask(app, doc_id, None, "What is on page 3?", SETTINGS))
+    chat, conversation, html = steps[-1]
+    assert [m["role"] for m in chat] == ["user", "assistant"] and chat[1]["content"]
+    assert len(steps) >= 2 and "class='heatmap'" in html and "data-block=" in html
+    saved = app.library.messages(conversation)
+    assert [m["content"] for m in saved] == [m["content"] for m in chat]
+    assert saved[1]["trace"]["records"] and saved[1]["timings"]["decode_tokens_per_s"] >= 0
+    # After a restart (a new App on the same library), the conversation and its inspector are back.
+    again = h.App.start(app.engine, Library(app.library.dir))
+    chat2, conversation2, html2 = h.open_document(again, doc_id)
+    assert (chat2, conversation2) == ([{k: m[k] for k in ("role", "content")} for m in saved], conversation)
+    assert html2 == html
+
+
+def test_a_follow_up_question_carries_the_conversation(app, tmp_path):
+    doc_id = read(app, tmp_path)
+    _, conversation, _ = list(h.ask(app, doc_id, None, "first?", SETTINGS))[-1]
+    chat, same, _ = list(h.ask(app, doc_id, conversation, "second?", SETTINGS))[-1]
+    assert same == conversation and [m["content"] for m in chat][::2] == ["first?", "second?"]
+    assert len(app.library.messages(conversation)) == 4
+
+
+def test_stop_ends_the_answer_early_and_keeps_what_was_said(app, tmp_path):
+    doc_id = read(app, tmp_path)
+    long = h.Settings("infllm", 2, 64, max_new_tokens=200)
+    steps = h.ask(app, doc_id, None, "Tell me everything.", long, session="s1")
+    next(steps)
+    h.stop(app, "s1")
+    chat, conversation, _ = list(steps)[-1]
+    assert chat[-1]["content"].endswith("…(stopped)")
+    assert app.library.messages(conversation)[-1]["content"] == chat[-1]["content"]
+    assert len(app.library.messages(conversation)[-1]["trace"]["steps"]) < 200
+
+
+def test_a_click_on_a_cell_or_passage_shows_that_blocks_text_and_pages(app, tmp_path):
+    doc_id = read(app, tmp_path)
+    block = app.library.blocks(doc_id)[7]
+    text = h.show_block(app, doc_id, 7)
+    assert f"block 7 · tokens {block['start_token']:,}" in text and " ".join(block["text"].split()) in text
+    assert "not part of this document" in h.show_block(app, doc_id, 10_000)
+
+
+def test_the_heatmap_puts_each_retrieved_blocks_mass_in_its_layer_and_column(app, tmp_path):
+    doc_id = read(app, tmp_path)
+    blocks, pages = app.library.blocks(doc_id), app.library.pages(doc_id)
+    trace = {"steps": [{"kind": "decode", "start": 0, "n_tokens": 1}] * 2, "records": [
+        {"layer": 1, "step": 0, "block_ids": [3, 9], "scores": [1, 1], "block_mass": [0.5, 0.1], "local_mass": 0.3},
+        {"layer": 1, "step": 1, "block_ids": [3, 10**6], "scores": [1, 1], "block_mass": [0.25, 0.9], "local_mass": 0.5},
+    ]}
+    heat = inspect.heat(trace, 2, len(blocks))
+    assert heat[1, 3] == pytest.approx(0.75) and heat[1, 9] == pytest.approx(0.1) and heat.sum() == pytest.approx(0.85)
+    f = inspect.figures(trace, {"decode_tokens_per_s": 12.5}, len(blocks))
+    assert (f.blocks_retrieved, f.window_share, f.tokens_per_s) == (2, pytest.approx(0.4), 12.5)
+    html = inspect.render(trace, {}, blocks, pages, 2)
+    assert html.count("class='cell'") == 2 and "layer 1 · block 3 · p. " in html
+    assert re.search(r"<li data-block='3'>.*mass 0\.75", html)
+
+
+def test_delete_frees_the_document_and_its_upload(app, tmp_path):
+    doc_id = read(app, tmp_path)
+    note = h.delete(app, doc_id)
+    assert note.startswith("Deleted “book”") and app.library.documents() == []
+    assert not list((app.library.dir / "uploads").iterdir())
+    with pytest.raises(h.UserError, match="no document"):
+        h.delete(app, doc_id)
+
+
+def test_another_mode_reads_the_kept_file_again_as_a_second_entry(app, tmp_path):
+    doc_id = read(app, tmp_path)
+    h.read_again(app, doc_id, h.Settings("streaming", 2, 64, 6))
+    app.reader.wait()
+    assert [r[2] for r in h.library_rows(app)] == ["infllm", "streaming"]
+    streaming = app.library.documents()[-1]["id"]
+    *_, html = list(h.ask(app, streaming, None, "What?", SETTINGS))[-1]
+    assert "streaming attention, which retrieves nothing" in html
+
+
+def test_bad_questions_say_what_is_wrong(app, tmp_path):
+    doc_id = read(app, tmp_path)
+    for doc, question, message in [(None, "q", "choose a document"), (doc_id, "  ", "type a question"),
+                                   (999, "q", "no document")]:
+        with pytest.raises(h.UserError, match=message):
+            list(h.ask(app, doc, None, question, SETTINGS))
+    with pytest.raises(h.UserError, match="answer length"):
+        list(h.ask(app, doc_id, None, "q", h.Settings(max_new_tokens=0)))

@@ -1,0 +1,162 @@
+"""The page: components and the events between them. The work is done in ui/handlers.py."""
+from __future__ import annotations
+
+import functools
+import inspect as py_inspect
+
+import gradio as gr
+
+from . import handlers as h
+from . import inspect
+from .handlers import App, Settings, UserError
+
+CSS = """
+.inspector .figures { display: grid; grid-template-columns: repeat(5, 1fr); gap: 8px; margin-bottom: 10px; }
+.inspector .figure { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 6px 8px; }
+.inspector .figure b { display: block; font-size: 1.15em; }
+.inspector .figure span { font-size: 0.8em; color: var(--body-text-color-subdued); }
+.inspector svg.heatmap { width: 100%; height: auto; max-height: 420px; }
+.inspector svg .tick { font-size: 7px; fill: var(--body-text-color-subdued); }
+.inspector svg .axis { font-size: 7px; fill: var(--body-text-color); }
+.inspector svg .cell { cursor: pointer; }
+.inspector svg .cell:hover { stroke: #f59e0b; stroke-width: 1; }
+.inspector ol.passages { margin-top: 10px; padding-left: 1.4em; }
+.inspector ol.passages li { cursor: pointer; margin-bottom: 6px; font-size: 0.92em; }
+.inspector ol.passages li:hover { background: var(--background-fill-secondary); }
+.inspector .where { display: block; font-weight: 600; font-size: 0.85em; color: var(--color-accent); }
+.muted { color: var(--body-text-color-subdued); }
+#progress .job { margin: 6px 0; font-size: 0.9em; }
+#progress progress { width: 100%; height: 10px; }
+#progress .job-stats { color: var(--body-text-color-subdued); font-size: 0.85em; }
+#progress .failed { color: var(--error-text-color); }
+"""
+
+INTRO = """# InfLLM Reader
+Drop a book or paper on the left. It is read once into a persistent InfLLM memory; then ask about it.
+For every answer, the heatmap shows which memory blocks (which pages) each layer's attention retrieved."""
+
+
+def _shown(fn):
+    """Turn a UserError into a message on the page (gr.Error), for plain and generator handlers."""
+    if _is_generator(fn):
+        @functools.wraps(fn)
+        def stream(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except UserError as err:
+                raise gr.Error(str(err)) from err
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            raise gr.Error(str(err)) from err
+    return call
+
+
+def _is_generator(fn) -> bool:
+    return py_inspect.isgeneratorfunction(fn)
+
+
+def build(app: App, defaults: Settings = Settings()) -> gr.Blocks:
+    with gr.Blocks(title="InfLLM Reader") as demo:
+        gr.Markdown(INTRO)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=400):
+                files = gr.File(label="Drop PDFs, EPUBs, text, Markdown or HTML files", file_count="multiple",
+                                file_types=h.ACCEPTED, elem_id="upload", height=140)
+                note = gr.Markdown(elem_id="note")
+                progress = gr.HTML(elem_id="progress")
+                table = gr.Dataframe(headers=h.TABLE_HEADERS, value=h.library_rows(app), interactive=False,
+                                     wrap=True, elem_id="library", label="Library",
+                                     column_widths=["8%", "34%", "12%", "14%", "9%", "12%", "11%"])
+            with gr.Column(scale=3):
+                with gr.Row():
+                    doc = gr.Dropdown(h.document_choices(app), value=None, label="Document", scale=4,
+                                      elem_id="document")
+                    new_chat = gr.Button("New conversation", scale=1, size="sm")
+                    remove = gr.Button("Delete document", variant="stop", scale=1, size="sm")
+                chat = gr.Chatbot(elem_id="chat", height=440, label="Conversation",
+                                  placeholder="Choose a document, then ask a question about it.")
+                with gr.Row():
+                    question = gr.Textbox(placeholder="Ask about the document…", show_label=False, scale=6,
+                                          elem_id="question", submit_btn=False)
+                    ask_btn = gr.Button("Ask", variant="primary", scale=1, elem_id="ask")
+                    stop_btn = gr.Button("Stop", scale=1, elem_id="stop")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                gr.Markdown("### What the answer retrieved")
+                inspector = gr.HTML(inspect.render(None, None, [], [], app.engine.n_layers), js_on_load=inspect.CLICKS,
+                                    elem_id="inspector")
+            with gr.Column(scale=2):
+                gr.Markdown("### Passage")
+                passage = gr.Markdown("Click a heatmap cell or a passage to read its text.", elem_id="passage")
+        with gr.Accordion("Settings", open=False):
+            with gr.Row():
+                method = gr.Radio(list(h.METHODS), value=defaults.method, label="Mode for reading",
+                                  info="infllm: sinks + retrieved blocks + window; streaming: sinks + window; "
+                                       "full: everything (slow, and the model is trained to 8K tokens)")
+                topk = gr.Slider(0, 64, value=defaults.topk, step=1, label="topk: blocks retrieved per layer",
+                                 info="applies to every question")
+                n_local = gr.Slider(512, 8192, value=defaults.n_local, step=512, label="local window (tokens)",
+                                    info="applies to reading")
+                max_new = gr.Slider(16, 1024, value=defaults.max_new_tokens, step=16, label="answer length (tokens)")
+            again = gr.Button("Read the chosen document again with these settings", size="sm")
+        conversation = gr.State(None)
+        seen, shown = gr.State(-1), gr.State("")
+        confirmed = gr.Checkbox(visible=False)
+        timer = gr.Timer(1.0)
+        knobs = [method, topk, n_local, max_new]
+
+        def settings(m, k, n, t) -> Settings:
+            return Settings(m, int(k), int(n), int(t))
+
+        def refresh(version, shown):
+            # Unchanged parts are skipped: the browser shares the two cores with the model.
+            rows, choices, now = h.refresh(app, version)
+            progress_now = h.progress_html(app)
+            bar = progress_now if progress_now != shown else gr.skip()
+            if rows is None:
+                return bar, gr.skip(), gr.skip(), version, progress_now
+            return bar, rows, gr.update(choices=choices), now, progress_now
+
+        def dropped(paths, *k):
+            return h.upload(app, paths, settings(*k)), None
+
+        def asked(d, c, q, m, k, n, t, request: gr.Request):
+            for messages, conv, html in h.ask(app, d, c, q, settings(m, k, n, t), request.session_hash):
+                yield messages, conv, html, ""
+
+        def deleted(d, ok):
+            return h.delete(app, d) if ok else "Nothing deleted."
+
+        def stop(request: gr.Request):
+            h.stop(app, request.session_hash)
+
+        def clicked(d, event: gr.SelectData):
+            return h.show_block(app, d, event.index)
+
+        def picked(d, c, event: gr.SelectData):
+            return h.inspect_answer(app, d, c, event.index)
+
+        timer.tick(refresh, [seen, shown], [progress, table, doc, seen, shown], show_progress="hidden")
+        files.upload(_shown(dropped), [files, *knobs], [note, files])
+        doc.change(_shown(functools.partial(h.open_document, app)), doc, [chat, conversation, inspector])
+        new_chat.click(lambda: ([], None, inspect.render(None, None, [], [], app.engine.n_layers)),
+                       None, [chat, conversation, inspector])
+        remove.click(_shown(deleted), [doc, confirmed], note,
+                     js="(d, ok) => [d, confirm('Delete this document and its memory from the library?')]"
+                     ).then(lambda: None, None, doc)
+        ask_event = dict(fn=_shown(asked), inputs=[doc, conversation, question, *knobs],
+                         outputs=[chat, conversation, inspector, question], concurrency_limit=1,
+                         show_progress="hidden")
+        ask_btn.click(**ask_event)
+        question.submit(**ask_event)
+        stop_btn.click(stop, None, None)
+        inspector.select(_shown(clicked), doc, passage)
+        chat.select(_shown(picked), [doc, conversation], inspector)
+        again.click(_shown(lambda d, *k: h.read_again(app, d, settings(*k))), [doc, *knobs], note)
+    return demo
+
