@@ -101,3 +101,17 @@ def test_an_ingest_killed_mid_document_resumes_to_the_same_memory(tmp_path, mode
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     for name in state_b:
         torch.testing.assert_close(state_a[name], state_b[name], atol=1e-5, rtol=1e-5)
+
+
+def test_serve_is_the_default_and_binds_to_this_machine_only():
+    sys.path.insert(0, str(ROOT))
+    import app as cli
+
+    args = cli.parse_args([])
+    assert (args.command, args.host, args.port) == ("serve", "127.0.0.1", 7860)
+    assert cli.parse_args(["--port", "8000", "list"]).port == 8000
+
+
+def test_serve_refuses_a_malformed_auth_before_loading_anything(tmp_path):
+    run = app("--data-dir", tmp_path, "serve", "--auth", "no-colon", check=False)
+    assert run.returncode == 2 and "--auth takes USER:PASSWORD" in run.stderr

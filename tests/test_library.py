@@ -106,3 +106,25 @@ def test_an_input_over_the_maximum_is_refused_before_anything_is_added(tmp_path,
     with pytest.raises(LibraryError, match="over the configured maximum of 100"):
         ingest(library, small, book)
     assert library.documents() == []
+
+
+def test_an_epub_is_read_into_the_library_with_its_chapters_as_pages(tmp_path, engine):
+    from .test_readers import make_epub
+
+    library = Library(tmp_path / "lib")
+    done = ingest(library, engine, make_epub(tmp_path / "book.epub"))
+    assert library.document(done.doc_id)["kind"] == "epub"
+    labels = [p["label"] for p in library.pages(done.doc_id)]
+    assert labels == ["Chapter One: Arrival", "Departure", "Chapter 3"]
+    pages = library.pages(done.doc_id)
+    assert all(a["end_token"] <= b["start_token"] for a, b in zip(pages, pages[1:]))
+    answer = engine.ask(load_memory(library, engine, done.doc_id), "Who left?", max_new_tokens=3).wait()
+    assert len(answer.token_ids) == 3
+
+
+def test_each_block_keeps_its_text_for_showing_passages(tmp_path, engine, book):
+    library = Library(tmp_path / "lib")
+    done = ingest(library, engine, book)
+    for block in library.blocks(done.doc_id)[:5]:
+        ids = engine.tokenizer(engine.document_prompt("") + BOOK, add_special_tokens=False)["input_ids"]
+        assert block["text"] == engine.tokenizer.decode(ids[block["start_token"]:block["end_token"]])

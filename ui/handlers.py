@@ -87,6 +87,10 @@ def document_choices(app: App) -> list[tuple[str, int]]:
             for d in app.library.documents() if d["status"] == "ready"]
 
 
+def upload_job_note(job: Job) -> str:
+    return f"• {job.name}: queued for reading ({job.engine.cfg.method})"
+
+
 def upload(app: App, files: Sequence[str] | None, settings: Settings) -> str:
     """Queue dropped files for reading; returns a Markdown note. A file's name is kept only as text."""
     if not files:
@@ -115,10 +119,6 @@ def read_again(app: App, doc_id: int | None, settings: Settings) -> str:
         raise UserError(f"the file of “{doc['title']}” was not kept; drop it again to read it in another mode")
     return upload_job_note(app.reader.submit(path, doc["source_name"],
                                              app.engine.with_config(settings.config(app.engine.cfg))))
-
-
-def upload_job_note(job: Job) -> str:
-    return f"• {job.name}: queued for reading ({job.engine.cfg.method})"
 
 
 def delete(app: App, doc_id: int | None) -> str:

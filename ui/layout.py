@@ -38,7 +38,7 @@ For every answer, the heatmap shows which memory blocks (which pages) each layer
 
 def _shown(fn):
     """Turn a UserError into a message on the page (gr.Error), for plain and generator handlers."""
-    if _is_generator(fn):
+    if py_inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def stream(*args, **kwargs):
             try:
@@ -54,10 +54,6 @@ def _shown(fn):
         except UserError as err:
             raise gr.Error(str(err)) from err
     return call
-
-
-def _is_generator(fn) -> bool:
-    return py_inspect.isgeneratorfunction(fn)
 
 
 def build(app: App, defaults: Settings = Settings()) -> gr.Blocks:
