@@ -21,7 +21,7 @@ import torch
 from sqlite_utils import Database
 
 from . import tensors
-from .readers import SUPPORTED
+from .readers import file_type
 from .schema import migrate
 
 
@@ -99,11 +99,11 @@ class Library:
 
     # -- uploads ----------------------------------------------------------------------------------
     def keep_upload(self, source: Path, name: str) -> Path:
-        """Copy an uploaded file into the library as <sha256>.<ext>: its own name never becomes a path."""
-        suffix = Path(name).suffix.lower()
-        if suffix not in SUPPORTED:
-            raise LibraryError(f"{name}: unsupported file type '{suffix or '(none)'}'; "
-                               f"supported types are {', '.join(SUPPORTED)}.")
+        """Copy an uploaded file into the library as <sha256>.<ext>: its own name never becomes a path.
+
+        An unsupported type raises DocumentError, the same message that reading it would give.
+        """
+        suffix = file_type(name)
         digest = hashlib.sha256()
         with open(source, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -100,6 +100,15 @@ def strip_running_lines(pages: Sequence[str]) -> list[str]:
     return ["\n".join(lines) for lines in split]
 
 
+def file_type(name: str) -> str:
+    """The lower-case suffix of a supported file name; DocumentError names the supported ones otherwise."""
+    suffix = Path(name).suffix.lower()
+    if suffix not in SUPPORTED:
+        raise DocumentError(f"{name}: unsupported file type '{suffix or '(none)'}'; "
+                            f"supported types are {', '.join(SUPPORTED)}.")
+    return suffix
+
+
 def read_document(path: Path, max_bytes: int = 200 * 2**20, name: str | None = None) -> Document:
     """Read a PDF, EPUB, text, Markdown or HTML file; raise DocumentError on anything unusable.
 
@@ -111,10 +120,7 @@ def read_document(path: Path, max_bytes: int = 200 * 2**20, name: str | None = N
         raise DocumentError(f"{path} does not exist.")
     if path.is_dir():
         raise DocumentError(f"{path} is a directory, not a file.")
-    suffix = Path(name).suffix.lower()
-    if suffix not in SUPPORTED:
-        raise DocumentError(f"{name}: unsupported file type '{suffix or '(none)'}'; "
-                            f"supported types are {', '.join(SUPPORTED)}.")
+    suffix = file_type(name)
     size = path.stat().st_size
     if size == 0:
         raise DocumentError(f"{name} is empty (0 bytes).")

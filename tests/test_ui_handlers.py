@@ -53,6 +53,7 @@ def test_a_file_name_never_becomes_a_path(app, tmp_path):
     assert app.library.document(doc_id)["source_name"] == "..%2F..%2Fevil.txt"
     stored = {p.relative_to(app.library.dir).parts[0] for p in app.library.dir.rglob("*") if p.is_file()}
     assert stored <= {"library.db", "library.db-wal", "library.db-shm", "uploads", "memory"}
+    assert [p.name for p in (app.library.dir / "uploads").iterdir()] == [f"{app.library.document(doc_id)['sha256']}.txt"]
 
 
 def test_bad_uploads_get_readable_messages_and_add_nothing(app, tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 from infllm_engine import Engine, EngineError, InfLLMConfig
 from storage.ingest import load_memory
 from storage.library import Library, LibraryError
-from storage.readers import SUPPORTED
+from storage.readers import SUPPORTED, DocumentError
 
 from . import inspect
 from .reader import Job, Reader
@@ -68,12 +68,11 @@ class App:
 
 # -- library panel ---------------------------------------------------------------------------------
 def library_rows(app: App) -> list[list]:
-    reading = {j.name: j for j in app.reader.active() if j.state == "reading"}
     rows = []
     for d in app.library.documents():
         status = d["status"]
         if status == "reading":
-            job = reading.get(d["source_name"])
+            job = _reading_job(app, d)
             share = (job.done / job.total) if job and job.total else d["read_tokens"] / max(d["tokens"], 1)
             status = f"reading {share:.0%}" if job else f"paused at {share:.0%}"
         mode = json.loads(d["config"])["method"]
@@ -95,7 +94,7 @@ def upload(app: App, files: Sequence[str] | None, settings: Settings) -> str:
     """Queue dropped files for reading; returns a Markdown note. A file's name is kept only as text."""
     if not files:
         return ""
-    engine = app.engine.with_config(settings.config(app.engine.cfg))
+    engine = _reading_engine(app, settings)
     notes = []
     for file in files:
         name = Path(file).name     # Gradio's temp copy keeps the original name; it is only shown
@@ -104,7 +103,7 @@ def upload(app: App, files: Sequence[str] | None, settings: Settings) -> str:
             if size > app.max_upload_bytes:
                 raise UserError(f"{name} is {size / 2**20:,.1f} MB, over the {app.max_upload_bytes / 2**20:,.0f} MB limit.")
             kept = app.library.keep_upload(Path(file), name)
-        except (UserError, LibraryError, OSError) as err:
+        except (UserError, DocumentError, OSError) as err:
             notes.append(f"✗ {err}")
             continue
         notes.append(upload_job_note(app.reader.submit(kept, name, engine)))
@@ -117,14 +116,12 @@ def read_again(app: App, doc_id: int | None, settings: Settings) -> str:
     path = app.library.upload_path(doc["id"])
     if path is None:
         raise UserError(f"the file of “{doc['title']}” was not kept; drop it again to read it in another mode")
-    return upload_job_note(app.reader.submit(path, doc["source_name"],
-                                             app.engine.with_config(settings.config(app.engine.cfg))))
+    return upload_job_note(app.reader.submit(path, doc["source_name"], _reading_engine(app, settings)))
 
 
 def delete(app: App, doc_id: int | None) -> str:
     doc = _document(app, doc_id)
-    if doc["status"] == "reading" and any(j.state == "reading" and j.name == doc["source_name"]
-                                          for j in app.reader.active()):
+    if doc["status"] == "reading" and _reading_job(app, doc) is not None:
         raise UserError(f"“{doc['title']}” is being read; wait until it is done, then delete it")
     app.library.delete(doc["id"])
     app.reader.version += 1
@@ -149,17 +146,17 @@ def progress_html(app: App) -> str:
         if job.state == "reading" and job.total:
             eta = f"ETA {_duration(job.eta_s)}" if job.eta_s is not None else "starting…"
             paused = " · paused while answering" if app.reader.answering else ""
-            parts.append(f"<div class='job'><div class='job-name'>{_esc(job.name)}</div>"
+            parts.append(f"<div class='job'><div class='job-name'>{html.escape(job.name)}</div>"
                          f"<progress value='{job.done}' max='{job.total}'></progress>"
                          f"<div class='job-stats'>{job.done:,} / {job.total:,} tokens · {job.rate:,.0f} tok/s · "
                          f"{eta}{paused}</div></div>")
         elif job.state in ("queued", "reading"):
-            parts.append(f"<div class='job'><div class='job-name'>{_esc(job.name)}</div>"
+            parts.append(f"<div class='job'><div class='job-name'>{html.escape(job.name)}</div>"
                          f"<div class='job-stats'>{'waiting in the queue' if job.state == 'queued' else 'extracting text…'}"
                          f"</div></div>")
         else:
             mark = "✓" if job.state == "ready" else "✗"
-            parts.append(f"<div class='job {job.state}'>{mark} {_esc(job.name)}: {_esc(job.message)}</div>")
+            parts.append(f"<div class='job {job.state}'>{mark} {html.escape(job.name)}: {html.escape(job.message)}</div>")
     return "".join(parts)
 
 
@@ -167,11 +164,11 @@ def progress_html(app: App) -> str:
 def open_document(app: App, doc_id: int | None) -> tuple[list[dict], int | None, str]:
     """The document's latest conversation: (chat messages, conversation id, inspector HTML of its last answer)."""
     if doc_id is None:
-        return [], None, inspect.render(None, None, [], [], app.engine.n_layers)
+        return [], None, inspect.NOTHING_YET
     doc = _document(app, doc_id)
     conversations = app.library.conversations(doc["id"])
     if not conversations:
-        return [], None, inspect.render(None, None, [], [], app.engine.n_layers)
+        return [], None, inspect.NOTHING_YET
     conversation = conversations[-1]["id"]
     messages = app.library.messages(conversation)
     return _chat(messages), conversation, inspect_answer(app, doc["id"], conversation, len(messages) - 1)
@@ -180,11 +177,11 @@ def open_document(app: App, doc_id: int | None) -> tuple[list[dict], int | None,
 def inspect_answer(app: App, doc_id: int | None, conversation: int | None, index: int) -> str:
     """Inspector HTML of the answer at chat index `index` (a question's index shows its answer)."""
     if doc_id is None or conversation is None:
-        return inspect.render(None, None, [], [], app.engine.n_layers)
+        return inspect.NOTHING_YET
     messages = app.library.messages(conversation)
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= index]
     if not answers:
-        return inspect.render(None, None, [], [], app.engine.n_layers)
+        return inspect.NOTHING_YET
     m = messages[answers[0]]
     return inspect.render(m["trace"], m["timings"], app.library.blocks(doc_id), app.library.pages(doc_id),
                           app.engine.n_layers, m["method"] or "infllm")
@@ -256,8 +253,9 @@ def ask(app: App, doc_id: int | None, conversation: int | None, question: str, s
         conversation = app.library.new_conversation(doc["id"], question)
     app.library.add_message(conversation, "user", question)
     timings = {"memory_load_s": outcome["load_s"], **answer.timings}
-    app.library.add_message(conversation, "assistant", chat[-1]["content"], cfg.method, answer.trace.to_dict(), timings)
-    yield chat, conversation, inspect.render(answer.trace.to_dict(), timings, app.library.blocks(doc["id"]),
+    trace = answer.trace.to_dict()
+    app.library.add_message(conversation, "assistant", chat[-1]["content"], cfg.method, trace, timings)
+    yield chat, conversation, inspect.render(trace, timings, app.library.blocks(doc["id"]),
                                              app.library.pages(doc["id"]), engine.n_layers, cfg.method)
 
 
@@ -271,13 +269,18 @@ def _document(app: App, doc_id: int | None) -> dict:
         raise UserError(f"no document {doc_id!r} in the library; it may have been deleted") from err
 
 
+def _reading_job(app: App, doc: dict) -> Job | None:
+    """The job reading this document now, if any (a job learns its document id only when it ends)."""
+    return next((j for j in app.reader.active() if j.state == "reading" and j.name == doc["source_name"]), None)
+
+
+def _reading_engine(app: App, settings: Settings) -> Engine:
+    return app.engine.with_config(settings.config(app.engine.cfg))
+
+
 def _chat(messages: list[dict]) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _duration(seconds: float) -> str:
     return f"{seconds:,.0f} s" if seconds < 120 else f"{seconds / 60:,.0f} min"
-
-
-def _esc(text: str) -> str:
-    return html.escape(text)

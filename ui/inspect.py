@@ -115,11 +115,14 @@ def heatmap_svg(heat_map: torch.Tensor, blocks: list[dict], pages: list[dict]) -
     return "".join(parts)
 
 
+NOTHING_YET = "<div class='inspector muted'>Ask a question: the blocks each layer retrieved for the answer show here.</div>"
+
+
 def render(trace: dict | None, timings: dict | None, blocks: list[dict], pages: list[dict], n_layers: int,
            method: str = "infllm") -> str:
     """The whole inspector for one answer as HTML."""
     if trace is None:
-        return "<div class='inspector muted'>Ask a question: the blocks each layer retrieved for the answer show here.</div>"
+        return NOTHING_YET
     if method != "infllm":
         return (f"<div class='inspector muted'>This answer used {html.escape(method)} attention, which retrieves "
                 "nothing from memory: there is no heatmap. Read the document in infllm mode to see retrieval.</div>")

@@ -84,7 +84,7 @@ def build(app: App, defaults: Settings = Settings()) -> gr.Blocks:
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 gr.Markdown("### What the answer retrieved")
-                inspector = gr.HTML(inspect.render(None, None, [], [], app.engine.n_layers), js_on_load=inspect.CLICKS,
+                inspector = gr.HTML(inspect.NOTHING_YET, js_on_load=inspect.CLICKS,
                                     elem_id="inspector")
             with gr.Column(scale=2):
                 gr.Markdown("### Passage")
@@ -140,7 +140,7 @@ def build(app: App, defaults: Settings = Settings()) -> gr.Blocks:
         timer.tick(refresh, [seen, shown], [progress, table, doc, seen, shown], show_progress="hidden")
         files.upload(_shown(dropped), [files, *knobs], [note, files])
         doc.change(_shown(functools.partial(h.open_document, app)), doc, [chat, conversation, inspector])
-        new_chat.click(lambda: ([], None, inspect.render(None, None, [], [], app.engine.n_layers)),
+        new_chat.click(lambda: ([], None, inspect.NOTHING_YET),
                        None, [chat, conversation, inspector])
         remove.click(_shown(deleted), [doc, confirmed], note,
                      js="(d, ok) => [d, confirm('Delete this document and its memory from the library?')]"
