@@ -69,11 +69,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--topk", type=int, default=None)
     parser.add_argument("--n-local", type=int, default=None)
     parser.add_argument("--repr-topk", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (bf16 for a GPU)")
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args(argv)
 
     knobs = {k: v for k, v in {"topk": args.topk, "n_local": args.n_local, "repr_topk": args.repr_topk}.items() if v is not None}
-    cfg = InfLLMConfig(method=args.method, max_tokens=max(args.length * 2, 4096), **knobs)
+    cfg = InfLLMConfig(method=args.method, max_tokens=max(args.length * 2, 4096), device=args.device, dtype=args.dtype, **knobs)
     engine = Engine.load(args.model, cfg)
     rng = random.Random(args.seed)
     samples = []

@@ -3,21 +3,21 @@
 The model runs with all-zero position ids (HF's rotation is then the identity) and hands us raw
 q/k/v; the engine's loop passes the per-call state as the keyword `infllm`. For a chunk of queries at
 positions [s, e) and a query p:
-  local stage   keys j with p - n_local < j <= p, at their real relative positions;
-  global stage  sinks, the retrieved blocks and not-yet-blocked tokens with j <= p - n_local, all at
-                one fixed distance (query rotated to n_local, keys at 0).
-The two masks are exact complements over the keys a query may see, so no key is counted twice at
-chunk boundaries (the reference code's global mask is off by up to a chunk there). The stages merge
-by log-sum-exp into one exact softmax.
+  window  keys j with p - n_local < j <= p, at their real relative positions;
+  memory  sinks, the retrieved blocks and not-yet-blocked tokens with j <= p - n_local, all at one
+          fixed distance (query rotated to n_local, keys at 0).
+The two rules are exact complements over the keys a query may see, so no key is counted twice at
+chunk boundaries (the reference code's global mask is off by up to a chunk there), and one softmax
+covers both (kernels.chunk: the torch twin on the CPU, Triton on CUDA).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from kernels import attention_stage, mask_bias, merge_stages, received_mass
+from kernels import Keys, chunk_attention
 
 from .config import InfLLMConfig
 from .errors import EngineError
@@ -35,13 +35,6 @@ class ForwardState:
     start: int                  # absolute position of the chunk's first token
     trace: Trace | None
     step: int
-    # Masks depend on positions only, and block formation is in step across layers: build once per chunk.
-    masks: dict = field(default_factory=dict)
-
-    def bias(self, name: str, make) -> torch.Tensor | None:
-        if name not in self.masks:
-            self.masks[name] = make()
-        return self.masks[name]
 
 
 def infllm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, infllm=None, **kwargs):
@@ -76,47 +69,30 @@ def _infllm(layer: LayerMemory, layer_idx: int, q, k, v, state: ForwardState, sc
     rope, n_local = state.rope, cfg.n_local
     h, c, d = q.shape
     hkv = k.shape[0]
-    g = h // hkv
-    s = state.start
-    e = s + c
+    s, e = state.start, state.start + q.shape[1]
     layer.append(k, v)
     keep_mass = cfg.method == "infllm"            # representatives need what each window token received
     tracing = keep_mass and state.trace is not None
 
-    # Local stage: the window [lo, e) at real relative positions (shifted so lo sits at 0).
+    # Window [lo, e) at real relative positions; memory at the fixed distance n_local, keys raw (position 0).
     lo = max(0, s - n_local + 1)
-    k_loc, v_loc = layer.span(lo, e)
-
-    def local_mask():
-        rel = torch.arange(s, e, device=q.device)[:, None] - torch.arange(lo, e, device=q.device)[None, :]
-        return mask_bias((rel >= 0) & (rel < n_local), g) if c > 1 else None
-    local = attention_stage(rope.apply(q, s - lo).view(hkv, g, c, d), rope.apply(k_loc, 0), v_loc,
-                            state.bias("local", local_mask), scale, keep_scores=keep_mass)
-
-    # Global stage: memory at the fixed distance n_local; keys keep their raw (position 0) form.
-    q_glob = rope.apply_at(q, n_local)
-    k_old, v_old, old_pos = layer.old(e - n_local)
-    ids, n_blk = None, 0
+    k_win, v_win, base = layer.window(lo, e, rope)
+    q_local = rope.apply(q, s - base).view(hkv, h // hkv, c, d)
+    q_global = rope.apply_at(q, n_local)
+    memory = layer.memory(e - n_local)
+    ids = None
     if keep_mass and cfg.topk > 0 and layer.blocks.n > 0:
-        ids, scores = layer.blocks.retrieve(q_glob.mean(dim=1), cfg.topk)
-        k_blk, v_blk = layer.blocks.gather(ids)
-        n_blk = k_blk.shape[1]
-        k_old, v_old = torch.cat([k_blk, k_old], 1), torch.cat([v_blk, v_old], 1)
-
-    def global_mask():
-        if c == 1:
-            return None
-        visible = old_pos[None, :] <= torch.arange(s, e, device=q.device)[:, None] - n_local
-        return mask_bias(torch.cat([visible.new_ones(c, n_blk), visible], 1), g)
-    far = attention_stage(q_glob.view(hkv, g, c, d), k_old, v_old, state.bias(f"global{n_blk}", global_mask),
-                          scale, keep_scores=tracing)
-
-    out, lse = merge_stages(local, far)
+        ids, scores = layer.blocks.retrieve(q_global.mean(dim=1), cfg.topk, cfg.backend)
+        k_blk, v_blk, slot_ids = layer.blocks.gather(ids, reuse=c == 1)
+        memory.append(Keys(k_blk, v_blk, None))
+    res = chunk_attention(q_local, q_global.view(hkv, h // hkv, c, d), s, Keys(k_win, v_win, lo), memory, n_local,
+                          scale, window_mass=keep_mass, memory_mass=tracing, backend=cfg.backend)
     if keep_mass:
-        layer.add_mass(lo, received_mass(local, lse).reshape(h, -1).float())
+        layer.add_mass(lo, res.window_mass.reshape(h, -1))
     if tracing and ids is not None:
-        mass = received_mass(far, lse, slice(0, n_blk)).sum(dim=(0, 1)) / (h * c)
+        per_slot = res.memory_mass[-1].sum(dim=(0, 1)).view(-1, cfg.block_size).sum(-1) / (h * c)
+        block_mass = per_slot[torch.argsort(slot_ids)]          # ids come ascending
         state.trace.records.append(Retrieval(
-            layer_idx, state.step, ids, scores, mass.view(-1, cfg.block_size).sum(-1), torch.exp(local.lse - lse).mean()))
+            layer_idx, state.step, ids, scores, block_mass, res.window_mass.sum() / (h * c)))
     layer.evict(e - n_local)
-    return out.reshape(h, c, d)
+    return res.out.reshape(h, c, d)

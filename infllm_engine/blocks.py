@@ -51,6 +51,7 @@ class BlockStore:
         self._empty = empty
         self.base, self.tail = empty(), empty()
         self.cache = _DeviceCache(cache_blocks, self.shape, dtype, device) if device.type != "cpu" else None
+        self.slot_ids: list[int] = []                   # CPU: the blocks in slot_k/slot_v, see gather
 
     @property
     def n(self) -> int:
@@ -65,17 +66,42 @@ class BlockStore:
         t.k[t.n], t.v[t.n], t.reprs[t.n] = k.to(self.host), v.to(self.host), repr_
         t.n += 1
 
-    def retrieve(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def retrieve(self, query: torch.Tensor, k: int, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
         """The k blocks whose representatives best match query [H, d]: (ids, scores), ids ascending."""
+        if backend == "triton":
+            from kernels.triton_retrieval import block_scores as score
+        else:
+            score = score_blocks
         parts = [p.reprs[: p.n] for p in (self.base, self.tail) if p.n]
-        scores = torch.cat([score_blocks(query, r) for r in parts]) if len(parts) > 1 else score_blocks(query, parts[0])
+        scores = torch.cat([score(query, r) for r in parts]) if len(parts) > 1 else score(query, parts[0])
         return top_blocks(scores, k)
 
-    def gather(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of the given blocks, concatenated in token order: [Hkv, len(ids) * bs, d] each."""
-        k, v = self._host(ids) if self.cache is None else self.cache.fetch(ids, self._host)
+    def gather(self, ids: torch.Tensor, reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """K/V of the given blocks for attention: (k, v [Hkv, len(ids) * bs, d], block id of each slot).
+
+        reuse (decode): on the CPU, keep one buffer and copy only the blocks that were not retrieved
+        last time; slots then come in any order and the result is valid until the next gather.
+        Without it the blocks come in the ids' order, so a read gives the same floating-point sums
+        whatever came before (a resumed ingest ends bit-identical to an uninterrupted one).
+        """
         hkv, bs, d = self.shape
-        return k.transpose(0, 1).reshape(hkv, -1, d), v.transpose(0, 1).reshape(hkv, -1, d)
+        if self.cache is not None:
+            k, v = self.cache.fetch(ids, self._host)
+            return k.transpose(0, 1).reshape(hkv, -1, d), v.transpose(0, 1).reshape(hkv, -1, d), ids
+        want = ids.tolist()
+        if not reuse or len(want) != len(self.slot_ids):          # first use, or topk changed: fill every slot
+            self.slot_k = torch.empty(hkv, len(want) * bs, d, dtype=self.base.k.dtype)
+            self.slot_v = torch.empty_like(self.slot_k)
+            self.slot_ids = [-1] * len(want)
+        kept, wanted = set(self.slot_ids), set(want)
+        free = iter([s for s, b in enumerate(self.slot_ids) if b not in wanted])
+        for b in want:
+            if b not in kept:
+                s = next(free)
+                k, v = self._block(b)
+                self.slot_k[:, s * bs: (s + 1) * bs], self.slot_v[:, s * bs: (s + 1) * bs] = k, v
+                self.slot_ids[s] = b
+        return self.slot_k, self.slot_v, torch.tensor(self.slot_ids)
 
     def _host(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ids = ids.to(self.host)
@@ -90,6 +116,10 @@ class BlockStore:
         rest = ids[~in_base] - self.base.n
         k[~in_base], v[~in_base] = self.tail.k[rest], self.tail.v[rest]
         return k, v
+
+    def _block(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        part, i = (self.base, b) if b < self.base.n else (self.tail, b - self.base.n)
+        return part.k[i], part.v[i]
 
     def blocks(self, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Blocks [start, n) as (k, v, reprs): views where they lie in one part (a checkpoint after a
@@ -111,12 +141,14 @@ class BlockStore:
         other = object.__new__(BlockStore)
         other.__dict__.update(self.__dict__)
         other.tail = self._empty()
+        other.slot_ids = []
         other.cache = self.cache.empty_like() if self.cache is not None else None
         return other
 
     def load(self, k: torch.Tensor, v: torch.Tensor, reprs: torch.Tensor) -> None:
         """Adopt stored blocks as the base, without a copy: k, v [n, Hkv, bs, d] (may be a file mapping), reprs [n, H, d]."""
         self.base, self.tail = _Part(k, v, reprs.to(self.device), k.shape[0]), self._empty()
+        self.slot_ids = []
 
 
 def _regrow(t: torch.Tensor, n: int, cap: int) -> torch.Tensor:

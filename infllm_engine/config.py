@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from .errors import EngineError
 
 METHODS = ("infllm", "streaming", "full")
+KERNELS = ("auto", "torch", "triton")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -33,6 +35,7 @@ class InfLLMConfig:
     max_tokens: int = 2_000_000     # longest input accepted
     device: str = "cpu"
     dtype: str = "float32"          # fp32 on the CPU: bf16 matmuls there are ~5x slower
+    kernels: str = "auto"           # auto (Triton on CUDA, torch elsewhere) | torch | triton
 
     def __post_init__(self) -> None:
         problems = []
@@ -54,6 +57,10 @@ class InfLLMConfig:
                 )
             if self.chunk_size > self.n_local:
                 problems.append(f"chunk_size ({self.chunk_size}) cannot exceed n_local ({self.n_local})")
+        if self.kernels not in KERNELS:
+            problems.append(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        elif self.kernels == "triton" and not self.device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+            problems.append("kernels='triton' needs a CUDA device (or TRITON_INTERPRET=1, Triton's slow CPU interpreter)")
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         try:
@@ -66,6 +73,19 @@ class InfLLMConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def backend(self) -> str:
+        """The attention kernels to run: Triton on CUDA (when installed), the torch twin elsewhere."""
+        if self.kernels != "auto":
+            return self.kernels
+        if torch.device(self.device).type != "cuda":
+            return "torch"
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "triton"
 
     @property
     def max_position(self) -> int:
@@ -86,7 +106,7 @@ class InfLLMConfig:
         """Hash of the knobs that shape a stored memory.
 
         Retrieval while reading feeds later layers, so topk and chunk_size shape the K/V too; only
-        where it runs and the limits do not.
+        where and with which kernels it runs, and the limits, do not.
         """
-        shaping = {k: v for k, v in self.to_dict().items() if k not in ("device", "cache_blocks", "max_tokens")}
+        shaping = {k: v for k, v in self.to_dict().items() if k not in ("device", "kernels", "cache_blocks", "max_tokens")}
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]

@@ -12,8 +12,52 @@ from __future__ import annotations
 
 import torch
 
+from kernels import Keys
+
 from .blocks import BlockStore, representatives
 from .config import InfLLMConfig
+from .rope import Rotary
+
+
+class Rows:
+    """A tensor grown along dim 1 and trimmed from the front in place, so a decode step writes one row
+    instead of copying the window. Forks share the buffer; whichever side writes next copies first."""
+
+    def __init__(self, tensor: torch.Tensor, owned: bool = True):
+        self.buf, self.lo, self.hi, self.owned = tensor, 0, tensor.shape[1], owned
+
+    @property
+    def n(self) -> int:
+        return self.hi - self.lo
+
+    def view(self) -> torch.Tensor:
+        return self.buf[:, self.lo: self.hi]
+
+    def _own(self, extra: int) -> None:
+        if self.owned and self.hi + extra <= self.buf.shape[1]:
+            return
+        n = self.n
+        buf = self.buf.new_empty(self.buf.shape[0], max(2 * (n + extra), 256), *self.buf.shape[2:])
+        buf[:, :n] = self.view()
+        self.buf, self.lo, self.hi, self.owned = buf, 0, n, True
+
+    def append(self, x: torch.Tensor) -> None:
+        self._own(x.shape[1])
+        self.buf[:, self.hi: self.hi + x.shape[1]] = x
+        self.hi += x.shape[1]
+
+    def drop(self, n: int) -> None:
+        self.lo += min(n, self.n)
+
+    def add_(self, start: int, x: torch.Tensor) -> None:
+        self._own(0)
+        self.buf[:, self.lo + start: self.lo + start + x.shape[1]] += x
+
+    def fork(self) -> "Rows":
+        other = Rows(self.buf, owned=False)
+        other.lo, other.hi = self.lo, self.hi
+        self.owned = False
+        return other
 
 
 class LayerMemory:
@@ -23,10 +67,22 @@ class LayerMemory:
         self.keep_blocks = keep_blocks
         empty = torch.empty(n_kv_heads, 0, head_dim, dtype=dt, device=dev)
         self.sink_k, self.sink_v = empty, empty
-        self.recent_k, self.recent_v = empty, empty
-        self.recent_score = torch.empty(n_heads, 0, dtype=torch.float32, device=dev)
+        self._k, self._v = Rows(empty), Rows(empty)
+        self._score = Rows(torch.empty(n_heads, 0, dtype=torch.float32, device=dev))
         self.r0 = cfg.n_init
         self.blocks = BlockStore(n_kv_heads, n_heads, cfg.block_size, head_dim, dt, dev, cfg.cache_blocks)
+        # The local window's keys, rotated once at (position - base): a step rotates only its new keys.
+        self._win, self._win_lo, self._win_base = Rows(empty), 0, None
+        self._win_period = cfg.max_position           # positions used stay below 2 * max_position
+
+    # recent K/V and scores as tensors (what snapshots save and restore)
+    recent_k = property(lambda self: self._k.view(), lambda self, t: self._set("_k", t))
+    recent_v = property(lambda self: self._v.view(), lambda self, t: self._set("_v", t))
+    recent_score = property(lambda self: self._score.view(), lambda self, t: self._set("_score", t))
+
+    def _set(self, name: str, tensor: torch.Tensor) -> None:
+        setattr(self, name, Rows(tensor, owned=False))
+        self._win_base = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [Hkv, C, d] raw, for the next C positions."""
@@ -36,9 +92,9 @@ class LayerMemory:
             self.sink_v = torch.cat([self.sink_v, v[:, :room]], 1)
             k, v = k[:, room:], v[:, room:]
         if k.shape[1]:
-            self.recent_k = torch.cat([self.recent_k, k], 1)
-            self.recent_v = torch.cat([self.recent_v, v], 1)
-            self.recent_score = torch.cat([self.recent_score, self.recent_score.new_zeros(self.recent_score.shape[0], k.shape[1])], 1)
+            self._k.append(k)
+            self._v.append(v)
+            self._score.append(self._score.buf.new_zeros(self._score.buf.shape[0], k.shape[1]))
 
     def span(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of positions [lo, hi), which must lie in sinks + recent (the local window always does)."""
@@ -50,37 +106,54 @@ class LayerMemory:
         v = torch.cat([self.sink_v[:, lo:sinks_hi], self.recent_v[:, : max(0, hi - self.r0)]], 1)
         return k, v
 
-    def old(self, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sinks and not-yet-blocked tokens at positions < hi: (k, v, positions)."""
-        ns = min(self.sink_k.shape[1], max(hi, 0))
-        nr = max(0, min(hi - self.r0, self.recent_k.shape[1]))
-        k = torch.cat([self.sink_k[:, :ns], self.recent_k[:, :nr]], 1)
-        v = torch.cat([self.sink_v[:, :ns], self.recent_v[:, :nr]], 1)
-        pos = torch.cat([torch.arange(ns), torch.arange(self.r0, self.r0 + nr)]).to(k.device)
-        return k, v, pos
+    def window(self, lo: int, hi: int, rope: Rotary) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Keys and values of positions [lo, hi), keys rotated at (position - base): (k, v, base).
+
+        Only relative positions matter to attention, so the base moves (and every key is rotated
+        again) only once per `period` tokens. It depends on lo alone, never on what came before, so
+        a read resumed from a snapshot rotates exactly as one that never stopped.
+        """
+        base = lo // self._win_period * self._win_period
+        win_hi = self._win_lo + self._win.n
+        if self._win_base != base or not self._win_lo <= lo <= win_hi:
+            self._win, self._win_lo, self._win_base = Rows(rope.apply(self.span(lo, hi)[0], lo - base)), lo, base
+        else:
+            if hi > win_hi:
+                self._win.append(rope.apply(self.span(win_hi, hi)[0], win_hi - self._win_base))
+            self._win.drop(lo - self._win_lo)
+            self._win_lo = lo
+        return self._win.view(), self.span(lo, hi)[1], self._win_base
+
+    def memory(self, hi: int) -> list[Keys]:
+        """Sinks and not-yet-blocked tokens at positions < hi, as position-carrying key sets."""
+        nr = max(0, min(hi - self.r0, self._k.n))
+        parts = [Keys(self.sink_k, self.sink_v, 0)] if self.sink_k.shape[1] else []
+        if nr:
+            parts.append(Keys(self.recent_k[:, :nr], self.recent_v[:, :nr], self.r0))
+        return parts
 
     def add_mass(self, lo: int, mass: torch.Tensor) -> None:
         """mass: [H, n] attention received by positions lo .. lo + n - 1; only recent tokens keep it."""
         skip = max(0, self.r0 - lo)
-        self.recent_score[:, lo + skip - self.r0: lo + mass.shape[1] - self.r0] += mass[:, skip:]
+        self._score.add_(lo + skip - self.r0, mass[:, skip:])
 
     def evict(self, last_final: int) -> None:
         """Form blocks from recent tokens at positions <= last_final (out of every future window)."""
         bs = self.block_size
-        while self.r0 + bs - 1 <= last_final and self.recent_k.shape[1] >= bs:
-            k, v, score = self.recent_k[:, :bs], self.recent_v[:, :bs], self.recent_score[:, :bs]
+        while self.r0 + bs - 1 <= last_final and self._k.n >= bs:
             if self.keep_blocks:
+                k, v, score = self.recent_k[:, :bs], self.recent_v[:, :bs], self.recent_score[:, :bs]
                 repr_, _ = representatives(k, score, self.repr_topk)
                 self.blocks.append(k, v, repr_)
-            self.recent_k, self.recent_v = self.recent_k[:, bs:], self.recent_v[:, bs:]
-            self.recent_score = self.recent_score[:, bs:]
+            for rows in (self._k, self._v, self._score):
+                rows.drop(bs)
             self.r0 += bs
 
     def fork(self) -> "LayerMemory":
         other = object.__new__(LayerMemory)
         other.__dict__.update(self.__dict__)
-        # K/V slices are replaced, never written in place; only the scores are updated in place.
-        other.recent_score = self.recent_score.clone()
+        for name in ("_k", "_v", "_score", "_win"):
+            setattr(other, name, getattr(self, name).fork())
         other.blocks = self.blocks.fork()
         return other
 

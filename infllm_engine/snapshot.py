@@ -69,3 +69,14 @@ def restore(memory: ContextMemory, saved_state: dict[str, torch.Tensor], saved_b
         raise EngineError(f"the saved memory is incomplete: {memory.n_blocks} blocks of {expected}")
     return memory
 
+
+
+def adopt_blocks(memory: ContextMemory, saved_blocks: dict[str, torch.Tensor]) -> None:
+    """Swap the memory's blocks for saved copies of the same blocks (a file mapping, say), so that a
+    long read keeps in RAM only what retrieval touches."""
+    for i, layer in enumerate(memory.layers):
+        if isinstance(layer, LayerMemory) and layer.keep_blocks:
+            k = saved_blocks[f"{i}.k"]
+            if k.shape[0] != layer.blocks.n:
+                raise EngineError(f"adopt_blocks: layer {i} has {layer.blocks.n} blocks, the saved copy {k.shape[0]}")
+            layer.blocks.load(k, saved_blocks[f"{i}.v"], saved_blocks[f"{i}.reprs"])

@@ -87,6 +87,8 @@ def ingest(library: Library, engine: Engine, path: Path, progress: Progress | No
             engine.read(ids[start:stop], memory, progress=shown)
             library.commit(doc_id, snapshot.state(memory), snapshot.blocks(memory, committed_blocks), stop,
                            time.perf_counter() - t)
+            # Read on from the committed blocks, mapped: RAM then holds only what retrieval touches.
+            snapshot.adopt_blocks(memory, library.map_blocks(doc_id, memory_shapes(engine), cfg.torch_dtype))
             start = stop
     except Exception as err:        # (Ctrl-C is no Exception: the status stays 'reading', the next run resumes)
         library.fail(doc_id, str(err))

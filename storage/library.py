@@ -175,8 +175,13 @@ class Library:
         doc = self.document(doc_id)
         if not doc["state_file"]:
             raise LibraryError(f"document {doc_id} has no memory yet")
+        state, _ = tensors.read(self.memory_dir(doc_id) / doc["state_file"])
+        return state, self.map_blocks(doc_id, shapes, dtype)
+
+    def map_blocks(self, doc_id: int, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The committed blocks, memory-mapped, per layer ("{layer}.k", ".v", ".reprs"); see load."""
+        doc = self.document(doc_id)
         folder, n, n_layers = self.memory_dir(doc_id), doc["n_blocks"], shapes["layers"][0]
-        state, _ = tensors.read(folder / doc["state_file"])
         blocks = {}
         for name in ("k", "v", "reprs"):
             row = (n_layers, *shapes[name])
@@ -184,7 +189,7 @@ class Library:
             mapped = tensors.map_rows(folder / f"blocks_{name}.raw", row, dtype, n)
             for i in range(n_layers):
                 blocks[f"{i}.{name}"] = mapped[:, i]
-        return state, blocks
+        return blocks
 
     # -- conversations ----------------------------------------------------------------------------
     def new_conversation(self, doc_id: int, title: str) -> int:

@@ -37,3 +37,12 @@ def tiny_tokenizer():
 @pytest.fixture
 def tiny():
     return tiny_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """tiny_llama and tiny_tokenizer saved as an HF model directory, for code that loads by path."""
+    path = tmp_path_factory.mktemp("tiny-model-dir")
+    tiny_llama().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -162,3 +162,29 @@ def test_a_question_leaves_the_document_memory_unchanged():
     for layer, (k, score, n, reprs) in zip(memory.layers, before):
         assert torch.equal(layer.recent_k, k) and torch.equal(layer.recent_score, score)
         assert layer.blocks.n == n and torch.equal(layer.blocks.blocks()[2], reprs)
+
+
+def test_the_engine_on_triton_kernels_reads_and_answers_as_on_the_torch_twin(monkeypatch):
+    """The engine's Triton path (as on CUDA), run by Triton's CPU interpreter, against the CPU path."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from kernels import triton_attention
+    if not triton_attention._interpreted():
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set")
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (120,), generator=torch.Generator().manual_seed(8))
+    results = {}
+    for kernels in ("torch", "triton"):
+        engine = Engine(model, tiny_tokenizer(), InfLLMConfig(n_local=32, topk=2, kernels=kernels, **SMALL))
+        memory = engine.read(ids[:100])
+        answer = engine.generate(memory, ids[100:], max_new_tokens=6).wait()
+        results[kernels] = (memory, answer)
+    (m_torch, a_torch), (m_triton, a_triton) = results["torch"], results["triton"]
+    assert m_torch.n_blocks == m_triton.n_blocks >= 6
+    assert a_triton.token_ids == a_torch.token_ids
+    for lt, lg in zip(m_torch.layers, m_triton.layers):
+        torch.testing.assert_close(lg.blocks.blocks()[2], lt.blocks.blocks()[2], atol=1e-4, rtol=1e-4)   # reprs
+        torch.testing.assert_close(lg.recent_score, lt.recent_score, atol=1e-4, rtol=1e-4)
+    for rt, rg in zip(a_torch.trace.records, a_triton.trace.records):
+        assert torch.equal(rt.block_ids, rg.block_ids)
+        torch.testing.assert_close(rg.block_mass, rt.block_mass, atol=1e-5, rtol=1e-4)

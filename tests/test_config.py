@@ -16,6 +16,7 @@ def test_defaults_are_valid_and_fit_the_trained_window():
     ({"chunk_size": 4096, "n_local": 1024}, "chunk_size (4096) cannot exceed n_local"),
     ({"dtype": "int8"}, "dtype must be one of"),
     ({"device": "warp-drive"}, "is not a torch device"),
+    ({"kernels": "cuda"}, "kernels must be one of"),
 ])
 def test_impossible_configs_are_refused_with_the_reason(changes, words):
     with pytest.raises(EngineError, match=words.replace("(", r"\(").replace(")", r"\)")):
@@ -24,6 +25,17 @@ def test_impossible_configs_are_refused_with_the_reason(changes, words):
 
 def test_memory_hash_ignores_where_it_runs_but_not_how_it_reads():
     base = InfLLMConfig()
-    assert base.memory_hash() == base.replace(cache_blocks=99, max_tokens=10).memory_hash()
+    assert base.memory_hash() == base.replace(cache_blocks=99, max_tokens=10, kernels="torch").memory_hash()
     assert base.memory_hash() != base.replace(topk=4).memory_hash()
     assert base.memory_hash() != base.replace(n_local=1024).memory_hash()
+
+
+def test_kernels_are_triton_on_cuda_and_torch_elsewhere(monkeypatch):
+    assert InfLLMConfig().backend == "torch"
+    assert InfLLMConfig(device="cuda").backend == "triton"
+    assert InfLLMConfig(device="cuda", kernels="torch").backend == "torch"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(EngineError, match="kernels='triton' needs a CUDA device"):
+        InfLLMConfig(kernels="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert InfLLMConfig(kernels="triton").backend == "triton"

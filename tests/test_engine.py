@@ -96,8 +96,30 @@ def test_the_device_cache_returns_the_right_blocks_under_eviction():
         plain.append(k, v, r)
     for ids in ([0, 1, 2], [2, 5, 9], [1, 5], [7, 8, 9], [0, 9, 3]):
         got, want = store.gather(torch.tensor(ids)), plain.gather(torch.tensor(ids))
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert sorted(got[2].tolist()) == sorted(want[2].tolist()) == sorted(ids)
+        for b in ids:       # slots may come in any order: compare block by block
+            i, j = got[2].tolist().index(b), want[2].tolist().index(b)
+            for a, w in zip(got[:2], want[:2]):
+                assert torch.equal(a[:, i * 8: (i + 1) * 8], w[:, j * 8: (j + 1) * 8])
         assert len(store.cache.slots) <= 3
+
+
+def test_cpu_slots_copy_only_new_blocks_and_hold_the_right_ones():
+    store = BlockStore(2, 4, 8, 16, torch.float32, torch.device("cpu"), cache_blocks=0)
+    blocks = [(torch.randn(2, 8, 16), torch.randn(2, 8, 16)) for _ in range(10)]
+    for k, v in blocks:
+        store.append(k, v, torch.randn(4, 16))
+    k0, _, slots0 = store.gather(torch.tensor([1, 4, 6]), reuse=True)
+    before = k0.clone()
+    k1, v1, slots1 = store.gather(torch.tensor([1, 6, 9]), reuse=True)
+    assert k1.data_ptr() == k0.data_ptr()                       # the same buffer, reused
+    assert slots1.tolist() == [1, 9, 6]                          # 9 took 4's slot; 1 and 6 stayed put
+    assert torch.equal(k1[:, :8], before[:, :8]) and torch.equal(k1[:, 16:], before[:, 16:])
+    for slot, b in enumerate(slots1.tolist()):
+        assert torch.equal(k1[:, slot * 8: (slot + 1) * 8], blocks[b][0])
+        assert torch.equal(v1[:, slot * 8: (slot + 1) * 8], blocks[b][1])
+    k2, _, slots2 = store.gather(torch.tensor([2, 3]), reuse=True)        # fewer blocks: a fresh fill
+    assert slots2.tolist() == [2, 3] and torch.equal(k2[:, 8:], blocks[3][0])
 
 
 def test_a_fork_that_grows_never_changes_its_parent():

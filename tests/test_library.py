@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from infllm_engine import Engine, InfLLMConfig
-from storage.ingest import ingest, load_memory
+from storage.ingest import ingest, load_memory, token_pages
 from storage.library import Library, LibraryError
-from storage.readers import DocumentError
+from storage.readers import DocumentError, read_document
 
 from .conftest import tiny_llama, tiny_tokenizer
 
@@ -128,3 +128,28 @@ def test_each_block_keeps_its_text_for_showing_passages(tmp_path, engine, book):
     for block in library.blocks(done.doc_id)[:5]:
         ids = engine.tokenizer(engine.document_prompt("") + BOOK, add_special_tokens=False)["input_ids"]
         assert block["text"] == engine.tokenizer.decode(ids[block["start_token"]:block["end_token"]])
+
+
+def _mapped_file(tensor: torch.Tensor) -> str | None:
+    """The file whose mapping holds the tensor's data, from /proc/self/maps (Linux)."""
+    address = tensor.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= address < hi:
+                return fields[5] if len(fields) > 5 else None
+    return None
+
+
+def test_reading_goes_on_from_the_committed_blocks_on_disk_and_matches_an_all_in_ram_read(tmp_path, engine, book):
+    library = Library(tmp_path / "lib")
+    done = ingest(library, engine, book, commit_every=2)
+    ids, _ = token_pages(engine, read_document(book, 2**20))
+    in_ram = engine.read(ids)
+    assert done.memory.n_blocks == in_ram.n_blocks > 50
+    for layer, ram in zip(done.memory.layers, in_ram.layers):
+        assert layer.blocks.tail.n == 0                                  # nothing kept in RAM since the last commit
+        assert _mapped_file(layer.blocks.base.k).endswith("blocks_k.raw")   # read on from the file's mapping
+        assert _mapped_file(ram.blocks.tail.k) is None or not _mapped_file(ram.blocks.tail.k).endswith(".raw")
+        torch.testing.assert_close(layer.blocks.blocks()[2], ram.blocks.blocks()[2], atol=1e-5, rtol=1e-5)

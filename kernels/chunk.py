@@ -1,0 +1,171 @@
+"""InfLLM's attention for one chunk of queries, in one call: window + memory, with the mass each key received.
+
+A chunk of C queries at positions start .. start + C - 1 attends to two kinds of keys:
+  window  the local window, consecutive positions; key j is visible to query p iff 0 <= p - j < n_local.
+          Queries and keys come rotated at their relative positions (the caller's rotary choice).
+  memory  parts at the fixed memory distance: sinks and not-yet-blocked tokens (consecutive positions,
+          visible iff p - j >= n_local) and retrieved blocks (position-free: always visible).
+The result is one exact softmax over everything a query sees. Representative selection needs, per
+window key, the probability it received summed over the chunk's queries (and the heatmap the same for
+memory keys), so the call returns that "mass" as well.
+
+Two implementations, one contract:
+  `chunk_attention_torch`   the CPU path and the oracle. It walks the queries in tiles of 64 so the
+                            score tile stays in cache, computes each part's scores with one GEMM,
+                            masks only the tile's edge columns (visibility is a band, the rest is
+                            known visible), and takes the softmax over all parts at once: no
+                            log-sum-exp merge, no concatenation of K/V, no [C, N] mask.
+  `chunk_attention_triton`  two Triton stages (kernels.triton_attention) merged by log-sum-exp, and the
+                            mass kernel; for CUDA tensors.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from .attention import Stage, merge_stages
+
+BACKENDS = ("torch", "triton")
+_TILE = 64                  # queries per tile: a [Hkv, G*64, ~2.5K] fp32 score tile is ~6 MB
+_FAR = -(2 ** 40)           # a retrieved block's position for the Triton stage: always beyond the window
+_NO_LIMIT = 2 ** 62
+
+
+class Keys(NamedTuple):
+    """k, v: [Hkv, N, d]. start: position of the first key (the rest follow one by one), or None for
+    keys every query sees (retrieved memory blocks, which are position-free)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    start: int | None
+
+
+class ChunkOut(NamedTuple):
+    out: torch.Tensor                                  # [Hkv, G, C, d]
+    window_mass: torch.Tensor | None                   # [Hkv, G, N_window] fp32
+    memory_mass: list[torch.Tensor] | None             # per memory part, [Hkv, G, N_part] fp32
+
+
+def chunk_attention(q_local: torch.Tensor, q_global: torch.Tensor, start: int, window: Keys,
+                    memory: Sequence[Keys], n_local: int, scale: float, window_mass: bool = False,
+                    memory_mass: bool = False, backend: str = "torch") -> ChunkOut:
+    """q_local, q_global: [Hkv, G, C, d] (the same queries rotated for the window and for the memory).
+
+    window.start must be set; memory parts may have start None. Masses are sums over the C queries of
+    the probability each key received in the one softmax over all visible keys.
+    """
+    _check(q_local, q_global, window, memory, n_local)
+    if backend == "triton":
+        return chunk_attention_triton(q_local, q_global, start, window, memory, n_local, scale, window_mass, memory_mass)
+    if backend != "torch":
+        raise ValueError(f"chunk_attention: backend must be one of {BACKENDS}, got {backend!r}")
+    return chunk_attention_torch(q_local, q_global, start, window, memory, n_local, scale, window_mass, memory_mass)
+
+
+def _check(q_local, q_global, window: Keys, memory: Sequence[Keys], n_local: int) -> None:
+    if q_local.ndim != 4 or q_global.shape != q_local.shape:
+        raise ValueError(f"chunk_attention: q_local {tuple(q_local.shape)} and q_global "
+                         f"{tuple(q_global.shape)} must both be [Hkv, G, C, d]")
+    hkv, _, _, d = q_local.shape
+    if window.start is None:
+        raise ValueError("chunk_attention: the window's keys need positions (window.start)")
+    if n_local < 1:
+        raise ValueError(f"chunk_attention: n_local must be positive, got {n_local}")
+    for name, part in [("window", window)] + [(f"memory[{i}]", p) for i, p in enumerate(memory)]:
+        if part.k.ndim != 3 or part.k.shape[0] != hkv or part.k.shape[2] != d or part.v.shape != part.k.shape:
+            raise ValueError(f"chunk_attention: {name} k {tuple(part.k.shape)}, v {tuple(part.v.shape)} "
+                             f"do not fit queries {tuple(q_local.shape)}")
+
+
+def _columns(p0: int, p1: int, key_start: int | None, n: int, lo: int, hi: int):
+    """For queries [p0, p1) and n consecutive keys from key_start, visible iff lo <= p - key < hi:
+    (a, b, masked): keys [a, b) are seen by some query; `masked` lists the column ranges within it
+    that not every query sees (the band's two edges)."""
+    if key_start is None:
+        return 0, n, []
+    a = max(0, p0 - key_start - hi + 1)
+    b = min(n, p1 - key_start - lo)
+    if a >= b:
+        return 0, 0, []
+    full_a = max(a, p1 - 1 - key_start - hi + 1)
+    full_b = min(b, p0 - key_start - lo + 1)
+    if full_a >= full_b:            # no column is seen by every query: mask them all
+        return a, b, [(a, b)]
+    return a, b, [r for r in ((a, full_a), (full_b, b)) if r[0] < r[1]]
+
+
+def chunk_attention_torch(q_local, q_global, start, window: Keys, memory: Sequence[Keys], n_local: int,
+                          scale: float, window_mass: bool = False, memory_mass: bool = False) -> ChunkOut:
+    """The torch twin (see the module doc)."""
+    hkv, g, c, d = q_local.shape
+    dev = q_local.device
+    parts = [(q_local * scale, window, 0, n_local)] + [(q_global * scale, m, n_local, _NO_LIMIT) for m in memory]
+    masses = [torch.zeros(hkv, g, p.k.shape[1], dtype=torch.float32, device=dev) if want else None
+              for p, want in zip([window, *memory], [window_mass] + [memory_mass] * len(memory))]
+    out = torch.empty(hkv, g, c, d, dtype=q_local.dtype, device=dev)
+    for i0 in range(0, c, _TILE):
+        i1 = min(c, i0 + _TILE)
+        t, p0, p1 = i1 - i0, start + i0, start + i1
+        scores, spans = [], []
+        for qs, keys, lo, hi in parts:
+            a, b, masked = _columns(p0, p1, keys.start, keys.k.shape[1], lo, hi)
+            spans.append((a, b))
+            if a == b:
+                scores.append(None)
+                continue
+            s = torch.matmul(qs[:, :, i0:i1].reshape(hkv, g * t, d), keys.k[:, a:b].transpose(1, 2))
+            for x0, x1 in masked:
+                rel = torch.arange(p0, p1, device=dev)[:, None] - torch.arange(keys.start + x0, keys.start + x1, device=dev)
+                hidden = (rel < lo) | (rel >= hi)
+                s.view(hkv, g, t, b - a)[..., x0 - a: x1 - a].masked_fill_(hidden, float("-inf"))
+            scores.append(s)
+        live = [s for s in scores if s is not None]
+        if not live:
+            out[:, :, i0:i1] = 0
+            continue
+        row_max = torch.stack([s.amax(-1) for s in live]).amax(0) if len(live) > 1 else live[0].amax(-1)
+        row_max = row_max.masked_fill_(torch.isinf(row_max), 0.0)[..., None]     # a row seeing nothing: all exp 0
+        acc, row_sum = None, None
+        for s, (_, keys, _, _), (a, b) in zip(scores, parts, spans):
+            if s is None:
+                continue
+            e = s.sub_(row_max).exp_()
+            row_sum = e.sum(-1) if row_sum is None else row_sum + e.sum(-1)
+            pv = torch.matmul(e, keys.v[:, a:b])
+            acc = pv if acc is None else acc.add_(pv)
+        inv = 1.0 / row_sum.clamp_min(torch.finfo(row_sum.dtype).tiny)          # [Hkv, G*t]
+        out[:, :, i0:i1] = (acc * inv[..., None]).view(hkv, g, t, d)
+        for s, mass, (a, b) in zip(scores, masses, spans):
+            if s is not None and mass is not None:
+                mass[..., a:b] += torch.matmul(inv.view(hkv * g, 1, t), s.view(hkv * g, t, b - a)).view(hkv, g, b - a).float()
+    return ChunkOut(out, masses[0], masses[1:] if memory_mass else None)
+
+
+def chunk_attention_triton(q_local, q_global, start, window: Keys, memory: Sequence[Keys], n_local: int,
+                           scale: float, window_mass: bool = False, memory_mass: bool = False) -> ChunkOut:
+    """Two Triton stages merged by log-sum-exp, then the mass kernel (CUDA, or TRITON_INTERPRET=1)."""
+    from . import triton_attention as tri     # imported on first use: importing triton costs ~1 s
+
+    hkv, g, c, d = q_local.shape
+    dev = q_local.device
+    q_pos = torch.arange(start, start + c, device=dev)
+    w_pos = torch.arange(window.start, window.start + window.k.shape[1], device=dev)
+    local = tri.stage_attention(q_local, window.k, window.v, q_pos, w_pos, 0, n_local, scale)
+    if memory:
+        mk = torch.cat([m.k for m in memory], 1) if len(memory) > 1 else memory[0].k
+        mv = torch.cat([m.v for m in memory], 1) if len(memory) > 1 else memory[0].v
+        m_pos = torch.cat([torch.full((m.k.shape[1],), _FAR, device=dev) if m.start is None
+                           else torch.arange(m.start, m.start + m.k.shape[1], device=dev) for m in memory])
+        far = tri.stage_attention(q_global, mk, mv, q_pos, m_pos, n_local, _NO_LIMIT, scale)
+    else:
+        far = (q_local.new_zeros(q_local.shape), torch.full((hkv, g, c), float("-inf"), device=dev))
+    out, lse = merge_stages(Stage(*local, None, None), Stage(*far, None, None))
+    lse = lse.contiguous()
+    w_mass = tri.key_mass(q_local, window.k, q_pos, w_pos, 0, n_local, scale, lse) if window_mass else None
+    m_mass = None
+    if memory_mass:
+        m_mass = list(tri.key_mass(q_global, mk, q_pos, m_pos, n_local, _NO_LIMIT, scale, lse)
+                      .split([m.k.shape[1] for m in memory], dim=-1)) if memory else []
+    return ChunkOut(out.to(q_local.dtype), w_mass, m_mass)
