@@ -47,6 +47,11 @@ def _memory() -> dict:
     return out
 
 
+def _row(tokens: int, ingest_s: float, decode_tok_s: float) -> dict:
+    return {"tokens": tokens, "ingest_s": round(ingest_s, 2), "ingest_tok_s": round(tokens / ingest_s, 1),
+            "decode_tok_s": round(decode_tok_s, 2)}
+
+
 def _decode_loop(step, first, n: int) -> float:
     """Tokens/s of n greedy steps: step(token) -> logits [V]."""
     token, t = int(torch.argmax(first)), time.perf_counter()
@@ -70,8 +75,7 @@ def run_infllm(engine: Engine, ids: torch.Tensor, n_decode: int) -> dict:
         engine.stop_ids = set()                    # always n_decode tokens
         answer = engine.generate(memory, engine.encode(QUESTION), max_new_tokens=n_decode + 1)
         answer.wait()
-        return {"tokens": done.tokens, "ingest_s": round(ingest_s, 2), "ingest_tok_s": round(done.tokens / ingest_s, 1),
-                "decode_tok_s": round(answer.timings["decode_tokens_per_s"], 2)}
+        return _row(done.tokens, ingest_s, answer.timings["decode_tokens_per_s"])
 
 
 @torch.inference_mode()
@@ -98,8 +102,7 @@ def run_full(engine: Engine, ids: torch.Tensor, n_decode: int, chunk: int) -> di
                              past_key_values=cache, use_cache=True).last_hidden_state
         pos += 1
         return model.lm_head(h[0, -1])
-    return {"tokens": ids.numel(), "ingest_s": round(ingest_s, 2), "ingest_tok_s": round(ids.numel() / ingest_s, 1),
-            "decode_tok_s": round(_decode_loop(step, first, n_decode), 2)}
+    return _row(ids.numel(), ingest_s, _decode_loop(step, first, n_decode))
 
 
 @torch.inference_mode()
@@ -117,8 +120,7 @@ def run_floor(engine: Engine, ids: torch.Tensor, n_decode: int, chunk: int) -> d
         h = model.base_model(input_ids=torch.tensor([[token]], device=dev), use_cache=False).last_hidden_state
         return model.lm_head(h[0, -1])
     first = step(int(ids[-1]))
-    return {"tokens": ids.numel(), "ingest_s": round(ingest_s, 2), "ingest_tok_s": round(ids.numel() / ingest_s, 1),
-            "decode_tok_s": round(_decode_loop(step, first, n_decode), 2)}
+    return _row(ids.numel(), ingest_s, _decode_loop(step, first, n_decode))
 
 
 def run_one(method: str, length: int, n_decode: int, model: str | None, device: str, dtype: str, kernels: str) -> dict:

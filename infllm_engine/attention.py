@@ -68,8 +68,8 @@ def _infllm(layer: LayerMemory, layer_idx: int, q, k, v, state: ForwardState, sc
     cfg: InfLLMConfig = state.memory.cfg
     rope, n_local = state.rope, cfg.n_local
     h, c, d = q.shape
-    hkv = k.shape[0]
-    s, e = state.start, state.start + q.shape[1]
+    g = h // k.shape[0]
+    s, e = state.start, state.start + c
     layer.append(k, v)
     keep_mass = cfg.method == "infllm"            # representatives need what each window token received
     tracing = keep_mass and state.trace is not None
@@ -77,7 +77,7 @@ def _infllm(layer: LayerMemory, layer_idx: int, q, k, v, state: ForwardState, sc
     # Window [lo, e) at real relative positions; memory at the fixed distance n_local, keys raw (position 0).
     lo = max(0, s - n_local + 1)
     k_win, v_win, base = layer.window(lo, e, rope)
-    q_local = rope.apply(q, s - base).view(hkv, h // hkv, c, d)
+    q_local = rope.apply(q, s - base).view(-1, g, c, d)
     q_global = rope.apply_at(q, n_local)
     memory = layer.memory(e - n_local)
     ids = None
@@ -85,7 +85,7 @@ def _infllm(layer: LayerMemory, layer_idx: int, q, k, v, state: ForwardState, sc
         ids, scores = layer.blocks.retrieve(q_global.mean(dim=1), cfg.topk, cfg.backend)
         k_blk, v_blk, slot_ids = layer.blocks.gather(ids, reuse=c == 1)
         memory.append(Keys(k_blk, v_blk, None))
-    res = chunk_attention(q_local, q_global.view(hkv, h // hkv, c, d), s, Keys(k_win, v_win, lo), memory, n_local,
+    res = chunk_attention(q_local, q_global.view(-1, g, c, d), s, Keys(k_win, v_win, lo), memory, n_local,
                           scale, window_mass=keep_mass, memory_mass=tracing, backend=cfg.backend)
     if keep_mass:
         layer.add_mass(lo, res.window_mass.reshape(h, -1))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -14,6 +15,20 @@ from .errors import EngineError
 METHODS = ("infllm", "streaming", "full")
 KERNELS = ("auto", "torch", "triton")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@functools.lru_cache(maxsize=None)
+def _backend(kernels: str, device: str) -> str:
+    # Asked by every layer at every step: decide once per (kernels, device).
+    if kernels != "auto":
+        return kernels
+    if torch.device(device).type != "cuda":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "triton"
 
 
 @dataclass(slots=True, frozen=True)
@@ -77,15 +92,7 @@ class InfLLMConfig:
     @property
     def backend(self) -> str:
         """The attention kernels to run: Triton on CUDA (when installed), the torch twin elsewhere."""
-        if self.kernels != "auto":
-            return self.kernels
-        if torch.device(self.device).type != "cuda":
-            return "torch"
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "torch"
-        return "triton"
+        return _backend(self.kernels, self.device)
 
     @property
     def max_position(self) -> int:

@@ -159,31 +159,25 @@ class LayerMemory:
 
 
 class DenseLayer:
-    """Baseline `full`: every key, rotated at its true position, in a buffer grown by doubling."""
+    """Baseline `full`: every key, rotated at its true position, in Rows (grown in place, shared by forks)."""
 
     def __init__(self, cfg: InfLLMConfig, n_kv_heads: int, head_dim: int):
-        self.k = torch.empty(n_kv_heads, 0, head_dim, dtype=cfg.torch_dtype, device=torch.device(cfg.device))
-        self.v = self.k
-        self.length = 0
-        self._owned = True
+        empty = torch.empty(n_kv_heads, 0, head_dim, dtype=cfg.torch_dtype, device=torch.device(cfg.device))
+        self._k, self._v = Rows(empty), Rows(empty)
+
+    k = property(lambda self: self._k.view())
+    v = property(lambda self: self._v.view())
+    length = property(lambda self: self._k.n)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: [Hkv, C, d] rotated; returns all keys and values so far."""
-        n = self.length + k.shape[1]
-        if n > self.k.shape[1] or not self._owned:
-            cap = max(n, 2 * self.k.shape[1], 1024)
-            self.k = torch.cat([self.k[:, : self.length], self.k.new_empty(self.k.shape[0], cap - self.length, self.k.shape[2])], 1)
-            self.v = torch.cat([self.v[:, : self.length], self.v.new_empty(self.v.shape[0], cap - self.length, self.v.shape[2])], 1)
-            self._owned = True
-        self.k[:, self.length: n], self.v[:, self.length: n] = k, v
-        self.length = n
-        return self.k[:, :n], self.v[:, :n]
+        self._k.append(k)
+        self._v.append(v)
+        return self.k, self.v
 
     def fork(self) -> "DenseLayer":
         other = object.__new__(DenseLayer)
-        other.__dict__.update(self.__dict__)
-        # The buffer has room past `length` that both would write into: each copies before its next write.
-        other._owned = self._owned = False
+        other._k, other._v = self._k.fork(), self._v.fork()
         return other
 
 

@@ -21,7 +21,7 @@ def state(memory: ContextMemory) -> dict[str, torch.Tensor]:
     out = {"length": torch.tensor(memory.length), "n_blocks": torch.tensor(memory.n_blocks)}
     for i, layer in enumerate(memory.layers):
         if isinstance(layer, DenseLayer):
-            out[f"{i}.k"], out[f"{i}.v"] = layer.k[:, : layer.length].cpu(), layer.v[:, : layer.length].cpu()
+            out[f"{i}.k"], out[f"{i}.v"] = layer.k.cpu(), layer.v.cpu()
             continue
         out[f"{i}.r0"] = torch.tensor(layer.r0)
         for name in ("sink_k", "sink_v", "recent_k", "recent_v", "recent_score"):

@@ -5,9 +5,10 @@ real distances; sinks, retrieved blocks and out-of-window tokens at one fixed di
 is an ordinary masked softmax attention that also returns its log-sum-exp, so the two merge into the
 exact softmax over the union. GQA groups query heads per KV head instead of repeating K/V.
 
-Two paths, same numbers: where nobody needs per-key attention mass, PyTorch's fused CPU flash kernel
-(out + lse, ~6x faster than materialising scores); where representative selection or the trace needs
-it, an explicit path that keeps exp-scores and row sums so the mass costs one batched GEMV.
+These are the torch twins of the Triton stage kernels (kernels.triton_attention), and the merge that
+the Triton path of kernels.chunk uses. The engine's CPU path is kernels.chunk's tiled twin, which
+needs no merge. Two paths, same numbers: without per-key mass, PyTorch's fused CPU flash kernel
+(out + lse); with it, an explicit path that keeps exp-scores and row sums for received_mass.
 """
 from __future__ import annotations
 
