@@ -108,39 +108,63 @@ def chunk_attention_torch(q_local, q_global, start, window: Keys, memory: Sequen
     for i0 in range(0, c, _TILE):
         i1 = min(c, i0 + _TILE)
         t, p0, p1 = i1 - i0, start + i0, start + i1
-        scores, spans = [], []
-        for qs, keys, lo, hi in parts:
+        tile = []                          # (scores [Hkv, G*t, b-a] masked, values [Hkv, b-a, d], mass, a, b)
+        for (qs, keys, lo, hi), mass in zip(parts, masses):
             a, b, masked = _columns(p0, p1, keys.start, keys.k.shape[1], lo, hi)
-            spans.append((a, b))
             if a == b:
-                scores.append(None)
                 continue
-            s = torch.matmul(qs[:, :, i0:i1].reshape(hkv, g * t, d), keys.k[:, a:b].transpose(1, 2))
+            # fp32 scores whatever the inputs, so the softmax and the masses that pick representatives
+            # keep fp32 precision under bf16/fp16 K/V (as the Triton stages do).
+            s = torch.matmul(qs[:, :, i0:i1].reshape(hkv, g * t, d), keys.k[:, a:b].transpose(1, 2)).float()
             for x0, x1 in masked:
                 rel = torch.arange(p0, p1, device=dev)[:, None] - torch.arange(keys.start + x0, keys.start + x1, device=dev)
                 hidden = (rel < lo) | (rel >= hi)
                 s.view(hkv, g, t, b - a)[..., x0 - a: x1 - a].masked_fill_(hidden, float("-inf"))
-            scores.append(s)
-        live = [s for s in scores if s is not None]
-        if not live:
+            tile.append((s, keys.v[:, a:b], mass, a, b))
+        if not tile:
             out[:, :, i0:i1] = 0
-            continue
-        row_max = torch.stack([s.amax(-1) for s in live]).amax(0) if len(live) > 1 else live[0].amax(-1)
-        row_max = row_max.masked_fill_(torch.isinf(row_max), 0.0)[..., None]     # a row seeing nothing: all exp 0
-        acc, row_sum = None, None
-        for s, (_, keys, _, _), (a, b) in zip(scores, parts, spans):
-            if s is None:
-                continue
-            e = s.sub_(row_max).exp_()
-            row_sum = e.sum(-1) if row_sum is None else row_sum + e.sum(-1)
-            pv = torch.matmul(e, keys.v[:, a:b])
-            acc = pv if acc is None else acc.add_(pv)
-        inv = 1.0 / row_sum.clamp_min(torch.finfo(row_sum.dtype).tiny)          # [Hkv, G*t]
-        out[:, :, i0:i1] = (acc * inv[..., None]).view(hkv, g, t, d)
-        for s, mass, (a, b) in zip(scores, masses, spans):
-            if s is not None and mass is not None:
-                mass[..., a:b] += torch.matmul(inv.view(hkv * g, 1, t), s.view(hkv * g, t, b - a)).view(hkv, g, b - a).float()
+        elif t == 1:
+            out[:, :, i0:i1] = _one_query(tile).view(hkv, g, 1, d)
+        else:
+            out[:, :, i0:i1] = _many_queries(tile, t).view(hkv, g, t, d)
     return ChunkOut(out, masses[0], masses[1:] if memory_mass else None)
+
+
+def _many_queries(tile: list, t: int) -> torch.Tensor:
+    """Softmax over every part without joining them: the score tile is megabytes, so each pass works
+    in place on one part (max over all parts, then exp, sums and P @ V part by part)."""
+    live = [s for s, *_ in tile]
+    row_max = torch.stack([s.amax(-1) for s in live]).amax(0) if len(live) > 1 else live[0].amax(-1)
+    row_max = row_max.masked_fill_(torch.isinf(row_max), 0.0)[..., None]     # a row seeing nothing: all exp 0
+    acc, row_sum = None, None
+    for s, v, *_ in tile:
+        e = s.sub_(row_max).exp_()
+        row_sum = e.sum(-1) if row_sum is None else row_sum + e.sum(-1)
+        pv = torch.matmul(e.to(v.dtype), v)
+        acc = pv.float() if acc is None else acc.add_(pv)
+    inv = 1.0 / row_sum.clamp_min(torch.finfo(row_sum.dtype).tiny)          # [Hkv, G*t]
+    hkv, gt = inv.shape
+    for s, _, mass, a, b in tile:
+        if mass is not None:
+            mass[..., a:b] += torch.matmul(inv.view(-1, 1, t), s.view(-1, t, b - a)).view(hkv, gt // t, b - a)
+    return (acc * inv[..., None]).to(tile[0][1].dtype)
+
+
+def _one_query(tile: list) -> torch.Tensor:
+    """Decode: the scores are one short row per head, so joining them and taking a single fp32 softmax
+    costs less than the per-part passes, whose fixed cost per operator dominates at this size."""
+    scores = torch.cat([s for s, *_ in tile], -1) if len(tile) > 1 else tile[0][0]
+    # One query sees every column of a part it sees at all (_columns masks nothing), so no row is empty.
+    probs = torch.softmax(scores, dim=-1)
+    acc, at = None, 0
+    for _, v, mass, a, b in tile:
+        p = probs[..., at: at + b - a]
+        at += b - a
+        if mass is not None:
+            mass[..., a:b] += p.view(mass.shape[0], -1, b - a)
+        p = p.to(v.dtype)
+        acc = torch.matmul(p, v) if acc is None else torch.baddbmm(acc, p, v)
+    return acc
 
 
 def chunk_attention_triton(q_local, q_global, start, window: Keys, memory: Sequence[Keys], n_local: int,

@@ -1,6 +1,8 @@
-"""bench.throughput end to end on a tiny model: every method in its own process, figures that add up."""
+"""bench.throughput and bench.profile end to end on a tiny model: every method in its own process,
+figures that add up, operator tables for prefill and decode."""
 import json
 
+from bench import profile
 from bench.throughput import main
 
 
@@ -21,3 +23,13 @@ def test_the_throughput_bench_measures_each_method_in_its_own_process(tmp_path, 
         assert r["peak_rss_mib"] >= r["rss_after_load_mib"] > 0
         assert r["of_floor"] == round(r["ingest_tok_s"] / rows["floor", r["length"]]["ingest_tok_s"], 3)
     assert rows["floor", 3000]["of_floor"] == 1.0
+
+
+def test_the_profile_prints_operator_tables_for_a_prefill_chunk_and_decode(tiny_model_dir, capsys):
+    profile.main(["--length", "1024", "--decode", "3", "--model", str(tiny_model_dir), "--rows", "5"])
+    out = capsys.readouterr().out
+    assert "torch.float32   linear" in out and "torch.bfloat16  linear" in out and "GFLOP/s" in out
+    assert "read 1,024 tokens" in out
+    prefill, decode = out.split("## prefill")[1].split("## decode")
+    assert "ms per chunk" in prefill and "aten::" in prefill
+    assert "3 steps" in decode and "ms per token" in decode and "aten::" in decode
