@@ -17,16 +17,17 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.passkey import build_prompt
 from infllm_engine import Engine, InfLLMConfig
-from infllm_engine.generate import forward_chunk
+from infllm_engine.generate import decode, prefill
 
 
-def _profiled(label: str, run, rows: int) -> None:
+def _profiled(label: str, run, n: int, unit: str, rows: int) -> None:
+    """Profile run() (which does n units of work) and print the operator table."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
         t = time.perf_counter()
-        n = run()
+        run()
         seconds = time.perf_counter() - t
-    print(f"\n## {label}: {seconds * 1e3 / n:.1f} ms per {'token' if n > 1 else 'chunk'} under the profiler")
+    print(f"\n## {label}: {seconds * 1e3 / n:.1f} ms per {unit} under the profiler")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
@@ -72,22 +73,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"read {head.numel():,} tokens at {head.numel() / (time.perf_counter() - t):.0f} tok/s "
           f"({args.dtype}, {args.device}); {memory.n_blocks} blocks per layer")
 
-    def prefill() -> int:
-        engine.read(chunk, memory)
-        return 1
-    _profiled("prefill, one 512-token chunk", prefill, args.rows)
+    logits = None
 
-    token = 1
+    def read_chunk() -> None:
+        nonlocal logits
+        logits = prefill(engine.model, memory, engine.rope, chunk)
+    _profiled("prefill, one 512-token chunk", read_chunk, 1, "chunk", args.rows)
 
-    def decode() -> int:
-        nonlocal token
-        for _ in range(args.decode):
-            logits = forward_chunk(engine.model, memory, engine.rope, torch.tensor([token], device=engine.device),
-                                   None, "decode", want_logits=True)
-            token = int(torch.argmax(logits))
-        return args.decode
-    decode()                                            # warm: the first steps fill the block slots
-    _profiled(f"decode, {args.decode} steps", decode, args.rows)
+    def answer() -> None:               # the engine's own decode loop: args.decode forwards after the first token
+        for _ in decode(engine.model, memory, engine.rope, logits, args.decode + 1, stop_ids=set()):
+            pass
+    answer()                            # warm: the first steps fill the block slots
+    _profiled(f"decode, {args.decode} steps", answer, args.decode, "token", args.rows)
 
 
 if __name__ == "__main__":

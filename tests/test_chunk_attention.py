@@ -21,7 +21,7 @@ HKV = 2
 def _oracle(q_local, q_global, start, window, memory, n_local, scale):
     hkv, g, c, d = q_local.shape
     p = torch.arange(start, start + c)[:, None]
-    outs, lses, sizes = [], [], []
+    sizes = []
     logits, values, vis = [], [], []
     for q, keys, local in [(q_local, window, True)] + [(q_global, m, False) for m in memory]:
         n = keys.k.shape[1]
