@@ -26,10 +26,10 @@ def test_the_throughput_bench_measures_each_method_in_its_own_process(tmp_path, 
 
 
 def test_the_profile_prints_operator_tables_for_a_prefill_chunk_and_decode(tiny_model_dir, capsys):
-    profile.main(["--length", "1024", "--decode", "3", "--model", str(tiny_model_dir), "--rows", "5"])
+    profile.main(["--length", "1024", "--decode", "3", "--model", str(tiny_model_dir), "--rows", "100"])
     out = capsys.readouterr().out
     assert "torch.float32   linear" in out and "torch.bfloat16  linear" in out and "GFLOP/s" in out
     assert "read 1,024 tokens" in out
     prefill, decode = out.split("## prefill")[1].split("## decode")
-    assert "ms per chunk" in prefill and "aten::" in prefill
-    assert "3 steps" in decode and "ms per token" in decode and "aten::" in decode
+    assert "ms per chunk" in prefill and "aten::mm" in prefill
+    assert "3 steps" in decode and "ms per token" in decode and "aten::mm" in decode      # the model ran
