@@ -22,6 +22,7 @@ from infllm_engine.loading import default_data_dir
 from storage.ingest import ingest, load_memory
 from storage.library import Library, LibraryError
 from storage.readers import DocumentError
+from ui.inspect import citation, passages
 
 USER_ERRORS = (EngineError, LibraryError, DocumentError)
 
@@ -120,24 +121,25 @@ def cmd_ask(args, library: Library) -> int:
     for piece in answer:
         if not args.json:
             print(piece, end="", flush=True)
-    blocks = {b["block"]: b for b in library.blocks(doc["id"])}
-    heat = answer.trace.heat(engine.n_layers, memory.n_blocks).sum(0)
-    top = [int(i) for i in heat.argsort(descending=True)[:5] if heat[i] > 0]
-    retrieved = [{"block": i, "tokens": [blocks[i]["start_token"], blocks[i]["end_token"]],
-                  "pages": [blocks[i]["first_page"], blocks[i]["last_page"]], "mass": round(float(heat[i]), 4)}
-                 for i in top]
+    trace = answer.trace.to_dict()
+    spans, pages = library.spans(doc["id"]), library.pages(doc["id"])
+    cited = citation(trace, spans, pages)
+    text = f"{answer.text.rstrip()} {cited}" if cited else answer.text
+    evidence = [{"block": p["block"], "tokens": [spans[p["block"]]["start_token"], spans[p["block"]]["end_token"]],
+                 "pages": p["pages"], "in_memory": p["in_memory"], p["by"]: round(p["weight"], 4)}
+                for p in passages(trace, spans, pages)]
     conversation = library.new_conversation(doc["id"], args.question)
     library.add_message(conversation, "user", args.question)
     timings = {"memory_load_s": round(load_s, 3), **{k: round(v, 3) for k, v in answer.timings.items()}}
-    library.add_message(conversation, "assistant", answer.text, engine.cfg.method, answer.trace.to_dict(), timings)
+    library.add_message(conversation, "assistant", text, engine.cfg.method, trace, timings)
     if args.json:
-        print(json.dumps({"document": doc["id"], "answer": answer.text, "timings": timings, "retrieved": retrieved}))
+        print(json.dumps({"document": doc["id"], "answer": text, "citation": cited, "timings": timings,
+                          "evidence": evidence}))
     else:
-        print()
-        pages = ", ".join(f"p{r['pages'][0]}" + (f"-{r['pages'][1]}" if r["pages"][1] != r["pages"][0] else "")
-                          for r in retrieved)
+        print(f" {cited}" if cited else "")
+        where = ", ".join(e["pages"] for e in evidence)
         print(f"[memory {load_s:.1f} s, first token {answer.timings.get('first_token_s', 0):.1f} s, "
-              f"{answer.timings.get('decode_tokens_per_s', 0):.1f} tok/s; most retrieved pages: {pages or 'none'}]",
+              f"{answer.timings.get('decode_tokens_per_s', 0):.1f} tok/s; evidence: {where or 'none'}]",
               file=sys.stderr)
     return 0
 

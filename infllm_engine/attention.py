@@ -21,6 +21,8 @@ from kernels import Keys, chunk_attention
 
 from .config import InfLLMConfig
 from .errors import EngineError
+from .focus import Focus
+from .focus import Focus
 from .memory import ContextMemory, DenseLayer, LayerMemory
 from .rope import Rotary
 from .trace import Retrieval, Trace
@@ -35,6 +37,8 @@ class ForwardState:
     start: int                  # absolute position of the chunk's first token
     trace: Trace | None
     step: int
+    focus: Focus | None = None  # question time: the probe's votes, then the pinned blocks
+    focus: Focus | None = None  # question time: votes (probe) or pinned blocks (answer)
 
 
 def infllm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, infllm=None, **kwargs):
@@ -80,19 +84,56 @@ def _infllm(layer: LayerMemory, layer_idx: int, q, k, v, state: ForwardState, sc
     q_local = rope.apply(q, s - base).view(-1, g, c, d)
     q_global = rope.apply_at(q, n_local)
     memory = layer.memory(e - n_local)
-    ids = None
-    if keep_mass and cfg.topk > 0 and layer.blocks.n > 0:
-        ids, scores = layer.blocks.retrieve(q_global.mean(dim=1), cfg.topk, cfg.backend)
-        k_blk, v_blk, slot_ids = layer.blocks.gather(ids, reuse=c == 1)
-        memory.append(Keys(k_blk, v_blk, None))
+    focus, ids, near = state.focus, None, None
+    if focus is not None and keep_mass and layer.blocks.n > 0:
+        if focus.probing:
+            tail = layer.recent_k[:, : max(0, focus.doc_end - layer.r0)]
+            focus.vote(layer_idx, q_global, s, layer.blocks.keys(), tail, scale)
+        near = focus.near(layer_idx, layer.blocks, rope, n_local)
+    topk = cfg.focus_topk if near is not None else cfg.topk      # the focus replaces most per-layer retrieval
+    if keep_mass and topk > 0 and layer.blocks.n > 0:
+        extra = focus.pinned.numel() if near is not None else 0
+        ids, scores = layer.blocks.retrieve(q_global.mean(dim=1), topk + extra, cfg.backend)
+        if near is not None:
+            ids, scores = focus.without_pinned(ids, scores, topk)
+        if ids.numel():
+            k_blk, v_blk, slot_ids = layer.blocks.gather(ids, reuse=c == 1)
+            memory.append(Keys(k_blk, v_blk, None))
+        else:
+            ids = None
+    if near is not None:
+        memory.append(near)
     res = chunk_attention(q_local, q_global.view(-1, g, c, d), s, Keys(k_win, v_win, lo), memory, n_local,
                           scale, window_mass=keep_mass, memory_mass=tracing, backend=cfg.backend)
     if keep_mass:
         layer.add_mass(lo, res.window_mass.reshape(h, -1))
-    if tracing and ids is not None:
-        per_slot = res.memory_mass[-1].sum(dim=(0, 1)).view(-1, cfg.block_size).sum(-1) / (h * c)
-        block_mass = per_slot[torch.argsort(slot_ids)]          # ids come ascending
-        state.trace.records.append(Retrieval(
-            layer_idx, state.step, ids, scores, block_mass, res.window_mass.sum() / (h * c)))
+    if tracing and (ids is not None or near is not None):
+        own = (ids, scores, slot_ids) if ids is not None else None
+        _record(state, layer_idx, res, own, focus if near is not None else None, cfg.block_size)
     layer.evict(e - n_local)
     return res.out.reshape(h, c, d)
+
+
+def _record(state: ForwardState, layer_idx: int, res, own, focus: Focus | None, bs: int) -> None:
+    """One trace record: the layer's own blocks (ids, scores, slot ids) and the pinned ones, by id.
+
+    Their masses are the last memory parts: own blocks, then the pinned blocks (scored by their vote).
+    """
+    h, c = res.out.shape[0] * res.out.shape[1], res.out.shape[2]
+    per_block = lambda mass: mass.sum(dim=(0, 1)).view(-1, bs).sum(-1) / (h * c)
+    masses = list(res.memory_mass)
+    all_ids, all_scores, all_mass = [], [], []
+    if focus is not None:
+        all_ids.append(focus.pinned.to(res.out.device))
+        all_mass.append(per_block(masses.pop()))
+        all_scores.append(focus.scores[focus.pinned].to(res.out.device))
+    if own is not None:
+        ids, scores, slot_ids = own
+        all_ids.append(ids)
+        all_mass.append(per_block(masses.pop())[torch.argsort(slot_ids)])       # ids come ascending
+        all_scores.append(scores.float())
+    ids = torch.cat(all_ids)
+    order = torch.argsort(ids)
+    state.trace.records.append(Retrieval(
+        layer_idx, state.step, ids[order], torch.cat(all_scores)[order], torch.cat(all_mass)[order],
+        res.window_mass.sum() / (h * c)))

@@ -103,6 +103,11 @@ class BlockStore:
                 self.slot_ids[s] = b
         return self.slot_k, self.slot_v, torch.tensor(self.slot_ids)
 
+    def take(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of the given blocks [len(ids), Hkv, bs, d] on the compute device, as a new tensor."""
+        k, v = self._host(ids)
+        return k.to(self.device), v.to(self.device)
+
     def _host(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ids = ids.to(self.host)
         if not self.tail.n:
@@ -120,6 +125,10 @@ class BlockStore:
     def _block(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         part, i = (self.base, b) if b < self.base.n else (self.tail, b - self.base.n)
         return part.k[i], part.v[i]
+
+    def keys(self) -> torch.Tensor:
+        """Every block's raw keys [n, Hkv, bs, d] (the mapped base itself when there is no tail)."""
+        return self.blocks()[0]
 
     def blocks(self, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Blocks [start, n) as (k, v, reprs): views where they lie in one part (a checkpoint after a

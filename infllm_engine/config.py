@@ -14,6 +14,9 @@ from .errors import EngineError
 
 METHODS = ("infllm", "streaming", "full")
 KERNELS = ("auto", "torch", "triton")
+# Knobs that never shape a stored memory: where it runs, limits, and what only questions use.
+QUESTION_ONLY = ("device", "kernels", "cache_blocks", "max_tokens", "focus_blocks", "focus_layers", "focus_gap",
+                 "focus_topk")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -51,27 +54,41 @@ class InfLLMConfig:
     device: str = "cpu"
     dtype: str = "float32"          # fp32 on the CPU: bf16 matmuls there are ~5x slower
     kernels: str = "auto"           # auto (Triton on CUDA, torch elsewhere) | torch | triton
+    # Question time only (Engine.ask): the question's own words vote, in the focus layers, for the
+    # blocks that every layer then attends besides its own top-k (infllm_engine.focus). 0: plain InfLLM.
+    focus_blocks: int = 4
+    focus_layers: tuple[float, float] = (1 / 3, 2 / 3)   # the voting layers, as fractions of the depth
+    focus_gap: int = 64             # tokens between the re-read focus blocks and the question (less if n_local is short)
+    focus_topk: int = 0             # a layer's own retrieved blocks while the focus holds (topk is used without one)
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "focus_layers", tuple(self.focus_layers))   # JSON gives a list
+        except TypeError:
+            pass
         problems = []
         if self.method not in METHODS:
             problems.append(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name in ("n_init", "n_local", "block_size", "repr_topk", "chunk_size", "max_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("topk", "cache_blocks"):
+        for name in ("topk", "cache_blocks", "focus_blocks", "focus_gap", "focus_topk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 problems.append(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         if not problems:
             if self.repr_topk > self.block_size:
                 problems.append(f"repr_topk ({self.repr_topk}) cannot exceed block_size ({self.block_size})")
-            if self.topk > self.cache_blocks:
-                problems.append(
-                    f"topk ({self.topk}) cannot exceed cache_blocks ({self.cache_blocks}): "
-                    "every retrieved block must fit in the accelerator cache"
-                )
+            for name in ("topk", "focus_topk"):
+                if getattr(self, name) > self.cache_blocks:
+                    problems.append(
+                        f"{name} ({getattr(self, name)}) cannot exceed cache_blocks ({self.cache_blocks}): "
+                        "every retrieved block must fit in the accelerator cache")
             if self.chunk_size > self.n_local:
                 problems.append(f"chunk_size ({self.chunk_size}) cannot exceed n_local ({self.n_local})")
+        layers = self.focus_layers
+        if not (isinstance(layers, tuple) and len(layers) == 2 and all(isinstance(x, (int, float)) for x in layers)
+                and 0 <= layers[0] < layers[1] <= 1):
+            problems.append(f"focus_layers must be two fractions 0 <= from < to <= 1, got {self.focus_layers!r}")
         if self.kernels not in KERNELS:
             problems.append(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         elif self.kernels == "triton" and not self.device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
@@ -113,7 +130,7 @@ class InfLLMConfig:
         """Hash of the knobs that shape a stored memory.
 
         Retrieval while reading feeds later layers, so topk and chunk_size shape the K/V too; only
-        where and with which kernels it runs, and the limits, do not.
+        where and with which kernels it runs, the limits and the question-time focus do not.
         """
-        shaping = {k: v for k, v in self.to_dict().items() if k not in ("device", "kernels", "cache_blocks", "max_tokens")}
+        shaping = {k: v for k, v in self.to_dict().items() if k not in QUESTION_ONLY}
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]

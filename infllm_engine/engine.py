@@ -10,6 +10,7 @@ import torch
 
 from .config import InfLLMConfig
 from .errors import EngineError
+from .focus import Focus
 from .generate import decode, prefill
 from .loading import default_data_dir, load_model, prepare
 from .memory import ContextMemory
@@ -102,13 +103,13 @@ class Engine:
         return memory
 
     def generate(self, memory: ContextMemory, ids: torch.Tensor, max_new_tokens: int = 64,
-                 temperature: float = 0.0, progress: Progress | None = None) -> Answer:
+                 temperature: float = 0.0, progress: Progress | None = None, focus: Focus | None = None) -> Answer:
         """Prefill ids after what memory holds (memory is changed), then stream the continuation."""
         self._check_input(memory, ids)
         if max_new_tokens < 1:
             raise EngineError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         answer = Answer(iter(()))
-        answer.pieces = self._stream(memory, ids.to(self.device), max_new_tokens, temperature, answer, progress)
+        answer.pieces = self._stream(memory, ids.to(self.device), max_new_tokens, temperature, answer, progress, focus)
         return answer
 
     def ask(self, memory: ContextMemory, question: str, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -121,11 +122,38 @@ class Engine:
         """
         if not question.strip():
             raise EngineError("the question is empty")
-        ids = self.encode(self.question_text(question, history))
+        ids, span = self.question_ids(question, history)
         self._check_input(memory, ids)          # against the document's own layout, before the fork adopts ours
+        focus = self.focus(memory, ids, (memory.length + span[0], memory.length + span[1]))
         fork = memory.fork()
         fork.cfg = self.cfg
-        return self.generate(fork, ids, max_new_tokens, temperature)
+        answer = self.generate(fork, ids, max_new_tokens, temperature, focus=focus)
+        if focus is not None:
+            answer.trace.votes, answer.trace.pinned = focus.scores, focus.pinned
+        return answer
+
+    def focus(self, memory: ContextMemory, ids: torch.Tensor, span: tuple[int, int]) -> Focus | None:
+        """Let the question's words [span) vote for blocks (see focus.py): a probe over a throwaway fork."""
+        if self.cfg.method != "infllm" or not self.cfg.focus_blocks or not memory.n_blocks:
+            return None
+        focus = Focus.for_question(span, memory.length, self.n_layers, self.cfg.focus_layers,
+                                   self.cfg.focus_blocks, self.cfg.focus_gap)
+        probe = memory.fork()
+        probe.cfg = self.cfg
+        prefill(self.model, probe, self.rope, ids.to(self.device), None, None, want_logits=False, focus=focus)
+        focus.choose(memory.n_blocks)
+        return focus
+
+    def question_ids(self, question: str, history: Sequence[tuple[str, str]] = ()) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Token ids of question_text, and the span [a, b) of the question's own words among them."""
+        text, words = self.question_text(question, history), question.strip()
+        _, after = self.chat_parts()
+        head = text[: len(text) - len(after) - len(words)]
+        if head.endswith(" "):                      # " What" is one token: keep the space with the word
+            head, words = head[:-1], " " + words
+        parts = [self.encode(head), self.encode(words), self.encode(after)]
+        a = parts[0].numel()
+        return torch.cat(parts), (a, a + parts[1].numel())
 
     def question_text(self, question: str, history: Sequence[tuple[str, str]] = ()) -> str:
         """What follows the document for a question after earlier turns: it closes the document's chat turn."""
@@ -155,12 +183,13 @@ class Engine:
                 f"the input is too long: {memory.length + ids.numel():,} tokens, over the configured maximum "
                 f"of {self.cfg.max_tokens:,}")
 
-    def _stream(self, memory, ids, max_new_tokens, temperature, answer: Answer, progress) -> Iterator[str]:
+    def _stream(self, memory, ids, max_new_tokens, temperature, answer: Answer, progress, focus) -> Iterator[str]:
         t0 = time.perf_counter()
-        logits = prefill(self.model, memory, self.rope, ids, answer.trace, progress)
+        logits = prefill(self.model, memory, self.rope, ids, answer.trace, progress, focus=focus)
         answer.timings["prefill_s"] = time.perf_counter() - t0
         shown, t_first = "", time.perf_counter()
-        for token in decode(self.model, memory, self.rope, logits, max_new_tokens, self.stop_ids, answer.trace, temperature):
+        for token in decode(self.model, memory, self.rope, logits, max_new_tokens, self.stop_ids, answer.trace,
+                            temperature, focus=focus):
             if not answer.token_ids:
                 t_first = time.perf_counter()
                 answer.timings["first_token_s"] = t_first - t0

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .attention import ForwardState
+from .focus import Focus
 from .memory import ContextMemory
 from .rope import Rotary
 from .trace import Trace
@@ -17,10 +18,10 @@ from .trace import Trace
 
 @torch.inference_mode()
 def forward_chunk(model, memory: ContextMemory, rope: Rotary, ids: torch.Tensor,
-                  trace: Trace | None, kind: str, want_logits: bool) -> torch.Tensor | None:
+                  trace: Trace | None, kind: str, want_logits: bool, focus: Focus | None = None) -> torch.Tensor | None:
     """Run ids [n] through the model at positions memory.length ..; returns last-row logits [V] if asked."""
     step = trace.begin(kind, memory.length, ids.shape[0]) if trace is not None else -1
-    state = ForwardState(memory, rope, memory.length, trace, step)
+    state = ForwardState(memory, rope, memory.length, trace, step, focus)
     zeros = torch.zeros(1, ids.shape[0], dtype=torch.long, device=ids.device)
     hidden = model.base_model(input_ids=ids[None], position_ids=zeros, use_cache=False, infllm=state).last_hidden_state
     memory.length += ids.shape[0]
@@ -30,7 +31,8 @@ def forward_chunk(model, memory: ContextMemory, rope: Rotary, ids: torch.Tensor,
 
 
 def prefill(model, memory: ContextMemory, rope: Rotary, ids: torch.Tensor, trace: Trace | None = None,
-            progress: Callable[[int, int], None] | None = None, want_logits: bool = True) -> torch.Tensor | None:
+            progress: Callable[[int, int], None] | None = None, want_logits: bool = True,
+            focus: Focus | None = None) -> torch.Tensor | None:
     """Feed ids [n] in chunks of cfg.chunk_size, aligned to absolute positions so that a text read in
     pieces (document, then question) is chunked exactly as if read at once. Returns last logits [V]."""
     size = memory.cfg.chunk_size
@@ -38,7 +40,7 @@ def prefill(model, memory: ContextMemory, rope: Rotary, ids: torch.Tensor, trace
     while done < ids.shape[0]:
         n = min(size - memory.length % size, ids.shape[0] - done)
         last = done + n == ids.shape[0]
-        logits = forward_chunk(model, memory, rope, ids[done: done + n], trace, "prefill", want_logits and last)
+        logits = forward_chunk(model, memory, rope, ids[done: done + n], trace, "prefill", want_logits and last, focus)
         done += n
         if progress is not None:
             progress(done, ids.shape[0])
@@ -47,7 +49,7 @@ def prefill(model, memory: ContextMemory, rope: Rotary, ids: torch.Tensor, trace
 
 def decode(model, memory: ContextMemory, rope: Rotary, logits: torch.Tensor, max_new_tokens: int,
            stop_ids: set[int], trace: Trace | None = None, temperature: float = 0.0,
-           generator: torch.Generator | None = None) -> Iterator[int]:
+           generator: torch.Generator | None = None, focus: Focus | None = None) -> Iterator[int]:
     """Yield up to max_new_tokens token ids, one forward per token; greedy unless temperature > 0."""
     for i in range(max_new_tokens):
         if temperature > 0:
@@ -60,4 +62,4 @@ def decode(model, memory: ContextMemory, rope: Rotary, logits: torch.Tensor, max
         yield token
         if i + 1 < max_new_tokens:
             logits = forward_chunk(model, memory, rope, torch.tensor([token], device=logits.device),
-                                   trace, "decode", want_logits=True)
+                                   trace, "decode", want_logits=True, focus=focus)

@@ -28,3 +28,39 @@ def top_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 def topk_blocks(query: torch.Tensor, reprs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """score_blocks then top_blocks."""
     return top_blocks(score_blocks(query, reprs), k)
+
+
+def span_mass(query: torch.Tensor, blocks: torch.Tensor, scale: float, tail: torch.Tensor | None = None,
+              chunk: int = 256) -> torch.Tensor:
+    """Exact attention share of every block: what a full softmax over all these keys would give each.
+
+    query: [H, n, d] (rotated as attention rotates it)   blocks: [nb, Hkv, bs, d] raw keys (may be mapped)
+    tail: [Hkv, m, d] keys after the last block, scored as ceil(m / bs) more spans.
+    Returns [nb + ceil(m / bs)] fp32 shares summing to 1: each (head, query) row's softmax over every key,
+    summed per span, averaged over rows. Blocks are read once, `chunk` at a time, with the softmax kept
+    online (flash-attention style), so memory stays bounded at any length.
+    """
+    h, n, d = query.shape
+    nb, hkv, bs, _ = blocks.shape
+    if blocks.shape[3] != d or h % hkv:
+        raise ValueError(f"span_mass: query {tuple(query.shape)} does not fit blocks {tuple(blocks.shape)}")
+    q = query.float().reshape(hkv, h // hkv * n, d) * scale
+    parts = [blocks[i: i + chunk] for i in range(0, nb, chunk)]
+    n_pad = 0
+    if tail is not None and tail.shape[1]:           # the last span is padded to a block, the pad masked out
+        n_pad = -tail.shape[1] % bs
+        parts.append(torch.cat([tail, tail.new_zeros(hkv, n_pad, d)], 1).view(hkv, -1, bs, d).transpose(0, 1))
+    best = torch.full((hkv, q.shape[1]), -torch.inf, device=q.device)
+    sums = []                                                     # per part: [p, Hkv, rows] at that part's max
+    maxes = []
+    for i, part in enumerate(parts):
+        # Blocks may sit on the host (mapped) while the queries are on an accelerator: move a chunk at a time.
+        logits = torch.einsum("grd,pgjd->pgrj", q, part.to(q.device, torch.float32))  # [p, Hkv, rows, bs]
+        if n_pad and i == len(parts) - 1:
+            logits[-1, :, :, bs - n_pad:] = -torch.inf
+        m = torch.maximum(best, logits.amax(dim=(0, 3)))
+        sums.append(torch.exp(logits - m[None, :, :, None]).sum(-1))
+        maxes.append(m)
+        best = m
+    scaled = torch.cat([s * torch.exp(m - best)[None] for s, m in zip(sums, maxes)])    # [spans, Hkv, rows]
+    return (scaled / scaled.sum(0, keepdim=True)).mean(dim=(1, 2))

@@ -53,10 +53,16 @@ def ingest(library: Library, engine: Engine, path: Path, progress: Progress | No
 
     name: the file's original name, when path is an upload that the library keeps (Library.keep_upload).
     """
-    t0 = time.perf_counter()
     path = Path(path)
     doc = read_document(path, max_bytes, name)
     kept = path.name if path.parent.resolve() == (library.dir / "uploads").resolve() else None
+    return ingest_document(library, engine, doc, progress, commit_every, kept)
+
+
+def ingest_document(library: Library, engine: Engine, doc: Document, progress: Progress | None = None,
+                    commit_every: int = 8, upload: str | None = None) -> Ingested:
+    """Read a document already turned into text (see ingest); upload: its kept file under <data>/uploads."""
+    t0 = time.perf_counter()
     ids, pages = token_pages(engine, doc)
     if ids.numel() > engine.cfg.max_tokens:
         raise LibraryError(f"{doc.source_name} is {ids.numel():,} tokens, over the configured maximum of "
@@ -69,7 +75,7 @@ def ingest(library: Library, engine: Engine, path: Path, progress: Progress | No
     if row is None:
         doc_id = library.add(title=doc.title, source_name=doc.source_name, kind=doc.kind, sha256=doc.sha256,
                              fingerprint=engine.fingerprint, config_hash=cfg.memory_hash(), config=cfg.to_dict(),
-                             tokens=ids.numel(), pages=pages, upload=kept)
+                             tokens=ids.numel(), pages=pages, upload=upload)
     else:
         doc_id = row["id"]
         if row["state_file"]:
@@ -94,7 +100,9 @@ def ingest(library: Library, engine: Engine, path: Path, progress: Progress | No
         library.fail(doc_id, str(err))
         raise
     spans = [memory.block_span(i) for i in range(memory.n_blocks)]
-    library.finish(doc_id, spans, [engine.tokenizer.decode(ids[a:b].tolist()) for a, b in spans])
+    rest = spans[-1][1] if spans else cfg.n_init          # the window, in block-sized spans: citable too
+    spans += [(a, min(a + cfg.block_size, ids.numel())) for a in range(rest, ids.numel(), cfg.block_size)]
+    library.finish(doc_id, spans, [engine.tokenizer.decode(ids[a:b].tolist()) for a, b in spans], memory.n_blocks)
     return Ingested(doc_id, doc.title, "ready", ids.numel(), time.perf_counter() - t0, resumed, memory)
 
 

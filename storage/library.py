@@ -87,6 +87,11 @@ class Library:
         return list(self.db.query("SELECT * FROM pages WHERE document_id = ? ORDER BY number", [doc_id]))
 
     def blocks(self, doc_id: int) -> list[dict]:
+        """The memory blocks: row i is block i of every layer."""
+        return list(self.db.query("SELECT * FROM blocks WHERE document_id = ? AND in_memory ORDER BY block", [doc_id]))
+
+    def spans(self, doc_id: int) -> list[dict]:
+        """The memory blocks, then the block-sized spans of the local window (in_memory 0): what can be cited."""
         return list(self.db.query("SELECT * FROM blocks WHERE document_id = ? ORDER BY block", [doc_id]))
 
     def delete(self, doc_id: int) -> None:
@@ -152,8 +157,13 @@ class Library:
         if doc["state_file"] and doc["state_file"] != state_file:
             (folder / doc["state_file"]).unlink(missing_ok=True)
 
-    def finish(self, doc_id: int, block_spans: list[tuple[int, int]], texts: list[str] | None = None) -> None:
-        """Mark a fully read document ready, with each block's token span mapped to pages (and its text)."""
+    def finish(self, doc_id: int, block_spans: list[tuple[int, int]], texts: list[str] | None = None,
+               n_memory: int | None = None) -> None:
+        """Mark a fully read document ready, with each span's tokens mapped to pages (and its text).
+
+        The first n_memory spans (default: all) are memory blocks; the rest are pieces of the local window.
+        """
+        n_memory = len(block_spans) if n_memory is None else n_memory
         pages = self.pages(doc_id)
         starts = [p["start_token"] for p in pages]
         def page_of(token: int) -> int:
@@ -161,7 +171,7 @@ class Library:
         with self.db.conn:
             self.db["blocks"].insert_all(
                 dict(document_id=doc_id, block=i, start_token=a, end_token=b, first_page=page_of(a),
-                     last_page=page_of(b - 1), text=texts[i] if texts else None)
+                     last_page=page_of(b - 1), text=texts[i] if texts else None, in_memory=int(i < n_memory))
                 for i, (a, b) in enumerate(block_spans))
             self.db["documents"].update(doc_id, {"status": "ready", "bytes": _folder_bytes(self.memory_dir(doc_id))})
 

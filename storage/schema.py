@@ -77,6 +77,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE blocks ADD COLUMN text TEXT;
     ALTER TABLE documents ADD COLUMN upload TEXT;  -- file name under <data>/uploads/: <sha256>.<ext>
     """,
+    # 3: rows for the block-sized spans of the local window too (in_memory = 0), numbered after the
+    #    memory blocks, so an answer whose evidence was still in the window can cite its page.
+    """
+    ALTER TABLE blocks ADD COLUMN in_memory INTEGER NOT NULL DEFAULT 1;
+    """,
 ]
 
 

@@ -33,3 +33,27 @@ def test_the_profile_prints_operator_tables_for_a_prefill_chunk_and_decode(tiny_
     prefill, decode = out.split("## prefill")[1].split("## decode")
     assert "ms per chunk" in prefill and "aten::mm" in prefill
     assert "3 steps" in decode and "ms per token" in decode and "aten::mm" in decode      # the model ran
+
+
+def test_the_needle_bench_plants_every_fact_once_and_records_each_question(tmp_path, tiny_model_dir):
+    from bench import needle, needle_table
+
+    book = tmp_path / "book.txt"
+    book.write_text("\n".join(f"Line {i} of a long and rather dull manual about typesetting." for i in range(400)))
+    out = tmp_path / "needle.json"
+    args = ["--book", str(book), "--lengths", "6000", "--docs", "1", "--reference-length", "1500", "--model",
+            str(tiny_model_dir), "--data-dir", str(tmp_path / "lib"), "--max-new-tokens", "2", "--json", str(out),
+            "--variants", "plain:focus_blocks=0", "focus"]
+    result = needle.main(args)
+    samples = result["samples"]
+    assert [s["variant"] for s in samples].count("plain") == 15 == [s["variant"] for s in samples].count("focus")
+    assert [s["variant"] for s in samples].count("reference") == 15
+    mine = [s for s in samples if s["variant"] == "focus"]
+    assert sorted({s["depth"] for s in mine}) == list(needle.DEPTHS) and len({s["kind"] for s in mine}) == 5
+    assert all(s["fact_blocks"] for s in mine if s["depth"] <= 0.5)          # early facts left the 2K window
+    assert all(s["in_window"] for s in mine if s["depth"] == 0.9)
+    assert all(s["pinned"] is not None for s in mine) and all(s["pinned"] is None for s in samples if s["variant"] == "plain")
+    again = needle.main(args)                                                 # the planted documents are kept
+    assert all(s["read_seconds"] < 1 for s in again["samples"])
+    assert [s["answer"] for s in again["samples"]] == [s["answer"] for s in samples]
+    assert "| focus | 5K (" in needle_table.tables(json.loads(out.read_text()))

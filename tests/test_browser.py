@@ -91,11 +91,12 @@ def test_upload_ask_inspect_restart(tmp_path):
             page.wait_for_selector("#inspector svg.heatmap rect.cell", timeout=300_000)
             answer = page.locator("#chat").inner_text()
             assert QUESTION in answer and "Mirela Vance" in answer
+            assert "(p. 3)" in answer                       # the answer cites the page its evidence is on
             figures = page.locator("#inspector .figures").inner_text()
             assert "blocks retrieved" in figures and "tok/s" in figures
             page.locator("#inspector ol.passages li").first.click()
             page.wait_for_function("() => document.querySelector('#passage').innerText.includes('block')")
-            assert "p. " in page.locator("#passage").inner_text()
+            assert "Mirela Vance" in page.locator("#passage").inner_text()     # the first passage is the evidence
             shot = os.environ.get("INFLLM_SCREENSHOT")
             page.screenshot(path=str(ROOT / shot) if shot else str(tmp_path / "page.png"), full_page=True)
             server.stop()

@@ -41,7 +41,9 @@ def test_ingest_list_ask_delete_with_json(tmp_path, model_dir):
     asked = json.loads(app("--model", model_dir, "ask", "notes", "Where is the key?", "--json",
                            "--max-new-tokens", "5", "--data-dir", data).stdout)
     assert set(asked["timings"]) >= {"memory_load_s", "prefill_s", "first_token_s", "decode_tokens_per_s"}
-    assert asked["retrieved"] and all(r["pages"] == [1, 1] for r in asked["retrieved"])
+    # One page, so every piece of evidence is on it, and the answer cites it inline.
+    assert asked["evidence"] and {e["pages"] for e in asked["evidence"]} == {asked["evidence"][0]["pages"]}
+    assert asked["citation"] and asked["answer"].endswith(asked["citation"])
     assert app("--data-dir", data, "delete", str(line["id"])).returncode == 0
     assert json.loads(app("--data-dir", data, "list", "--json").stdout) == []
 

@@ -26,6 +26,9 @@ def test_impossible_configs_are_refused_with_the_reason(changes, words):
 def test_memory_hash_ignores_where_it_runs_but_not_how_it_reads():
     base = InfLLMConfig()
     assert base.memory_hash() == base.replace(cache_blocks=99, max_tokens=10, kernels="torch").memory_hash()
+    # The question focus is question-time only: changing it never invalidates a stored memory.
+    assert base.memory_hash() == base.replace(focus_blocks=0, focus_layers=(0.5, 1), focus_gap=8, focus_topk=3).memory_hash()
+    assert base.memory_hash() == "667d8f98c9caede8"     # libraries read before the focus existed stay valid
     assert base.memory_hash() != base.replace(topk=4).memory_hash()
     assert base.memory_hash() != base.replace(n_local=1024).memory_hash()
 

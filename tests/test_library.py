@@ -153,3 +153,34 @@ def test_reading_goes_on_from_the_committed_blocks_on_disk_and_matches_an_all_in
         assert _mapped_file(layer.blocks.base.k).endswith("blocks_k.raw")   # read on from the file's mapping
         assert _mapped_file(ram.blocks.tail.k) is None or not _mapped_file(ram.blocks.tail.k).endswith(".raw")
         torch.testing.assert_close(layer.blocks.blocks()[2], ram.blocks.blocks()[2], atol=1e-5, rtol=1e-5)
+
+
+def test_the_window_is_kept_as_citable_spans_after_the_memory_blocks(tmp_path, engine, book):
+    library = Library(tmp_path / "lib")
+    done = ingest(library, engine, book)
+    blocks, spans = library.blocks(done.doc_id), library.spans(done.doc_id)
+    window = spans[len(blocks):]
+    assert spans[: len(blocks)] == blocks and all(b["in_memory"] == 1 for b in blocks)
+    assert window and all(w["in_memory"] == 0 for w in window)
+    assert window[0]["start_token"] == blocks[-1]["end_token"] and window[-1]["end_token"] == done.tokens
+    assert [w["block"] for w in window] == list(range(len(blocks), len(spans)))
+    assert window[-1]["last_page"] == 5 and "word5x59" in "".join(w["text"] for w in window)
+
+
+def test_a_library_from_before_window_spans_is_migrated_and_its_blocks_stay_in_memory(tmp_path):
+    import sqlite3
+
+    from storage.schema import MIGRATIONS
+
+    path = tmp_path / "lib" / "library.db"
+    path.parent.mkdir()
+    old = sqlite3.connect(path)
+    for number, sql in enumerate(MIGRATIONS[:2], start=1):
+        old.executescript(f"BEGIN; {sql}; PRAGMA user_version = {number}; COMMIT;")
+    old.execute("INSERT INTO documents (id, title, source_name, kind, sha256, model_fingerprint, config_hash, config, "
+                "status) VALUES (1, 't', 't.txt', 'txt', 'x', 'm', 'c', '{}', 'ready')")
+    old.execute("INSERT INTO blocks VALUES (1, 0, 4, 20, 1, 1, 'old text')")
+    old.commit()
+    old.close()
+    library = Library(tmp_path / "lib")
+    assert [b["in_memory"] for b in library.blocks(1)] == [1] and library.spans(1) == library.blocks(1)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infllm_engine import Engine, EngineError, InfLLMConfig
+from infllm_engine.config import QUESTION_ONLY
 from storage.ingest import load_memory
 from storage.library import Library, LibraryError
 from storage.readers import SUPPORTED, DocumentError
@@ -183,14 +184,14 @@ def inspect_answer(app: App, doc_id: int | None, conversation: int | None, index
     if not answers:
         return inspect.NOTHING_YET
     m = messages[answers[0]]
-    return inspect.render(m["trace"], m["timings"], app.library.blocks(doc_id), app.library.pages(doc_id),
+    return inspect.render(m["trace"], m["timings"], app.library.spans(doc_id), app.library.pages(doc_id),
                           app.engine.n_layers, m["method"] or "infllm")
 
 
 def show_block(app: App, doc_id: int | None, block: int) -> str:
     if doc_id is None:
         return ""
-    return inspect.passage(int(block), app.library.blocks(doc_id), app.library.pages(doc_id))
+    return inspect.passage(int(block), app.library.spans(doc_id), app.library.pages(doc_id))
 
 
 def stop(app: App, session: str) -> None:
@@ -211,8 +212,9 @@ def ask(app: App, doc_id: int | None, conversation: int | None, question: str, s
         raise UserError(f"“{doc['title']}” is not ready yet ({doc['status']})")
     read_cfg = InfLLMConfig(**json.loads(doc["config"]))
     # The document's layout (mode, window) is fixed by how it was read; topk may change per question.
-    cfg = settings.config(read_cfg).replace(method=read_cfg.method, n_local=read_cfg.n_local,
-                                            device=app.engine.cfg.device, dtype=app.engine.cfg.dtype)
+    # Where it runs and the question focus are the app's own, whatever they were when it was read.
+    cfg = settings.config(read_cfg).replace(method=read_cfg.method, n_local=read_cfg.n_local, dtype=app.engine.cfg.dtype,
+                                            **{k: getattr(app.engine.cfg, k) for k in QUESTION_ONLY})
     engine = app.engine.with_config(cfg)
     messages = app.library.messages(conversation) if conversation else []
     history = [(q["content"], a["content"]) for q, a in zip(messages[::2], messages[1::2])]
@@ -247,16 +249,18 @@ def ask(app: App, doc_id: int | None, conversation: int | None, question: str, s
     except (LibraryError, EngineError) as err:
         raise UserError(str(err)) from err
     answer = outcome["answer"]
+    trace = answer.trace.to_dict()
+    spans, pages = app.library.spans(doc["id"]), app.library.pages(doc["id"])
     if stopped.is_set():
         chat[-1]["content"] += " …(stopped)"
+    elif cited := inspect.citation(trace, spans, pages):
+        chat[-1]["content"] = f"{chat[-1]['content'].rstrip()} {cited}"
     if conversation is None:
         conversation = app.library.new_conversation(doc["id"], question)
     app.library.add_message(conversation, "user", question)
     timings = {"memory_load_s": outcome["load_s"], **answer.timings}
-    trace = answer.trace.to_dict()
     app.library.add_message(conversation, "assistant", chat[-1]["content"], cfg.method, trace, timings)
-    yield chat, conversation, inspect.render(trace, timings, app.library.blocks(doc["id"]),
-                                             app.library.pages(doc["id"]), engine.n_layers, cfg.method)
+    yield chat, conversation, inspect.render(trace, timings, spans, pages, engine.n_layers, cfg.method)
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -59,12 +59,29 @@ def page_label(block: dict, pages: list[dict]) -> str:
     return first if first == last else f"{first} – {last}"
 
 
-def top_passages(heat_map: torch.Tensor, blocks: list[dict], pages: list[dict], k: int = 5) -> list[dict]:
-    """The k blocks with the most attention over all layers, hottest first."""
-    total = heat_map.sum(0)
-    order = [int(i) for i in total.argsort(descending=True)[:k] if total[i] > 0]
-    return [{"block": i, "pages": page_label(blocks[i], pages), "mass": float(total[i]),
-             "text": blocks[i].get("text") or ""} for i in order]
+def passages(trace: dict, spans: list[dict], pages: list[dict], k: int = 5) -> list[dict]:
+    """The k spans that hold the answer's evidence, best first (Trace.evidence), with pages and text.
+
+    spans: Library.spans rows, memory blocks first and then the local window's pieces.
+    """
+    n_blocks = sum(1 for r in spans if r.get("in_memory", 1))
+    t = Trace.from_dict(trace)
+    weight = t.votes if t.votes is not None else t.heat(max((r.layer for r in t.records), default=-1) + 1, n_blocks).sum(0)
+    order = [i for i in t.evidence(n_blocks) if i < len(spans)][:k]
+    return [{"block": i, "pages": page_label(spans[i], pages), "weight": float(weight[i]),
+             "by": "vote" if t.votes is not None else "mass", "in_memory": bool(spans[i].get("in_memory", 1)),
+             "text": spans[i].get("text") or ""} for i in order]
+
+
+def citation(trace: dict | None, spans: list[dict], pages: list[dict]) -> str:
+    """The answer's inline citation, e.g. "(p. 61)": the page of its first evidence span; "" without one."""
+    if not trace or not spans:
+        return ""
+    best = passages(trace, spans, pages, k=1)
+    if not best:
+        return ""
+    where = best[0]["pages"]
+    return f"({where})" if where.startswith("p.") else f"(see {where})"
 
 
 def _colour(x: float) -> str:
@@ -118,14 +135,15 @@ def heatmap_svg(heat_map: torch.Tensor, blocks: list[dict], pages: list[dict]) -
 NOTHING_YET = "<div class='inspector muted'>Ask a question: the blocks each layer retrieved for the answer show here.</div>"
 
 
-def render(trace: dict | None, timings: dict | None, blocks: list[dict], pages: list[dict], n_layers: int,
+def render(trace: dict | None, timings: dict | None, spans: list[dict], pages: list[dict], n_layers: int,
            method: str = "infllm") -> str:
-    """The whole inspector for one answer as HTML."""
+    """The whole inspector for one answer as HTML; spans: Library.spans rows (memory blocks first)."""
     if trace is None:
         return NOTHING_YET
     if method != "infllm":
         return (f"<div class='inspector muted'>This answer used {html.escape(method)} attention, which retrieves "
                 "nothing from memory: there is no heatmap. Read the document in infllm mode to see retrieval.</div>")
+    blocks = [r for r in spans if r.get("in_memory", 1)]
     heat_map = heat(trace, n_layers, len(blocks))
     f = figures(trace, timings, len(blocks))
     cards = [("blocks retrieved", f"{f.blocks_retrieved} of {f.n_blocks}"),
@@ -134,19 +152,20 @@ def render(trace: dict | None, timings: dict | None, blocks: list[dict], pages: 
     parts = ["<div class='inspector'><div class='figures'>"]
     parts += [f"<div class='figure'><b>{html.escape(v)}</b><span>{html.escape(k)}</span></div>" for k, v in cards]
     parts.append(f"</div>{heatmap_svg(heat_map, blocks, pages)}<ol class='passages'>")
-    for p in top_passages(heat_map, blocks, pages):
+    for p in passages(trace, spans, pages):
         snippet = " ".join(p["text"].split())[:220]
-        parts.append(f"<li data-block='{p['block']}'><span class='where'>{html.escape(p['pages'])} · block "
-                     f"{p['block']} · mass {p['mass']:.2f}</span>{html.escape(snippet)}…</li>")
+        where = f"block {p['block']}" if p["in_memory"] else "local window"
+        parts.append(f"<li data-block='{p['block']}'><span class='where'>{html.escape(p['pages'])} · {where} · "
+                     f"{p['by']} {p['weight']:.2f}</span>{html.escape(snippet)}…</li>")
     parts.append("</ol></div>")
     return "".join(parts)
 
 
-def passage(block: int, blocks: list[dict], pages: list[dict]) -> str:
-    """Markdown for the full text of one block."""
-    if not 0 <= block < len(blocks):
+def passage(block: int, spans: list[dict], pages: list[dict]) -> str:
+    """Markdown for the full text of one span (a memory block or a piece of the local window)."""
+    if not 0 <= block < len(spans):
         return "That block is not part of this document."
-    row = blocks[block]
+    row = spans[block]
     text = row.get("text") or "(the text of this block was not stored; read the document again to see it)"
     return (f"**{page_label(row, pages)}** · block {block} · tokens {row['start_token']:,}–{row['end_token']:,}"
             f"\n\n> {' '.join(text.split())}")

@@ -95,7 +95,8 @@ def build(app: App, defaults: Settings = Settings()) -> gr.Blocks:
                                   info="infllm: sinks + retrieved blocks + window; streaming: sinks + window; "
                                        "full: everything (slow, and the model is trained to 8K tokens)")
                 topk = gr.Slider(0, 64, value=defaults.topk, step=1, label="topk: blocks retrieved per layer",
-                                 info="applies to every question")
+                                 info="while reading new documents; answers re-read the passages "
+                                      "their question points to instead (the question focus)")
                 n_local = gr.Slider(512, 8192, value=defaults.n_local, step=512, label="local window (tokens)",
                                     info="applies to reading")
                 max_new = gr.Slider(16, 1024, value=defaults.max_new_tokens, step=16, label="answer length (tokens)")

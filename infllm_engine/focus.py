@@ -1,0 +1,143 @@
+"""Question focus: the question's own words choose the passages that the answer re-reads.
+
+InfLLM retrieves per layer with the chunk's mean query against each block's representative keys.
+On real text that misses. A question about one planted sentence in a LaTeX manual found the
+sentence's block in the top 8 of about 5 of 30 layers, and one table-of-contents block ranked first
+for every question. Plain InfLLM then answered 8 of 120 questions of bench.needle; the reference
+(full attention on 4K tokens) answered 27 of 30.
+
+Before the answer, a probe runs the question over a throwaway fork. In the middle third of the
+layers (which attend by meaning; the bottom ones pour attention on the same few blocks whatever is
+asked), every memory key gets its exact attention share. That is one softmax over all of them at
+the fixed memory distance (kernels.span_mass), from two sets of queries:
+- the question's own words: the votes;
+- the chat template's tokens around them: the baseline that a block draws whatever is asked.
+A span's evidence is votes minus baseline. It orders the answer's citations, and its best blocks
+(each with its better neighbour) are pinned.
+
+Pinned blocks are not put at the fixed distance. Each layer re-reads them just before the question,
+in document order, at consecutive positions. The oracle test showed why: forced into every layer at
+the fixed distance, the right block still gave wrong answers. A 135M model copies a name or a number
+out of text that it reads in order and nearby.
+
+The cost, at question time only: one extra forward over the question, and one pass over the voting
+layers' block keys. Measured in bench/results/needle-cpu.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels import Keys, span_mass
+
+from .rope import Rotary
+
+
+@dataclass
+class Focus:
+    span: tuple[int, int]          # absolute positions [a, b) of the question's own words
+    doc_end: int                   # the document's length: what follows it is conversation, never evidence
+    layers: range                  # the voting layers
+    n_pinned: int                  # blocks to pin
+    gap: int = 64                  # tokens between the re-read blocks' end and the fixed query position
+    votes: torch.Tensor | None = None    # [spans]: summed attention share of each block (then window span)
+    baseline: torch.Tensor | None = None  # [spans]: the same from the template's tokens around the question
+    pinned: torch.Tensor | None = None   # [k] block ids every layer attends, ascending; None while probing
+    scores: torch.Tensor | None = None   # [spans] evidence(), set with pinned
+    _near: dict[int, Keys] = field(default_factory=dict)   # per layer, the pinned blocks' rotated keys
+
+    @classmethod
+    def for_question(cls, span: tuple[int, int], doc_end: int, n_layers: int, layers: tuple[float, float],
+                     n_pinned: int, gap: int = 64) -> "Focus":
+        lo, hi = round(layers[0] * n_layers), max(round(layers[1] * n_layers), round(layers[0] * n_layers) + 1)
+        return cls(span, doc_end, range(lo, min(hi, n_layers)), n_pinned, gap)
+
+    @property
+    def probing(self) -> bool:
+        return self.pinned is None
+
+    def vote(self, layer_idx: int, q_global: torch.Tensor, start: int, blocks: torch.Tensor,
+             tail: torch.Tensor, scale: float) -> None:
+        """Add one layer's exact attention shares from this chunk's rows after the document.
+
+        The question's words vote; the template's tokens around them (and earlier turns) give the
+        baseline that a block draws whatever is asked (a title page, a table of contents).
+        q_global: [H, C, d] the chunk's queries at the fixed memory distance, positions start ..
+        blocks: [nb, Hkv, bs, d] the layer's block keys; tail: [Hkv, m, d] document keys after them.
+        """
+        if layer_idx not in self.layers:
+            return
+        lo, hi = max(self.doc_end, start), start + q_global.shape[1]
+        if lo >= hi:
+            return
+        rows = torch.arange(lo, hi)
+        words = (rows >= self.span[0]) & (rows < self.span[1])
+        for mask, name in ((words, "votes"), (~words, "baseline")):
+            if mask.any():
+                q = q_global[:, (rows[mask] - start).to(q_global.device)]
+                share = span_mass(q, blocks, scale, tail) * int(mask.sum())
+                setattr(self, name, share if getattr(self, name) is None else getattr(self, name) + share)
+
+    def choose(self, n_blocks: int) -> None:
+        """After the probe: pin the memory blocks the question's words draw beyond the template's baseline.
+
+        Blocks come in pairs: the best-scored one and the better of its two neighbours, since a
+        sentence can straddle a block boundary (a name cut after "M." was read as "M.A.T.E."). Window
+        spans are scored too, for citations, but never pinned: they are attended anyway.
+        """
+        self.scores = self.evidence()
+        if self.scores is None or n_blocks == 0:
+            self.pinned = torch.zeros(0, dtype=torch.long)
+            return
+        scores, chosen = self.scores[:n_blocks], []
+        for b in scores.argsort(descending=True).tolist():
+            if len(chosen) >= self.n_pinned:
+                break
+            if b in chosen:
+                continue
+            chosen.append(b)
+            side = [x for x in (b - 1, b + 1) if 0 <= x < n_blocks and x not in chosen]
+            if side and len(chosen) < self.n_pinned:
+                chosen.append(max(side, key=lambda x: float(scores[x])))
+        self.pinned = torch.tensor(sorted(chosen), dtype=torch.long)
+
+    def evidence(self) -> torch.Tensor | None:
+        """[spans] the words' share of attention less the template's: positive where the question points.
+
+        Subtracting the baseline takes out what every question draws (a title page, the document's
+        last lines): on bench.needle the fact's span then comes first for every correctly answered question.
+        """
+        if self.votes is None:
+            return None
+        words = self.votes / self.votes.sum()
+        return words if self.baseline is None else words - self.baseline / self.baseline.sum()
+
+    def near(self, layer_idx: int, blocks, rope: Rotary, position: int) -> Keys | None:
+        """The pinned blocks of one layer as a key set that sits just before the question.
+
+        The query is rotated at `position` (the fixed memory distance); the blocks follow each other in
+        document order, with their tokens at consecutive positions ending `gap` before it. So the
+        evidence is read as if it were the text just before the question, in order, which is what a
+        135M model needs to copy a name or a number out of it (bench/results/needle-cpu.md). Built once
+        per layer and answer: the pinned set does not change while the answer is written.
+        """
+        if self.probing or not self.pinned.numel():
+            return None
+        if layer_idx not in self._near:
+            k, v = blocks.take(self.pinned)                     # [P, Hkv, bs, d]
+            p, hkv, bs, d = k.shape
+            k = k.transpose(0, 1).reshape(hkv, p * bs, d)
+            v = v.transpose(0, 1).reshape(hkv, p * bs, d)
+            # With a short window the gap gives way: positions never go below 0.
+            self._near[layer_idx] = Keys(rope.apply(k, max(0, position - self.gap - p * bs)), v, None)
+        return self._near[layer_idx]
+
+    def without_pinned(self, ids: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's own retrieval (asked for k + pinned) less the pinned blocks, its best k kept, ids ascending."""
+        keep = ~torch.isin(ids, self.pinned.to(ids.device))
+        ids, scores = ids[keep], scores[keep]
+        if ids.numel() > k:
+            best = torch.topk(scores, k).indices.sort().values
+            ids, scores = ids[best], scores[best]
+        return ids, scores

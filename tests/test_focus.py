@@ -1,0 +1,92 @@
+"""The question focus: the question's words vote by exact attention, the voted blocks are re-read."""
+import pytest
+import torch
+
+from infllm_engine import Engine, InfLLMConfig
+from infllm_engine.focus import Focus
+from kernels import span_mass
+
+from .conftest import tiny_llama, tiny_tokenizer
+
+SMALL = dict(n_init=4, n_local=48, block_size=8, repr_topk=2, chunk_size=16, topk=2, cache_blocks=8)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture
+def engine():
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHATML
+    return Engine(tiny_llama(), tokenizer, InfLLMConfig(focus_blocks=2, focus_gap=4, focus_topk=2, **SMALL))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+@pytest.mark.parametrize("heads, kv_heads, tail", [(4, 2, 0), (6, 3, 5), (2, 2, 8)])
+def test_span_mass_is_each_spans_share_of_one_softmax_over_every_key(chunk, heads, kv_heads, tail):
+    torch.manual_seed(chunk + tail)
+    q, blocks = torch.randn(heads, 5, 16), torch.randn(7, kv_heads, 8, 16)
+    rest = torch.randn(kv_heads, tail, 16)
+    got = span_mass(q, blocks, 0.3, rest, chunk=chunk)
+    keys = torch.cat([blocks.transpose(0, 1).reshape(kv_heads, -1, 16), rest], 1)
+    probs = torch.softmax(torch.einsum("hnd,hkd->hnk", q, keys.repeat_interleave(heads // kv_heads, 0)) * 0.3, -1)
+    per_key = probs.sum((0, 1)) / (heads * 5)
+    want = torch.stack([per_key[i: i + 8].sum() for i in range(0, keys.shape[1], 8)])
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
+
+
+def test_the_question_span_covers_exactly_the_users_words(engine):
+    history = [("Who wrote it?", "Ann.")]
+    for asked in (("What is the key?", ()), ("And where?", history)):
+        ids, (a, b) = engine.question_ids(*asked)
+        assert ids.tolist() == engine.encode(engine.question_text(*asked)).tolist()
+        assert engine.tokenizer.decode(ids[a:b].tolist()).strip() == asked[0]
+
+
+def test_voted_blocks_join_every_layer_and_every_step_and_are_recorded(engine):
+    memory = engine.read(torch.arange(300) % 256)
+    answer = engine.ask(memory, "what is it?", max_new_tokens=4).wait()
+    trace = answer.trace
+    _, (a, b) = engine.question_ids("what is it?")
+    window_spans = -(-(memory.length - memory.layers[0].r0) // 8)          # the document's tail, not the question
+    assert trace.votes.shape == (memory.n_blocks + window_spans,)
+    focus = engine.focus(memory, *engine.question_ids("what is it?")[:1], (memory.length + a, memory.length + b))
+    assert list(focus.layers) == [1]                                       # the middle third of 2 layers
+    n_rows = engine.question_ids("what is it?")[0].numel()
+    assert torch.allclose(focus.votes.sum(), torch.tensor(float(b - a)))               # one share per word
+    assert torch.allclose(focus.baseline.sum(), torch.tensor(float(n_rows - (b - a))))  # and per template token
+    assert torch.allclose(trace.votes, focus.scores) and abs(float(trace.votes.sum())) < 1e-5
+    scores = trace.votes[: memory.n_blocks]
+    best = int(scores.argmax())                                            # the best block and its better neighbour
+    side = max([b for b in (best - 1, best + 1) if 0 <= b < memory.n_blocks], key=lambda b: float(scores[b]))
+    assert trace.pinned.tolist() == sorted([best, side])
+    assert {r.step for r in trace.records} == set(range(len(trace.steps)))
+    for r in trace.records:
+        assert set(trace.pinned.tolist()) <= set(r.block_ids.tolist())
+        assert r.block_ids.numel() == 2 + 2 and r.block_ids.unique().numel() == 4     # own top-k never repeats one
+    plain = engine.with_config(engine.cfg.replace(focus_blocks=0)).ask(memory, "what is it?", max_new_tokens=4).wait()
+    assert plain.trace.votes is None and plain.trace.pinned is None
+    assert {r.block_ids.numel() for r in plain.trace.records} == {2}
+    only = engine.with_config(engine.cfg.replace(focus_topk=0)).ask(memory, "what is it?", max_new_tokens=4).wait()
+    assert all(r.block_ids.tolist() == only.trace.pinned.tolist() for r in only.trace.records)   # the focus alone
+    assert answer.trace.evidence(memory.n_blocks)[0] == int(trace.votes.argmax())
+
+
+def test_pinned_blocks_are_reread_in_document_order_just_before_the_question(engine):
+    memory = engine.read(torch.arange(300) % 256)
+    layer = memory.layers[1]
+    focus = Focus((0, 1), 0, range(0, 1), 2, gap=4, pinned=torch.tensor([3, 7]))
+    near = focus.near(1, layer.blocks, engine.rope, 48)
+    k3, k7 = layer.blocks.keys()[3], layer.blocks.keys()[7]               # [Hkv, bs, d] raw
+    raw = torch.cat([k3, k7], 1)
+    assert near.start is None and torch.allclose(near.k, engine.rope.apply(raw, 48 - 4 - 16))
+    assert torch.equal(near.v, torch.cat([layer.blocks.blocks()[1][3], layer.blocks.blocks()[1][7]], 1))
+    assert focus.near(1, layer.blocks, engine.rope, 48) is near                 # built once per answer
+
+
+def test_the_focus_never_touches_the_documents_memory(engine):
+    memory = engine.read(torch.arange(300) % 256)
+    before = (memory.length, memory.n_blocks, memory.layers[0].recent_k.clone())
+    first = engine.ask(memory, "what is it?", max_new_tokens=3).wait()
+    again = engine.ask(memory, "what is it?", max_new_tokens=3).wait()
+    assert first.token_ids == again.token_ids and torch.equal(first.trace.pinned, again.trace.pinned)
+    assert (memory.length, memory.n_blocks) == before[:2] and torch.equal(memory.layers[0].recent_k, before[2])
