@@ -179,7 +179,7 @@ def run_document(engine: Engine, library: Library, book: Document, length: int, 
                 t1 = time.perf_counter()
                 answer = asker.ask(memory, q, max_new_tokens=max_new_tokens).wait()
                 trace = answer.trace.to_dict()
-                focus_layers = Focus.for_question((0, 0), 0, engine.n_layers, asker.cfg.focus_layers, 0).layers
+                focus_layers = Focus.voting_layers(engine.n_layers, asker.cfg.focus_layers)
                 ranked = rankings(answer.trace, memory.n_blocks, engine.n_layers, focus_layers)
                 rank = {k: next((i + 1 for i, b in enumerate(v) if b in spans), None) for k, v in ranked.items()}
                 n_layers, n_decode_layers = layers_with(trace, blocks)

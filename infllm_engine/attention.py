@@ -22,7 +22,6 @@ from kernels import Keys, chunk_attention
 from .config import InfLLMConfig
 from .errors import EngineError
 from .focus import Focus
-from .focus import Focus
 from .memory import ContextMemory, DenseLayer, LayerMemory
 from .rope import Rotary
 from .trace import Retrieval, Trace
@@ -38,7 +37,6 @@ class ForwardState:
     trace: Trace | None
     step: int
     focus: Focus | None = None  # question time: the probe's votes, then the pinned blocks
-    focus: Focus | None = None  # question time: votes (probe) or pinned blocks (answer)
 
 
 def infllm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, infllm=None, **kwargs):

@@ -55,7 +55,7 @@ class InfLLMConfig:
     dtype: str = "float32"          # fp32 on the CPU: bf16 matmuls there are ~5x slower
     kernels: str = "auto"           # auto (Triton on CUDA, torch elsewhere) | torch | triton
     # Question time only (Engine.ask): the question's own words vote, in the focus layers, for the
-    # blocks that every layer then attends besides its own top-k (infllm_engine.focus). 0: plain InfLLM.
+    # blocks that every layer re-reads just before the question (infllm_engine.focus). 0: plain InfLLM.
     focus_blocks: int = 4
     focus_layers: tuple[float, float] = (1 / 3, 2 / 3)   # the voting layers, as fractions of the depth
     focus_gap: int = 64             # tokens between the re-read focus blocks and the question (less if n_local is short)

@@ -47,11 +47,16 @@ class Focus:
     scores: torch.Tensor | None = None   # [spans] evidence(), set with pinned
     _near: dict[int, Keys] = field(default_factory=dict)   # per layer, the pinned blocks' rotated keys
 
+    @staticmethod
+    def voting_layers(n_layers: int, layers: tuple[float, float]) -> range:
+        """The layers between two fractions of the depth; at least one."""
+        lo = round(layers[0] * n_layers)
+        return range(lo, min(max(round(layers[1] * n_layers), lo + 1), n_layers))
+
     @classmethod
     def for_question(cls, span: tuple[int, int], doc_end: int, n_layers: int, layers: tuple[float, float],
                      n_pinned: int, gap: int = 64) -> "Focus":
-        lo, hi = round(layers[0] * n_layers), max(round(layers[1] * n_layers), round(layers[0] * n_layers) + 1)
-        return cls(span, doc_end, range(lo, min(hi, n_layers)), n_pinned, gap)
+        return cls(span, doc_end, cls.voting_layers(n_layers, layers), n_pinned, gap)
 
     @property
     def probing(self) -> bool:

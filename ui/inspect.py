@@ -66,10 +66,10 @@ def passages(trace: dict, spans: list[dict], pages: list[dict], k: int = 5) -> l
     """
     n_blocks = sum(1 for r in spans if r.get("in_memory", 1))
     t = Trace.from_dict(trace)
-    weight = t.votes if t.votes is not None else t.heat(max((r.layer for r in t.records), default=-1) + 1, n_blocks).sum(0)
+    weight, by = t.evidence_weights(n_blocks)
     order = [i for i in t.evidence(n_blocks) if i < len(spans)][:k]
     return [{"block": i, "pages": page_label(spans[i], pages), "weight": float(weight[i]),
-             "by": "vote" if t.votes is not None else "mass", "in_memory": bool(spans[i].get("in_memory", 1)),
+             "by": by, "in_memory": bool(spans[i].get("in_memory", 1)),
              "text": spans[i].get("text") or ""} for i in order]
 
 
