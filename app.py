@@ -6,6 +6,8 @@
     python app.py delete DOC
     python app.py [serve] [--host H] [--port P] [--auth USER:PASSWORD]   the browser app (the default)
 Global options (before or after the subcommand): --data-dir DIR, --model DIR, --method, --topk, --n-local.
+--method and --n-local choose how documents are read; a question uses the mode and window its document
+was read with, and --topk.
 Exit status 0 on success, 2 on any error, with the message on stderr.
 """
 from __future__ import annotations
@@ -17,14 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-from infllm_engine import Engine, EngineError, InfLLMConfig
+from infllm_engine import Engine, InfLLMConfig
+from infllm_engine.config import METHODS
 from infllm_engine.loading import default_data_dir
-from storage.ingest import ingest, load_memory
-from storage.library import Library, LibraryError
-from storage.readers import DocumentError
-from ui.inspect import citation, passages
-
-USER_ERRORS = (EngineError, LibraryError, DocumentError)
+from reading.ingest import Outcome
+from reading.service import USER_ERRORS, Answered, ReadingService
+from storage.library import Library
+from storage.readers import MAX_BYTES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # SUPPRESS: an option given after the subcommand must not be reset by the subparser's default.
     common.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS, help=f"default: {default_data_dir()}")
     common.add_argument("--model", default=argparse.SUPPRESS, help="HF Llama/Mistral/Qwen2/Qwen3 directory")
-    common.add_argument("--method", choices=["infllm", "streaming", "full"], default=argparse.SUPPRESS)
+    common.add_argument("--method", choices=METHODS, default=argparse.SUPPRESS)
     common.add_argument("--topk", type=int, default=argparse.SUPPRESS)
     common.add_argument("--n-local", type=int, default=argparse.SUPPRESS)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
@@ -41,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     web.add_argument("--port", type=int, default=argparse.SUPPRESS, help="default 7860")
     web.add_argument("--auth", default=argparse.SUPPRESS,
                      help="USER:PASSWORD required to open the page (or set INFLLM_READER_AUTH)")
-    web.add_argument("--max-upload-mb", type=int, default=argparse.SUPPRESS, help="default 200")
+    web.add_argument("--max-upload-mb", type=int, default=argparse.SUPPRESS, help=f"default {MAX_BYTES // 2**20}")
     parser = argparse.ArgumentParser(prog="app.py", description="InfLLM reading assistant", parents=[common, web])
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", parents=[common, web], help="the browser app (the default)")
@@ -55,17 +56,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     defaults = {"data_dir": default_data_dir(), "model": None, "method": "infllm", "topk": InfLLMConfig().topk,
                 "n_local": InfLLMConfig().n_local, "json": False, "command": None, "host": "127.0.0.1",
-                "port": 7860, "auth": os.environ.get("INFLLM_READER_AUTH"), "max_upload_mb": 200}
+                "port": 7860, "auth": os.environ.get("INFLLM_READER_AUTH"), "max_upload_mb": MAX_BYTES // 2**20}
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     args.command = args.command or "serve"
+    # Bad flags are usage errors: argparse prints the usage line and exits with status 2.
+    if args.auth is not None:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            parser.error("--auth takes USER:PASSWORD (or set INFLLM_READER_AUTH)")
+        args.auth = (user, password)
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port must be between 1 and 65535, got {args.port}")
+    if args.max_upload_mb < 1:
+        parser.error(f"--max-upload-mb must be at least 1, got {args.max_upload_mb}")
     return args
 
 
-def make_engine(args: argparse.Namespace) -> Engine:
-    cfg = InfLLMConfig(method=args.method, topk=args.topk, n_local=args.n_local)
-    return Engine.load(args.model, cfg, args.data_dir)
+def make_service(args: argparse.Namespace, library: Library, resume: bool = False) -> ReadingService:
+    """The model (loaded once, a few seconds) and the service around it; --method and --n-local apply to
+    reading. resume: queue the documents whose reading stopped with the app (the browser app does)."""
+    engine = Engine.load(args.model, InfLLMConfig(method=args.method, topk=args.topk, n_local=args.n_local),
+                         args.data_dir)
+    make = ReadingService.start if resume else ReadingService
+    return make(engine, library, args.max_upload_mb * 2**20)
 
 
 def progress_bar(name: str):
@@ -82,21 +97,22 @@ def progress_bar(name: str):
 
 
 def cmd_ingest(args, library: Library) -> int:
-    engine, failed = make_engine(args), 0
+    service, failed = make_service(args, library), 0
     for path in args.files:
         try:
-            done = ingest(library, engine, path, None if args.json else progress_bar(path.name))
+            done = service.read_now(path, None if args.json else progress_bar(path.name))
             if args.json:
-                print(json.dumps({"file": str(path), "id": done.doc_id, "title": done.title, "status": done.status,
+                print(json.dumps({"file": str(path), "id": done.doc_id, "title": done.title, "status": done.outcome,
                                   "tokens": done.tokens, "seconds": round(done.seconds, 2),
                                   "resumed_from": done.resumed_from}), flush=True)
             else:
-                print(f"\n{done.doc_id}\t{done.title}\t{done.status}\t{done.tokens:,} tokens", flush=True)
+                shown = "\n" if done.outcome == Outcome.READ else ""      # after the progress bar's line
+                print(f"{shown}{done.doc_id}\t{done.title}\t{done.outcome}\t{done.tokens:,} tokens", flush=True)
         except USER_ERRORS as err:
             failed += 1
             if args.json:
                 print(json.dumps({"file": str(path), "id": None, "status": "error", "error": str(err)}), flush=True)
-            print(f"error: {path.name}: {err}", file=sys.stderr)
+            print(f"{'' if args.json else chr(10)}error: {err}", file=sys.stderr)    # the message names the file
     return 2 if failed else 0
 
 
@@ -112,35 +128,25 @@ def cmd_list(args, library: Library) -> int:
 
 
 def cmd_ask(args, library: Library) -> int:
-    doc = library.document(args.doc)
-    engine = make_engine(args)
-    t0 = time.perf_counter()
-    memory = load_memory(library, engine, doc["id"])
-    load_s = time.perf_counter() - t0
-    answer = engine.ask(memory, args.question, max_new_tokens=args.max_new_tokens)
-    for piece in answer:
-        if not args.json:
+    doc = library.document(args.doc)            # a wrong name fails before the model loads
+    service = make_service(args, library)
+    answered = None         # --topk is the engine's; the mode and window are the document's own
+    for piece in service.ask(doc["id"], args.question, max_new_tokens=args.max_new_tokens):
+        if isinstance(piece, Answered):
+            answered = piece
+        elif not args.json:
             print(piece, end="", flush=True)
-    trace = answer.trace.to_dict()
-    spans, pages = library.spans(doc["id"]), library.pages(doc["id"])
-    cited = citation(trace, spans, pages)
-    text = f"{answer.text.rstrip()} {cited}" if cited else answer.text
-    evidence = [{"block": p["block"], "tokens": [spans[p["block"]]["start_token"], spans[p["block"]]["end_token"]],
-                 "pages": p["pages"], "in_memory": p["in_memory"], p["by"]: round(p["weight"], 4)}
-                for p in passages(trace, spans, pages)]
-    conversation = library.new_conversation(doc["id"], args.question)
-    library.add_message(conversation, "user", args.question)
-    timings = {"memory_load_s": round(load_s, 3), **{k: round(v, 3) for k, v in answer.timings.items()}}
-    library.add_message(conversation, "assistant", text, engine.cfg.method, trace, timings)
+    timings = {k: round(v, 3) for k, v in answered.timings.items()}
+    evidence = [{"block": p["block"], "tokens": p["tokens"], "pages": p["pages"], "in_memory": p["in_memory"],
+                 p["by"]: round(p["weight"], 4)} for p in answered.evidence]
     if args.json:
-        print(json.dumps({"document": doc["id"], "answer": text, "citation": cited, "timings": timings,
-                          "evidence": evidence}))
+        print(json.dumps({"document": doc["id"], "answer": answered.text,
+                          "citation": answered.citation, "timings": timings, "evidence": evidence}))
     else:
-        print(f" {cited}" if cited else "")
+        print(f" {answered.citation}" if answered.citation else "")
         where = ", ".join(e["pages"] for e in evidence)
-        print(f"[memory {load_s:.1f} s, first token {answer.timings.get('first_token_s', 0):.1f} s, "
-              f"{answer.timings.get('decode_tokens_per_s', 0):.1f} tok/s; evidence: {where or 'none'}]",
-              file=sys.stderr)
+        print(f"[memory {timings['memory_load_s']:.1f} s, first token {timings.get('first_token_s', 0):.1f} s, "
+              f"{timings.get('decode_tokens_per_s', 0):.1f} tok/s; evidence: {where or 'none'}]", file=sys.stderr)
     return 0
 
 
@@ -152,28 +158,17 @@ def cmd_delete(args, library: Library) -> int:
 
 
 def cmd_serve(args, library: Library) -> int:
-    from ui.handlers import App, Settings
     from ui.layout import CSS, build
+    from ui.handlers import Settings
 
-    auth = None
-    if args.auth:
-        user, sep, password = args.auth.partition(":")
-        if not sep or not user or not password:
-            raise LibraryError("--auth takes USER:PASSWORD")
-        auth = (user, password)
-    if not 1 <= args.port <= 65535:
-        raise LibraryError(f"--port must be between 1 and 65535, got {args.port}")
-    if args.max_upload_mb < 1:
-        raise LibraryError(f"--max-upload-mb must be at least 1, got {args.max_upload_mb}")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.auth is None:
         print(f"warning: serving on {args.host} without --auth: anyone who reaches this address can use the app",
               file=sys.stderr)
-    engine = make_engine(args)
-    app = App.start(engine, library, args.max_upload_mb * 2**20)
-    demo = build(app, Settings(args.method, args.topk, args.n_local))
+    service = make_service(args, library, resume=True)
+    demo = build(service, Settings(args.method, args.topk, args.n_local))
     demo.queue(default_concurrency_limit=1)
     import gradio as gr
-    demo.launch(server_name=args.host, server_port=args.port, auth=auth, max_file_size=f"{args.max_upload_mb}mb",
+    demo.launch(server_name=args.host, server_port=args.port, auth=args.auth, max_file_size=f"{args.max_upload_mb}mb",
                 theme=gr.themes.Soft(primary_hue="indigo", neutral_hue="slate"), css=CSS, footer_links=[],
                 show_error=True)
     return 0

@@ -6,7 +6,7 @@ A document of about LENGTH tokens is cut from a real book (lshort.pdf by default
 own reader, pages and all). Five facts of different kinds (a pass key, a name, a number, a date, a
 word) are planted in it as paragraphs of their own, one at each depth 0.1 .. 0.9; rotation r moves
 fact j to depth (j + 2r) mod 5, so with --docs 5 every fact visits every depth. The document is read
-into a library (storage.ingest, as `app.py ingest` does), then every fact is asked in several
+into a library (reading.ingest, as `app.py ingest` does), then every fact is asked in several
 wordings with Engine.ask (the chat template, as the app asks). The reference is the model's own
 ability: full attention on an excerpt of --reference-length tokens with the same five facts.
 
@@ -31,7 +31,7 @@ from pathlib import Path
 from bench.passkey import machine
 from infllm_engine import Engine, InfLLMConfig, Trace
 from infllm_engine.focus import Focus
-from storage.ingest import ingest_document, load_memory, token_pages
+from reading.ingest import ingest_document, load_memory
 from storage.library import Library
 from storage.readers import Document, Page, read_document
 

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-METHODS = ("infllm", "streaming", "full")
+from infllm_engine.config import METHODS
 LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 
 from bench.passkey import machine

@@ -3,7 +3,7 @@
     python -m bench.throughput --json bench/results/throughput-cpu.json
 
 Each (method, length) runs in a fresh process, so its peak RSS is its own:
-  infllm  the app's path: storage.ingest of a text file into a temporary library (blocks committed
+  infllm  the app's path: reading.ingest of a text file into a temporary library (blocks committed
           to disk and read on memory-mapped), then a question answered from the stored memory;
   full    transformers' own forward with sdpa attention and a DynamicCache, fed in 512-token chunks
           (the model sees every past token), then decoding with that cache;
@@ -61,7 +61,7 @@ def _decode_loop(step, first, n: int) -> float:
 
 
 def run_infllm(engine: Engine, ids: torch.Tensor, n_decode: int) -> dict:
-    from storage.ingest import ingest, load_memory
+    from reading.ingest import ingest, load_memory
     from storage.library import Library
 
     with tempfile.TemporaryDirectory() as tmp:

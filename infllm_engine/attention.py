@@ -32,6 +32,7 @@ class ForwardState:
     """What one model forward over a chunk needs besides the hidden states."""
 
     memory: ContextMemory
+    cfg: InfLLMConfig           # the knobs of this call (topk, focus, kernels...); the memory's layout must match
     rope: Rotary
     start: int                  # absolute position of the chunk's first token
     trace: Trace | None
@@ -67,7 +68,7 @@ def _full(layer: DenseLayer, q, k, v, state: ForwardState, scale: float) -> torc
 
 
 def _infllm(layer: LayerMemory, layer_idx: int, q, k, v, state: ForwardState, scale: float) -> torch.Tensor:
-    cfg: InfLLMConfig = state.memory.cfg
+    cfg = state.cfg
     rope, n_local = state.rope, cfg.n_local
     h, c, d = q.shape
     g = h // k.shape[0]
@@ -88,10 +89,11 @@ def _infllm(layer: LayerMemory, layer_idx: int, q, k, v, state: ForwardState, sc
             tail = layer.recent_k[:, : max(0, focus.doc_end - layer.r0)]
             focus.vote(layer_idx, q_global, s, layer.blocks.keys(), tail, scale)
         near = focus.near(layer_idx, layer.blocks, rope, n_local)
-    topk = cfg.focus_topk if near is not None else cfg.topk      # the focus replaces most per-layer retrieval
+    # The focus replaces most per-layer retrieval, also when it pinned nothing (its evidence is in the window).
+    topk = cfg.focus_topk if focus is not None and not focus.probing else cfg.topk
     if keep_mass and topk > 0 and layer.blocks.n > 0:
         extra = focus.pinned.numel() if near is not None else 0
-        ids, scores = layer.blocks.retrieve(q_global.mean(dim=1), topk + extra, cfg.backend)
+        ids, scores = layer.blocks.retrieve(q_global.mean(dim=1), topk + extra, cfg.kernels)
         if near is not None:
             ids, scores = focus.without_pinned(ids, scores, topk)
         if ids.numel():
@@ -102,29 +104,36 @@ def _infllm(layer: LayerMemory, layer_idx: int, q, k, v, state: ForwardState, sc
     if near is not None:
         memory.append(near)
     res = chunk_attention(q_local, q_global.view(-1, g, c, d), s, Keys(k_win, v_win, lo), memory, n_local,
-                          scale, window_mass=keep_mass, memory_mass=tracing, backend=cfg.backend)
+                          scale, window_mass=keep_mass, memory_mass=tracing, backend=cfg.kernels)
     if keep_mass:
         layer.add_mass(lo, res.window_mass.reshape(h, -1))
-    if tracing and (ids is not None or near is not None):
+    if tracing:
         own = (ids, scores, slot_ids) if ids is not None else None
-        _record(state, layer_idx, res, own, focus if near is not None else None, cfg.block_size)
+        _record(state, layer_idx, res, lo, own, focus if near is not None else None, cfg)
     layer.evict(e - n_local)
     return res.out.reshape(h, c, d)
 
 
-def _record(state: ForwardState, layer_idx: int, res, own, focus: Focus | None, bs: int) -> None:
-    """One trace record: the layer's own blocks (ids, scores, slot ids) and the pinned ones, by id.
+def _record(state: ForwardState, layer_idx: int, res, lo: int, own, focus: Focus | None, cfg: InfLLMConfig) -> None:
+    """One trace record: the layer's own blocks (ids, scores, slot ids), the pinned ones, by id, and the
+    document's spans in the window [lo, ..). Nothing when the step attended none of them.
 
     Their masses are the last memory parts: own blocks, then the pinned blocks (scored by their vote).
     """
-    h, c = res.out.shape[0] * res.out.shape[1], res.out.shape[2]
+    h, c, bs = res.out.shape[0] * res.out.shape[1], res.out.shape[2], cfg.block_size
+    per_key = res.window_mass.sum(dim=(0, 1)) / (h * c)          # [N] share of each window key, lo ..
+    first, window = _window_spans(per_key, lo, state.trace.doc_end, cfg.n_init, bs)
+    if own is None and focus is None and window is None:
+        return
     per_block = lambda mass: mass.sum(dim=(0, 1)).view(-1, bs).sum(-1) / (h * c)
     masses = list(res.memory_mass)
-    all_ids, all_scores, all_mass = [], [], []
+    dev = res.out.device
+    all_ids = [torch.zeros(0, dtype=torch.long, device=dev)]
+    all_scores, all_mass = [torch.zeros(0, device=dev)], [torch.zeros(0, device=dev)]
     if focus is not None:
-        all_ids.append(focus.pinned.to(res.out.device))
+        all_ids.append(focus.pinned.to(dev))
         all_mass.append(per_block(masses.pop()))
-        all_scores.append(focus.scores[focus.pinned].to(res.out.device))
+        all_scores.append(focus.scores[focus.pinned].to(dev))
     if own is not None:
         ids, scores, slot_ids = own
         all_ids.append(ids)
@@ -134,4 +143,20 @@ def _record(state: ForwardState, layer_idx: int, res, own, focus: Focus | None, 
     order = torch.argsort(ids)
     state.trace.records.append(Retrieval(
         layer_idx, state.step, ids[order], torch.cat(all_scores)[order], torch.cat(all_mass)[order],
-        res.window_mass.sum() / (h * c)))
+        per_key.sum(), first, window))
+
+
+def _window_spans(per_key: torch.Tensor, lo: int, doc_end: int | None, n_init: int, bs: int):
+    """Mass of the window keys [lo, lo + N) summed per span of the document: (first span id, [w]) or (0, None).
+
+    Span i holds positions n_init + i*bs .. (ContextMemory.block_span), so the spans in the window take
+    the ids after the memory blocks (Library.spans). Sinks and positions from doc_end on are in no span.
+    """
+    a, b = max(lo, n_init), min(lo + per_key.numel(), doc_end or 0)
+    if a >= b:
+        return 0, None
+    first = (a - n_init) // bs
+    skip = a - (n_init + first * bs)                     # the first span may have left the window in part
+    n = -(-(skip + b - a) // bs)
+    padded = F.pad(per_key[a - lo: b - lo], (skip, n * bs - skip - (b - a)))
+    return first, padded.view(n, bs).sum(-1)

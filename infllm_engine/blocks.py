@@ -14,7 +14,7 @@ from collections import OrderedDict
 
 import torch
 
-from kernels import score_blocks, top_blocks
+from kernels import backend_for, score_blocks, top_blocks
 
 
 def representatives(keys: torch.Tensor, scores: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,9 +66,9 @@ class BlockStore:
         t.k[t.n], t.v[t.n], t.reprs[t.n] = k.to(self.host), v.to(self.host), repr_
         t.n += 1
 
-    def retrieve(self, query: torch.Tensor, k: int, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    def retrieve(self, query: torch.Tensor, k: int, kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """The k blocks whose representatives best match query [H, d]: (ids, scores), ids ascending."""
-        if backend == "triton":
+        if backend_for(kernels, query.device) == "triton":
             from kernels.triton_retrieval import block_scores as score
         else:
             score = score_blocks

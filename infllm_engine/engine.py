@@ -99,12 +99,16 @@ class Engine:
         """Prefill ids [n] into memory (a new one by default) and return it."""
         memory = memory if memory is not None else self.new_memory()
         self._check_input(memory, ids)
-        prefill(self.model, memory, self.rope, ids.to(self.device), trace, progress, want_logits=False)
+        prefill(self.model, memory, self.rope, ids.to(self.device), trace, progress, want_logits=False, cfg=self.cfg)
         return memory
 
     def generate(self, memory: ContextMemory, ids: torch.Tensor, max_new_tokens: int = 64,
                  temperature: float = 0.0, progress: Progress | None = None, focus: Focus | None = None) -> Answer:
-        """Prefill ids after what memory holds (memory is changed), then stream the continuation."""
+        """Prefill ids after what memory holds (memory is changed), then stream the continuation.
+
+        The continuation passes the config's repetition guard (repetition_penalty, no_repeat_ngram),
+        which sees the continuation's own tokens only; repetition_penalty=1.0, no_repeat_ngram=0: off.
+        """
         self._check_input(memory, ids)
         if max_new_tokens < 1:
             raise EngineError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -118,16 +122,14 @@ class Engine:
 
         history: the conversation's earlier (question, answer) turns, re-read before this question, so a
         conversation needs no memory of its own and survives a restart as plain text.
-        The fork runs under this engine's config, so retrieval knobs (topk, ...) may differ from reading.
+        The forwards run under this engine's config, so retrieval knobs (topk, ...) may differ from reading.
         """
         if not question.strip():
             raise EngineError("the question is empty")
         ids, span = self.question_ids(question, history)
-        self._check_input(memory, ids)          # against the document's own layout, before the fork adopts ours
+        self._check_input(memory, ids)
         focus = self.focus(memory, ids, (memory.length + span[0], memory.length + span[1]))
-        fork = memory.fork()
-        fork.cfg = self.cfg
-        answer = self.generate(fork, ids, max_new_tokens, temperature, focus=focus)
+        answer = self.generate(memory.fork(), ids, max_new_tokens, temperature, focus=focus)
         if focus is not None:
             answer.trace.votes, answer.trace.pinned = focus.scores, focus.pinned
         return answer
@@ -137,10 +139,9 @@ class Engine:
         if self.cfg.method != "infllm" or not self.cfg.focus_blocks or not memory.n_blocks:
             return None
         focus = Focus.for_question(span, memory.length, self.n_layers, self.cfg.focus_layers,
-                                   self.cfg.focus_blocks, self.cfg.focus_gap)
-        probe = memory.fork()
-        probe.cfg = self.cfg
-        prefill(self.model, probe, self.rope, ids.to(self.device), None, None, want_logits=False, focus=focus)
+                                   self.cfg.focus_blocks, self.cfg.focus_gap, self.cfg.focus_window)
+        prefill(self.model, memory.fork(), self.rope, ids.to(self.device), None, None, want_logits=False, focus=focus,
+                cfg=self.cfg)
         focus.choose(memory.n_blocks)
         return focus
 
@@ -185,11 +186,12 @@ class Engine:
 
     def _stream(self, memory, ids, max_new_tokens, temperature, answer: Answer, progress, focus) -> Iterator[str]:
         t0 = time.perf_counter()
-        logits = prefill(self.model, memory, self.rope, ids, answer.trace, progress, focus=focus)
+        logits = prefill(self.model, memory, self.rope, ids, answer.trace, progress, focus=focus, cfg=self.cfg)
         answer.timings["prefill_s"] = time.perf_counter() - t0
         shown, t_first = "", time.perf_counter()
         for token in decode(self.model, memory, self.rope, logits, max_new_tokens, self.stop_ids, answer.trace,
-                            temperature, focus=focus):
+                            temperature, focus=focus, repetition_penalty=self.cfg.repetition_penalty,
+                            no_repeat_ngram=self.cfg.no_repeat_ngram, cfg=self.cfg):
             if not answer.token_ids:
                 t_first = time.perf_counter()
                 answer.timings["first_token_s"] = t_first - t0

@@ -41,6 +41,7 @@ class Focus:
     layers: range                  # the voting layers
     n_pinned: int                  # blocks to pin
     gap: int = 64                  # tokens between the re-read blocks' end and the fixed query position
+    defer_to_window: bool = True   # pin nothing when the best evidence span is in the local window
     votes: torch.Tensor | None = None    # [spans]: summed attention share of each block (then window span)
     baseline: torch.Tensor | None = None  # [spans]: the same from the template's tokens around the question
     pinned: torch.Tensor | None = None   # [k] block ids every layer attends, ascending; None while probing
@@ -55,8 +56,8 @@ class Focus:
 
     @classmethod
     def for_question(cls, span: tuple[int, int], doc_end: int, n_layers: int, layers: tuple[float, float],
-                     n_pinned: int, gap: int = 64) -> "Focus":
-        return cls(span, doc_end, cls.voting_layers(n_layers, layers), n_pinned, gap)
+                     n_pinned: int, gap: int = 64, defer_to_window: bool = True) -> "Focus":
+        return cls(span, doc_end, cls.voting_layers(n_layers, layers), n_pinned, gap, defer_to_window)
 
     @property
     def probing(self) -> bool:
@@ -93,6 +94,9 @@ class Focus:
         """
         self.scores = self.evidence()
         if self.scores is None or n_blocks == 0:
+            self.pinned = torch.zeros(0, dtype=torch.long)
+            return
+        if self.defer_to_window and int(self.scores.argmax()) >= n_blocks:
             self.pinned = torch.zeros(0, dtype=torch.long)
             return
         scores, chosen = self.scores[:n_blocks], []

@@ -8,8 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
+from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 from .attention import ForwardState
+from .config import InfLLMConfig
 from .focus import Focus
 from .memory import ContextMemory
 from .rope import Rotary
@@ -17,11 +19,14 @@ from .trace import Trace
 
 
 @torch.inference_mode()
-def forward_chunk(model, memory: ContextMemory, rope: Rotary, ids: torch.Tensor,
-                  trace: Trace | None, kind: str, want_logits: bool, focus: Focus | None = None) -> torch.Tensor | None:
-    """Run ids [n] through the model at positions memory.length ..; returns last-row logits [V] if asked."""
+def forward_chunk(model, memory: ContextMemory, rope: Rotary, ids: torch.Tensor, trace: Trace | None, kind: str,
+                  want_logits: bool, focus: Focus | None = None, cfg: InfLLMConfig | None = None) -> torch.Tensor | None:
+    """Run ids [n] through the model at positions memory.length ..; returns last-row logits [V] if asked.
+
+    cfg: this call's knobs (default: the memory's own); they travel in the forward state, never on the memory.
+    """
     step = trace.begin(kind, memory.length, ids.shape[0]) if trace is not None else -1
-    state = ForwardState(memory, rope, memory.length, trace, step, focus)
+    state = ForwardState(memory, cfg or memory.cfg, rope, memory.length, trace, step, focus)
     zeros = torch.zeros(1, ids.shape[0], dtype=torch.long, device=ids.device)
     hidden = model.base_model(input_ids=ids[None], position_ids=zeros, use_cache=False, infllm=state).last_hidden_state
     memory.length += ids.shape[0]
@@ -32,7 +37,7 @@ def forward_chunk(model, memory: ContextMemory, rope: Rotary, ids: torch.Tensor,
 
 def prefill(model, memory: ContextMemory, rope: Rotary, ids: torch.Tensor, trace: Trace | None = None,
             progress: Callable[[int, int], None] | None = None, want_logits: bool = True,
-            focus: Focus | None = None) -> torch.Tensor | None:
+            focus: Focus | None = None, cfg: InfLLMConfig | None = None) -> torch.Tensor | None:
     """Feed ids [n] in chunks of cfg.chunk_size, aligned to absolute positions so that a text read in
     pieces (document, then question) is chunked exactly as if read at once. Returns last logits [V]."""
     size = memory.cfg.chunk_size
@@ -40,18 +45,39 @@ def prefill(model, memory: ContextMemory, rope: Rotary, ids: torch.Tensor, trace
     while done < ids.shape[0]:
         n = min(size - memory.length % size, ids.shape[0] - done)
         last = done + n == ids.shape[0]
-        logits = forward_chunk(model, memory, rope, ids[done: done + n], trace, "prefill", want_logits and last, focus)
+        logits = forward_chunk(model, memory, rope, ids[done: done + n], trace, "prefill", want_logits and last, focus,
+                               cfg)
         done += n
         if progress is not None:
             progress(done, ids.shape[0])
     return logits
 
 
+def repetition_guard(repetition_penalty: float = 1.0, no_repeat_ngram: int = 0) -> LogitsProcessorList:
+    """transformers' processors that keep a greedy small model out of loops; empty when both are off."""
+    guard = LogitsProcessorList()
+    if no_repeat_ngram:
+        guard.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram))
+    if repetition_penalty != 1.0:
+        guard.append(RepetitionPenaltyLogitsProcessor(float(repetition_penalty)))
+    return guard
+
+
 def decode(model, memory: ContextMemory, rope: Rotary, logits: torch.Tensor, max_new_tokens: int,
            stop_ids: set[int], trace: Trace | None = None, temperature: float = 0.0,
-           generator: torch.Generator | None = None, focus: Focus | None = None) -> Iterator[int]:
-    """Yield up to max_new_tokens token ids, one forward per token; greedy unless temperature > 0."""
+           generator: torch.Generator | None = None, focus: Focus | None = None,
+           repetition_penalty: float = 1.0, no_repeat_ngram: int = 0, cfg: InfLLMConfig | None = None) -> Iterator[int]:
+    """Yield up to max_new_tokens token ids, one forward per token; greedy unless temperature > 0.
+
+    The repetition guard sees only the ids generated here, not the prompt: penalizing the document's
+    or the question's tokens would stop the model from copying a fact or a name out of them.
+    """
+    guard = repetition_guard(repetition_penalty, no_repeat_ngram)
+    answer: list[int] = []
     for i in range(max_new_tokens):
+        if guard and answer:
+            # logits: [V] -> the processors' [batch=1, V], with the answer so far as [1, n]
+            logits = guard(torch.tensor([answer], device=logits.device), logits[None])[0]
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
             token = int(torch.multinomial(probs, 1, generator=generator))
@@ -59,7 +85,8 @@ def decode(model, memory: ContextMemory, rope: Rotary, logits: torch.Tensor, max
             token = int(torch.argmax(logits))
         if token in stop_ids:
             return
+        answer.append(token)
         yield token
         if i + 1 < max_new_tokens:
             logits = forward_chunk(model, memory, rope, torch.tensor([token], device=logits.device),
-                                   trace, "decode", want_logits=True, focus=focus)
+                                   trace, "decode", want_logits=True, focus=focus, cfg=cfg)

@@ -187,6 +187,7 @@ class ContextMemory:
     def __init__(self, cfg: InfLLMConfig, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int):
         self.cfg = cfg
         self.length = 0
+        self.heads = (n_heads, n_kv_heads, head_dim)
         if cfg.method == "full":
             self.layers = [DenseLayer(cfg, n_kv_heads, head_dim) for _ in range(n_layers)]
         else:
@@ -206,6 +207,6 @@ class ContextMemory:
     def fork(self) -> "ContextMemory":
         """A copy to ask a question with; the blocks are shared read-only, the small parts copied."""
         other = object.__new__(ContextMemory)
-        other.cfg, other.length = self.cfg, self.length
+        other.cfg, other.length, other.heads = self.cfg, self.length, self.heads
         other.layers = [layer.fork() for layer in self.layers]
         return other

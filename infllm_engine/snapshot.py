@@ -39,6 +39,15 @@ def blocks(memory: ContextMemory, start: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
+def block_shapes(memory: ContextMemory) -> dict[str, tuple[int, ...]]:
+    """The row shapes of one block as `blocks` lays them out, per layer ("layers": (L,)): what storage
+    needs to map block files back without knowing the model."""
+    n_heads, n_kv_heads, head_dim = memory.heads
+    bs = memory.cfg.block_size
+    return {"layers": (len(memory.layers),), "k": (n_kv_heads, bs, head_dim), "v": (n_kv_heads, bs, head_dim),
+            "reprs": (n_heads, head_dim)}
+
+
 def restore(memory: ContextMemory, saved_state: dict[str, torch.Tensor], saved_blocks: list[dict[str, torch.Tensor]]) -> ContextMemory:
     """Fill a new, empty memory (from Engine.new_memory) with a saved state and its block ranges, in order.
 

@@ -1,9 +1,9 @@
 """Attention and retrieval kernels. Tensors in, tensors out: no models, no files.
 
-Each op has a torch twin (the CPU path and the test oracle); Triton launchers sit beside them.
+Each op has a torch twin (the CPU path and the test oracle); Triton launchers sit beside them. The
+package exports what the engine calls; the stages and launchers are reached through their modules.
 """
-from .attention import Stage, attention_stage, mask_bias, merge_stages, received_mass
-from .chunk import BACKENDS, ChunkOut, Keys, chunk_attention
-from .retrieval import score_blocks, span_mass, top_blocks, topk_blocks
+from .chunk import BACKENDS, ChunkOut, Keys, backend_for, chunk_attention
+from .retrieval import score_blocks, span_mass, top_blocks
 
-__all__ = ["BACKENDS", "ChunkOut", "Keys", "chunk_attention", "Stage", "mask_bias", "attention_stage", "merge_stages", "received_mass", "score_blocks", "span_mass", "top_blocks", "topk_blocks"]
+__all__ = ["BACKENDS", "ChunkOut", "Keys", "backend_for", "chunk_attention", "score_blocks", "span_mass", "top_blocks"]

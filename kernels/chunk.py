@@ -20,17 +20,40 @@ Two implementations, one contract:
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
-from .attention import Stage, merge_stages
+from .stage import Stage, merge_stages
 
 BACKENDS = ("torch", "triton")
+CHOICES = ("auto", *BACKENDS)
 _TILE = 64                  # queries per tile: a [Hkv, G*64, ~2.5K] fp32 score tile is ~6 MB
 _FAR = -(2 ** 40)           # a retrieved block's position for the Triton stage: always beyond the window
 _NO_LIMIT = 2 ** 62
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(choice: str, device_type: str) -> str:
+    if choice not in CHOICES:
+        raise ValueError(f"kernels must be one of {CHOICES}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    if device_type != "cuda":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "triton"
+
+
+def backend_for(choice: str, device: torch.device) -> str:
+    """The kernels to run on tensors of this device: 'auto' is Triton on CUDA (when installed), the torch
+    twin elsewhere; 'torch' or 'triton' forces one. Asked by every layer at every step, so cached."""
+    return _resolve(choice, device.type)
 
 
 class Keys(NamedTuple):
@@ -50,17 +73,18 @@ class ChunkOut(NamedTuple):
 
 def chunk_attention(q_local: torch.Tensor, q_global: torch.Tensor, start: int, window: Keys,
                     memory: Sequence[Keys], n_local: int, scale: float, window_mass: bool = False,
-                    memory_mass: bool = False, backend: str = "torch") -> ChunkOut:
+                    memory_mass: bool = False, backend: str = "auto") -> ChunkOut:
     """q_local, q_global: [Hkv, G, C, d] (the same queries rotated for the window and for the memory).
 
     window.start must be set; memory parts may have start None. Masses are sums over the C queries of
     the probability each key received in the one softmax over all visible keys.
     """
     _check(q_local, q_global, window, memory, n_local)
+    if backend not in CHOICES:
+        raise ValueError(f"chunk_attention: backend must be one of {CHOICES}, got {backend!r}")
+    backend = backend_for(backend, q_local.device)
     if backend == "triton":
         return chunk_attention_triton(q_local, q_global, start, window, memory, n_local, scale, window_mass, memory_mass)
-    if backend != "torch":
-        raise ValueError(f"chunk_attention: backend must be one of {BACKENDS}, got {backend!r}")
     return chunk_attention_torch(q_local, q_global, start, window, memory, n_local, scale, window_mass, memory_mass)
 
 

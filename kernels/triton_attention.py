@@ -6,7 +6,7 @@ InfLLM (Xiao et al., 2024, "InfLLM: Training-Free Long-Context Extrapolation for
 Efficient Context Memory") attends a chunk of queries to two key sets - the local window at real
 relative positions, and the global memory (sinks, retrieved blocks, not-yet-blocked old tokens) at
 one fixed distance - and merges the two stages exactly by log-sum-exp. Each stage is an ordinary
-masked softmax attention that must also report its log-sum-exp; `kernels.attention.attention_stage`
+masked softmax attention that must also report its log-sum-exp; `kernels.stage.attention_stage`
 is the torch twin, and `received_mass` the twin of `key_mass`.
 
 `_stage_fwd` is the FlashAttention-2 forward (Dao, 2023, "FlashAttention-2: Faster Attention with

@@ -15,18 +15,26 @@ import hashlib
 import json
 import shutil
 import threading
+from enum import StrEnum
 from pathlib import Path
 
 import torch
 from sqlite_utils import Database
 
 from . import tensors
+from .errors import LibraryError
 from .readers import file_type
 from .schema import migrate
 
+__all__ = ["Library", "LibraryError", "Status"]
 
-class LibraryError(ValueError):
-    """A readable message about the library: an unknown document, a memory from another model..."""
+
+class Status(StrEnum):
+    """A document's status column. A StrEnum: rows read back from SQLite compare equal to it."""
+
+    READING = "reading"     # being read, or paused (the app stopped): reading it again resumes
+    READY = "ready"         # fully read: it can be asked
+    FAILED = "failed"       # the last reading failed (documents.error says why); reading it again resumes
 
 
 class Library:
@@ -75,7 +83,7 @@ class Library:
         with self.db.conn:
             doc_id = self.db["documents"].insert(dict(
                 title=title, source_name=source_name, kind=kind, sha256=sha256, model_fingerprint=fingerprint,
-                config_hash=config_hash, config=json.dumps(config), status="reading", pages=len(pages), tokens=tokens,
+                config_hash=config_hash, config=json.dumps(config), status=Status.READING, pages=len(pages), tokens=tokens,
                 upload=upload)).last_pk
             self.db["pages"].insert_all(
                 dict(document_id=doc_id, number=i + 1, label=label, start_token=a, end_token=b)
@@ -129,7 +137,12 @@ class Library:
 
     def fail(self, doc_id: int, error: str) -> None:
         with self.db.conn:
-            self.db["documents"].update(doc_id, {"status": "failed", "error": error})
+            self.db["documents"].update(doc_id, {"status": Status.FAILED, "error": error})
+
+    def resume(self, doc_id: int) -> None:
+        """A failed or paused document is being read again: it is 'reading' (not deletable) meanwhile."""
+        with self.db.conn:
+            self.db["documents"].update(doc_id, {"status": Status.READING, "error": None})
 
     # -- memory on disk ---------------------------------------------------------------------------
     def memory_dir(self, doc_id: int) -> Path:
@@ -173,7 +186,7 @@ class Library:
                 dict(document_id=doc_id, block=i, start_token=a, end_token=b, first_page=page_of(a),
                      last_page=page_of(b - 1), text=texts[i] if texts else None, in_memory=int(i < n_memory))
                 for i, (a, b) in enumerate(block_spans))
-            self.db["documents"].update(doc_id, {"status": "ready", "bytes": _folder_bytes(self.memory_dir(doc_id))})
+            self.db["documents"].update(doc_id, {"status": Status.READY, "bytes": _folder_bytes(self.memory_dir(doc_id))})
 
     def load(self, doc_id: int, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype
              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -5,31 +5,48 @@ chapter/section (EPUB, HTML, Markdown, text) through `Document.pages` and `Docum
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import logging
+import posixpath
 import re
 import warnings
 import zipfile
+import zlib
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from xml.etree import ElementTree
 
 import ebooklib
 from bs4 import BeautifulSoup, NavigableString
 from ebooklib import epub
+from lxml import etree
 from pypdf import PdfReader
 
 SUPPORTED = (".pdf", ".epub", ".txt", ".md", ".html", ".htm")
+MAX_BYTES = 200 * 2**20     # the largest file read by default (the app's --max-upload-mb)
 
 # Libraries whose log records belong in Document.log rather than on the user's console.
 _LIBRARY_LOGGERS = ("pypdf", "ebooklib")
-# Font obfuscation is not DRM: DRM-free EPUBs list obfuscated fonts in encryption.xml too.
+# Font obfuscation is not DRM: DRM-free EPUBs list obfuscated fonts in encryption.xml too
+# (EPUB 3.3 OCF, "Font obfuscation": the IDPF algorithm, and Adobe's older one).
 _FONT_OBFUSCATION = {"http://www.idpf.org/2008/embedding", "http://ns.adobe.com/pdf/enc#RC"}
+# Files in META-INF that name a DRM scheme (lower case; the check ignores case).
+_DRM_FILES = {"meta-inf/rights.xml": "Adobe DRM",          # Adobe ADEPT, and Barnes & Noble's
+              "meta-inf/license.lcpl": "Readium LCP",
+              "meta-inf/sinf.xml": "Apple FairPlay"}
+_OPF_NS = "http://www.idpf.org/2007/opf"
+_XML_PARSER = etree.XMLParser(recover=True, resolve_entities=False, no_network=True)  # as ebooklib's
+# Byte-order marks, UTF-32 before UTF-16 (the UTF-32-LE mark starts with the UTF-16-LE one).
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+# Control bytes that do not occur in text (tab, newlines, form feed and escape do).
+_BINARY_BYTES = bytes(b for b in range(32) if b not in b"\t\n\v\f\r\x1b") + b"\x7f"
+_TEXT_BYTES = bytes(b for b in range(256) if b not in _BINARY_BYTES)
 _BLOCK_TAGS = ("p", "div", "section", "article", "blockquote", "pre", "li", "tr", "table",
                "ul", "ol", "dl", "dt", "dd", "figure", "figcaption", "header", "footer",
                "h1", "h2", "h3", "h4", "h5", "h6", "hr")
@@ -37,7 +54,11 @@ _SECTION_MARK = "\x00section\x00"  # NULs do not occur in real HTML text, so spl
 
 
 class DocumentError(ValueError):
-    """A problem with the user's file, worded so it can be shown to them as is."""
+    """A problem with the user's file, worded so it can be shown to them as is.
+
+    Every message names the file once (the name given to read_document, never a storage path)
+    and never carries a library's exception text: it stands alone as one line for the user.
+    """
 
 
 @dataclass(slots=True)
@@ -104,22 +125,23 @@ def file_type(name: str) -> str:
     """The lower-case suffix of a supported file name; DocumentError names the supported ones otherwise."""
     suffix = Path(name).suffix.lower()
     if suffix not in SUPPORTED:
-        raise DocumentError(f"{name}: unsupported file type '{suffix or '(none)'}'; "
+        raise DocumentError(f"{name} has an unsupported file type '{suffix or '(none)'}'; "
                             f"supported types are {', '.join(SUPPORTED)}.")
     return suffix
 
 
-def read_document(path: Path, max_bytes: int = 200 * 2**20, name: str | None = None) -> Document:
+def read_document(path: Path, max_bytes: int = MAX_BYTES, name: str | None = None) -> Document:
     """Read a PDF, EPUB, text, Markdown or HTML file; raise DocumentError on anything unusable.
 
     name: the name to show (an upload's original name) when the file is stored under another one.
     """
     path = Path(path)
+    where = name or str(path)  # a missing path is best shown in full, unless it is a storage path
     name = name or path.name
     if not path.exists():
-        raise DocumentError(f"{path} does not exist.")
+        raise DocumentError(f"{where} does not exist.")
     if path.is_dir():
-        raise DocumentError(f"{path} is a directory, not a file.")
+        raise DocumentError(f"{where} is a directory, not a file.")
     suffix = file_type(name)
     size = path.stat().st_size
     if size == 0:
@@ -128,19 +150,20 @@ def read_document(path: Path, max_bytes: int = 200 * 2**20, name: str | None = N
         raise DocumentError(f"{name} is {_mb(size)} MB, over the {_mb(max_bytes)} MB limit.")
     try:
         data = path.read_bytes()
-    except OSError as exc:
-        raise DocumentError(f"{name} could not be read ({exc.strerror or exc}).") from exc
+    except OSError as exc:  # str(exc) would show the storage path
+        reason = (exc.strerror or "input/output error").lower()
+        raise DocumentError(f"{name} could not be read ({reason}).") from exc
     kind = "html" if suffix == ".htm" else suffix[1:]
     log: list[str] = []
     with _capture_library_logs(log):
         if kind == "pdf":
             title, sections = _read_pdf(name, data, log)
         elif kind == "epub":
-            title, sections = _read_epub(path, name, log)
+            title, sections = _read_epub(name, data, log)
         elif kind == "html":
-            title, sections = _read_html(data)
+            title, sections = _read_html(name, data)
         else:
-            title, sections = _read_plain(kind, _decode(data, log))
+            title, sections = _read_plain(kind, _decode(name, data, log))
     title = title or Path(name).stem
     text, pages = _assemble(sections)
     if not pages:
@@ -185,7 +208,7 @@ def _read_pdf(name: str, data: bytes, log: list[str]) -> tuple[str, list[Section
     except DocumentError:
         raise
     except Exception as exc:  # pypdf raises PdfReadError, PdfStreamError and plain errors alike
-        raise DocumentError(f"{name} is not a readable PDF ({_short(exc)}).") from exc
+        raise DocumentError(f"{name} is not a readable PDF: {_pdf_problem(data)}.") from exc
     if count == 0:
         raise DocumentError(f"{name} has no pages.")
     texts: list[str] = []
@@ -198,7 +221,8 @@ def _read_pdf(name: str, data: bytes, log: list[str]) -> tuple[str, list[Section
             texts.append("")
             failures += 1
     if failures == count:
-        raise DocumentError(f"{name} is not a readable PDF (no page could be parsed).")
+        raise DocumentError(f"{name} is not a readable PDF: none of its pages could be read "
+                            "(the file is damaged).")
     if not any(t.strip() for t in texts):
         raise DocumentError(f"{name} has no text layer; it looks scanned. Run OCR on it first.")
     texts = strip_running_lines([t.replace("\r\n", "\n").replace("\r", "\n") for t in texts])
@@ -209,31 +233,56 @@ def _read_pdf(name: str, data: bytes, log: list[str]) -> tuple[str, list[Section
     return title, [(i + 1, f"p. {i + 1}", t) for i, t in enumerate(texts)]
 
 
-def _read_epub(path: Path, name: str, log: list[str]) -> tuple[str, list[Section]]:
-    if not zipfile.is_zipfile(path):
-        raise DocumentError(f"{name} is not a readable EPUB (it is not a zip archive).")
+def _pdf_problem(data: bytes) -> str:
+    """Why pypdf could not open `data`, in words: not a PDF, cut short, or damaged."""
+    if b"%PDF-" not in data[:1024]:  # readers accept junk before the header, up to 1 KB
+        return "it is not a PDF at all (perhaps another kind of file renamed to .pdf)"
+    if b"%%EOF" not in data[-2048:]:
+        return "the file is cut short (perhaps an unfinished download)"
+    return "the file is damaged"
+
+
+def _read_epub(name: str, data: bytes, log: list[str]) -> tuple[str, list[Section]]:
+    def broken(why: str) -> DocumentError:
+        return DocumentError(f"{name} is not a readable EPUB: {why}.")
+
     try:
-        with zipfile.ZipFile(path) as zf:
-            names = set(zf.namelist())
-            encryption = zf.read("META-INF/encryption.xml") if "META-INF/encryption.xml" in names else None
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise DocumentError(f"{name} is not a readable EPUB ({_short(exc)}).") from exc
-    if "META-INF/rights.xml" in names or (encryption is not None and _encrypts_content(encryption)):
-        raise DocumentError(f"{name} is DRM-protected; only DRM-free EPUBs can be read.")
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as exc:
+        if data.startswith(b"PK\x03\x04"):  # a zip's first entry, but no directory at the end
+            raise broken("the file is cut short or damaged (perhaps an unfinished download)") from exc
+        raise broken("it is not a zip archive, as every EPUB is") from exc
+    with zf:
+        if any(info.flag_bits & 0x1 for info in zf.infolist()):  # reading them raises RuntimeError
+            raise broken("its contents are locked with a zip password")
+        try:
+            scheme = _epub_drm(zf, log)
+            if scheme is not None:
+                raise DocumentError(f"{name} is DRM-protected{f' ({scheme})' if scheme else ''}, so its text "
+                                    "is encrypted and cannot be read. Use a DRM-free copy of the book instead.")
+            _check_epub_package(name, zf, broken)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
+            raise broken(_epub_problem(exc)) from exc
     try:
-        book = epub.read_epub(str(path))
-    except Exception as exc:  # ebooklib raises EpubException, KeyError, lxml errors...
-        raise DocumentError(f"{name} is not a readable EPUB ({_short(exc)}).") from exc
+        book = epub.read_epub(io.BytesIO(data))
+    except Exception as exc:  # ebooklib raises EpubException, KeyError, AttributeError, lxml errors...
+        raise broken(_epub_problem(exc)) from exc
     toc: dict[str, str] = {}
     _collect_toc(book.toc, toc)
     meta = book.get_metadata("DC", "title")
     title = str(meta[0][0]).strip() if meta else ""
     sections: list[Section] = []
+    unreadable = 0
     for idref, _linear in book.spine:
         item = book.get_item_with_id(idref)
         if item is None or item.get_type() != ebooklib.ITEM_DOCUMENT or isinstance(item, epub.EpubNav):
             continue
-        soup = BeautifulSoup(item.content or b"", "lxml")
+        content = item.content or b""
+        if _looks_binary(content):  # encrypted without saying so (or damaged): not XHTML
+            unreadable += 1
+            log.append(f"{item.get_name()}: not text (encrypted or damaged), skipped")
+            continue
+        soup = BeautifulSoup(content, "lxml")
         # The TOC is the author's own label; <title> often just repeats the book title.
         page_title = _heading(soup, "title")
         label = (toc.get(item.get_name()) or _heading(soup, "h1") or _heading(soup, "h2")
@@ -242,21 +291,83 @@ def _read_epub(path: Path, name: str, log: list[str]) -> tuple[str, list[Section
         if text.strip():
             number = len(sections) + 1
             sections.append((number, label or f"Chapter {number}", text))
+    if not sections and unreadable:
+        raise DocumentError(f"{name} cannot be read: its chapters are encrypted or damaged. "
+                            "If the book came with DRM, use a DRM-free copy of the book instead.")
     if not sections:
         log.append("no chapter with text in the spine")
     return title, sections
 
 
-def _encrypts_content(xml: bytes) -> bool:
-    try:
-        root = ElementTree.fromstring(xml)
-    except ElementTree.ParseError:
-        return True  # an unreadable encryption manifest is safest treated as DRM
-    for data in root.iter("{http://www.w3.org/2001/04/xmlenc#}EncryptedData"):
-        method = data.find("{http://www.w3.org/2001/04/xmlenc#}EncryptionMethod")
+def _epub_drm(zf: zipfile.ZipFile, log: list[str]) -> str | None:
+    """The DRM protecting an EPUB ("" when it names no scheme), or None for a DRM-free book.
+
+    DRM shows as META-INF/rights.xml (Adobe ADEPT) or as META-INF/encryption.xml encrypting files
+    with a real cipher (Adobe, Readium LCP, Apple FairPlay...); encryption.xml that only obfuscates
+    fonts is not DRM. Names are compared ignoring case, and namespaces ignored, to catch sloppy files.
+    """
+    names = {n.lower().lstrip("/"): n for n in zf.namelist()}
+    schemes = [scheme for file, scheme in _DRM_FILES.items() if file in names]
+    encryption = names.get("meta-inf/encryption.xml")
+    if "meta-inf/rights.xml" in names or (encryption and _encrypts_content(zf.read(encryption), log)):
+        return schemes[0] if schemes else ""
+    return None
+
+
+def _encrypts_content(xml: bytes, log: list[str]) -> bool:
+    """Whether encryption.xml encrypts a file with anything but font obfuscation."""
+    root = _parse_xml(xml)
+    if root is None:  # the chapters themselves will show whether anything is encrypted
+        log.append("META-INF/encryption.xml is not readable XML; ignored")
+        return False
+    for data in root.iter("{*}EncryptedData"):
+        method = next(data.iter("{*}EncryptionMethod"), None)
         if method is None or method.get("Algorithm") not in _FONT_OBFUSCATION:
             return True
     return False
+
+
+def _check_epub_package(name: str, zf: zipfile.ZipFile, broken) -> None:
+    """Check what ebooklib reads first (container, package file, spine), to say what is wrong."""
+    names = set(zf.namelist())
+    if "META-INF/container.xml" not in names:
+        raise broken("it has no META-INF/container.xml, the file that says where the book's contents are")
+    container = _parse_xml(zf.read("META-INF/container.xml"))
+    rootfiles = [] if container is None else [
+        r.get("full-path") for r in container.iter("{*}rootfile")
+        if r.get("media-type") == "application/oebps-package+xml" and r.get("full-path")]
+    if not rootfiles:
+        raise broken("its META-INF/container.xml is damaged (it does not say where the book's contents are)")
+    opf = posixpath.normpath(rootfiles[-1])  # ebooklib takes the last one
+    if opf not in names:
+        raise broken(f"its package file {opf}, which lists the book's contents, is missing")
+    package = _parse_xml(zf.read(opf))
+    parts = [None if package is None else package.find(f"{{{_OPF_NS}}}{part}")
+             for part in ("metadata", "manifest", "spine")]
+    if any(part is None for part in parts):
+        raise broken(f"its package file {opf}, which lists the book's contents, is damaged")
+    if not len(parts[2]):
+        raise DocumentError(f"{name} has no chapters to read: the reading order (spine) in {opf} is empty.")
+
+
+def _epub_problem(exc: Exception) -> str:
+    """What an exception from zipfile or ebooklib means for the user, without its wording."""
+    missing = re.search(r"There is no item named '(.+?)' in the archive", str(exc))
+    if isinstance(exc, KeyError) and missing:
+        return f"{missing.group(1)} is listed in it but missing from the file (it may be incomplete)"
+    if isinstance(exc, (zipfile.BadZipFile, zlib.error, EOFError)):  # e.g. "Bad CRC-32"
+        return "its compressed data is damaged"
+    if isinstance(exc, NotImplementedError):  # "That compression method is not supported"
+        return "it is compressed with a method that is not supported"
+    return "its structure is damaged"
+
+
+def _parse_xml(data: bytes) -> etree._Element | None:
+    """The root of an XML file, parsed as leniently as ebooklib does; None when there is none."""
+    try:
+        return etree.fromstring(data, _XML_PARSER)
+    except etree.XMLSyntaxError:
+        return None
 
 
 def _collect_toc(entries: object, into: dict[str, str]) -> None:
@@ -295,7 +406,10 @@ def _html_text(soup: BeautifulSoup, mark_sections: bool = False) -> str:
     return "\n".join(line.strip() for line in soup.get_text().split("\n"))
 
 
-def _read_html(data: bytes) -> tuple[str, list[Section]]:
+def _read_html(name: str, data: bytes) -> tuple[str, list[Section]]:
+    if _looks_binary(data):
+        raise DocumentError(f"{name} does not look like an HTML file: it contains binary data "
+                            f"(perhaps another kind of file renamed to {Path(name).suffix}).")
     soup = BeautifulSoup(data, "lxml")  # bytes, so a <meta charset> is honoured
     title = _heading(soup, "title") or _heading(soup, "h1")
     first, *rest = _html_text(soup, mark_sections=True).split(_SECTION_MARK)
@@ -333,12 +447,43 @@ def _number(chunks: list[tuple[str, str]]) -> list[Section]:
     return [(i + 1, label, text) for i, (label, text) in enumerate(kept)]
 
 
-def _decode(data: bytes, log: list[str]) -> str:
+def _decode(name: str, data: bytes, log: list[str]) -> str:
+    """Text from a byte-order mark's encoding, else UTF-8, else Windows-1252, else Latin-1."""
+    codec = _bom_codec(data)
+    if codec:
+        text = data.decode(codec, errors="replace")
+        if "\ufffd" in text:
+            log.append(f"file is not valid {codec.upper().removesuffix('-SIG')}; bad bytes replaced")
+        return text
+    if _looks_binary(data):
+        raise DocumentError(f"{name} does not look like a text file: it contains binary data "
+                            f"(perhaps another kind of file renamed to {Path(name).suffix}).")
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
+        pass
+    try:  # Windows' superset of Latin-1: curly quotes and dashes instead of control codes
+        text = data.decode("cp1252")
+        log.append("file is not valid UTF-8; decoded as Windows-1252 (Latin-1)")
+    except UnicodeDecodeError:  # bytes 0x81, 0x8D, 0x8F, 0x90, 0x9D are unassigned in cp1252
+        text = data.decode("latin-1")
         log.append("file is not valid UTF-8; decoded as Latin-1")
-        return data.decode("latin-1")
+    return text
+
+
+def _bom_codec(data: bytes) -> str | None:
+    return next((codec for bom, codec in _BOMS if data.startswith(bom)), None)
+
+
+def _looks_binary(data: bytes) -> bool:
+    """More than 1% control bytes that text never has (NUL among them): not text, not XHTML.
+
+    Text with a byte-order mark (UTF-16 and UTF-32 are full of NULs) counts as text.
+    """
+    if _bom_codec(data):
+        return False
+    sample = data[:65536]
+    return len(sample.translate(None, _TEXT_BYTES)) * 100 > len(sample)
 
 
 @contextmanager

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from sqlite_utils import Database
 
+from .errors import LibraryError
+
 MIGRATIONS: list[str] = [
     # 1: documents, their pages, memory blocks, checkpoints of an ingest, conversations.
     """
@@ -82,6 +84,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE blocks ADD COLUMN in_memory INTEGER NOT NULL DEFAULT 1;
     """,
+    # 4: segments was never used: block files are append-only and documents.n_blocks says how far.
+    """
+    DROP TABLE IF EXISTS segments;
+    """,
 ]
 
 
@@ -90,7 +96,8 @@ def migrate(db: Database) -> int:
     db.execute("PRAGMA foreign_keys = ON")
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > len(MIGRATIONS):
-        raise RuntimeError(f"the library was written by a newer version of this app (schema {version})")
+        raise LibraryError(f"the library was written by a newer version of this app (schema {version}, this one "
+                           f"knows {len(MIGRATIONS)}); update the app, or choose another --data-dir")
     for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
         with db.conn:
             db.conn.executescript(f"BEGIN; {sql}; PRAGMA user_version = {number}; COMMIT;")

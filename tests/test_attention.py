@@ -65,7 +65,7 @@ def run_layer(cfg: InfLLMConfig, q, k, v, n_layers: int = 1):
     memory, trace = ContextMemory(cfg, n_layers, h, hkv, d), Trace()
     outs = []
     for s in range(0, q.shape[2], cfg.chunk_size):
-        state = ForwardState(memory, rope, s, trace, trace.begin("prefill", s, cfg.chunk_size))
+        state = ForwardState(memory, cfg, rope, s, trace, trace.begin("prefill", s, cfg.chunk_size))
         sl = slice(s, s + cfg.chunk_size)
         outs.append(torch.stack([
             infllm_attention(SimpleNamespace(layer_idx=i), q[i, :, sl][None], k[i, :, sl][None], v[i, :, sl][None],
@@ -188,3 +188,5 @@ def test_the_engine_on_triton_kernels_reads_and_answers_as_on_the_torch_twin(mon
     for rt, rg in zip(a_torch.trace.records, a_triton.trace.records):
         assert torch.equal(rt.block_ids, rg.block_ids)
         torch.testing.assert_close(rg.block_mass, rt.block_mass, atol=1e-5, rtol=1e-4)
+        assert rt.window_first == rg.window_first and rt.window_mass is not None        # the context's tail
+        torch.testing.assert_close(rg.window_mass, rt.window_mass, atol=1e-5, rtol=1e-4)

@@ -63,9 +63,20 @@ class Server:
         self.log.close()
 
 
-def choose_document(page) -> None:
-    page.locator("#document input").click()
-    page.get_by_role("option", name="Market Records · infllm").click()
+def chosen(page, title: str) -> None:
+    """Wait until the chat's dropdown shows the document (the page chooses it: no click)."""
+    page.wait_for_function("t => (document.querySelector('#document input') || {value: ''}).value.includes(t)",
+                           arg=title, timeout=30_000)
+
+
+def short_note(path: Path) -> Path:
+    """Two pages (about 700 tokens), far shorter than the local window: nothing is evicted to memory."""
+    rng = random.Random(1)
+    lines = [f"Crate {i} of {rng.choice(['apples', 'nails', 'rope', 'salt', 'wool'])} was loaded on day "
+             f"{rng.randint(1, 90)}." for i in range(60)]
+    lines[40] = "The ferry to Saltmarsh leaves at dawn from pier nine."
+    path.write_bytes(make_pdf([lines[:30], lines[30:]], title="Short Note"))
+    return path
 
 
 def test_upload_ask_inspect_restart(tmp_path):
@@ -82,13 +93,14 @@ def test_upload_ask_inspect_restart(tmp_path):
             page.wait_for_function("() => document.querySelector('#library').innerText.includes('ready')",
                                    timeout=300_000)
             assert "Market Records" in page.locator("#library").inner_text()
-            choose_document(page)
+            chosen(page, "Market Records")                # the document just read is chosen for the chat
             page.locator("#question textarea").fill(QUESTION)
-            page.locator("#ask").click()
+            page.locator("#question textarea").press("Enter")
             # Streamed: the answer shows while the model still works on it ("answering…").
             page.wait_for_function("() => document.querySelector('#inspector').innerText.includes('answering')",
                                    timeout=120_000)
             page.wait_for_selector("#inspector svg.heatmap rect.cell", timeout=300_000)
+            page.wait_for_selector("#inspector svg.heatmap rect.cell.window")     # the window, by page, too
             answer = page.locator("#chat").inner_text()
             assert QUESTION in answer and "Mirela Vance" in answer
             assert "(p. 3)" in answer                       # the answer cites the page its evidence is on
@@ -102,11 +114,23 @@ def test_upload_ask_inspect_restart(tmp_path):
             server.stop()
 
             server = Server(data_dir)
+            joins = []
+            page.on("request", lambda r: joins.append(r.url) if "queue/join" in r.url else None)
             page.goto(server.url)
-            choose_document(page)
+            chosen(page, "Market Records")                # the only document is chosen
             page.wait_for_function("q => document.querySelector('#chat').innerText.includes(q)", arg=QUESTION)
             assert "Mirela Vance" in page.locator("#chat").inner_text()
             page.wait_for_selector("#inspector svg.heatmap rect.cell")
+            settled = len(joins)
+            time.sleep(3)
+            assert len(joins) == settled, joins[settled:]      # nothing is read: the page does not poll
+
+            page.locator("#upload input[type=file]").set_input_files(str(short_note(tmp_path / "short-note.pdf")))
+            chosen(page, "Short Note")                    # read, and chosen over the one that was
+            page.locator("#question textarea").fill("When does the ferry to Saltmarsh leave?")
+            page.locator("#question textarea").press("Enter")
+            page.wait_for_selector("#inspector svg.heatmap rect.cell.window", timeout=300_000)
+            assert "nothing was evicted" not in page.locator("#inspector").inner_text()
             browser.close()
     finally:
         server.stop()

@@ -113,3 +113,34 @@ def test_serve_is_the_default_and_binds_to_this_machine_only():
 def test_serve_refuses_a_malformed_auth_before_loading_anything(tmp_path):
     run = app("--data-dir", tmp_path, "serve", "--auth", "no-colon", check=False)
     assert run.returncode == 2 and "--auth takes USER:PASSWORD" in run.stderr
+
+
+def test_bad_flags_are_usage_errors_and_a_newer_library_is_refused_in_words(tmp_path):
+    port = app("--data-dir", tmp_path, "serve", "--port", "70000", check=False)
+    assert port.returncode == 2 and "usage:" in port.stderr and "--port must be between 1 and 65535" in port.stderr
+    assert "Traceback" not in port.stderr and "LibraryError" not in port.stderr
+    data = tmp_path / "newer"
+    data.mkdir()
+    db = sqlite3.connect(data / "library.db")
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    newer = app("--data-dir", data, "list", check=False)
+    assert newer.returncode == 2 and "Traceback" not in newer.stderr
+    assert "written by a newer version of this app" in newer.stderr
+
+
+def test_an_error_names_the_file_once(tmp_path, model_dir):
+    empty = tmp_path / "x.pdf"
+    empty.write_bytes(b"")
+    out = app("ingest", empty, "--data-dir", tmp_path / "data", "--model", model_dir, check=False)
+    assert out.returncode == 2 and out.stderr.count("x.pdf") == 1, out.stderr
+
+
+def test_ask_uses_the_mode_and_window_the_document_was_read_with(tmp_path, model_dir):
+    book = tmp_path / "notes.txt"
+    book.write_text("The key to the shed is under the blue pot. " * 80)
+    data = tmp_path / "data"
+    app("ingest", book, "--json", "--data-dir", data, "--model", model_dir, "--method", "streaming", "--n-local", "1024")
+    asked = app("--model", model_dir, "ask", "notes", "Where is the key?", "--json", "--max-new-tokens", "3",
+                "--data-dir", data)                  # no --method, no --n-local: the stored ones apply
+    assert json.loads(asked.stdout)["answer"]

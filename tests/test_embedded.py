@@ -59,10 +59,10 @@ def test_a_fact_planted_in_real_prose_is_answered_and_cited_through_the_library(
     if not all(p.is_file() for p in LICENSES):
         pytest.skip("Debian's /usr/share/common-licenses is not here")
     from bench.needle import Fact, fact_spans, plant
-    from storage.ingest import ingest_document, load_memory
+    from reading.ingest import ingest_document, load_memory
     from storage.library import Library
     from storage.readers import read_document
-    from ui.inspect import citation
+    from reading.citations import citation
 
     source = tmp_path / "licenses.txt"
     source.write_text("\n\n".join(p.read_text() for p in LICENSES))

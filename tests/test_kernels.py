@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from kernels import attention_stage, mask_bias, merge_stages, received_mass, score_blocks, topk_blocks
+from kernels.retrieval import score_blocks, topk_blocks
+from kernels.stage import attention_stage, mask_bias, merge_stages, received_mass
 
 
 @pytest.mark.parametrize("keep_scores", [False, True])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from infllm_engine import Engine, InfLLMConfig
-from storage.ingest import ingest, load_memory, token_pages
+from reading.ingest import Outcome, ingest, load_memory, tokenize
 from storage.library import Library, LibraryError
 from storage.readers import DocumentError, read_document
 
@@ -36,7 +36,7 @@ def test_a_document_is_read_once_and_its_blocks_map_to_pages(tmp_path, engine, b
     assert all(a["first_page"] <= b["first_page"] for a, b in zip(blocks, blocks[1:]))
     assert row["bytes"] > 0 and len(list(library.memory_dir(done.doc_id).glob("state-*"))) == 1
     again = ingest(library, engine, book)
-    assert again.status == "already in the library" and again.doc_id == done.doc_id
+    assert again.outcome == Outcome.FOUND and again.doc_id == done.doc_id
     assert library.document("book")["id"] == done.doc_id          # by title too
 
 
@@ -125,9 +125,31 @@ def test_an_epub_is_read_into_the_library_with_its_chapters_as_pages(tmp_path, e
 def test_each_block_keeps_its_text_for_showing_passages(tmp_path, engine, book):
     library = Library(tmp_path / "lib")
     done = ingest(library, engine, book)
-    for block in library.blocks(done.doc_id)[:5]:
-        ids = engine.tokenizer(engine.document_prompt("") + BOOK, add_special_tokens=False)["input_ids"]
-        assert block["text"] == engine.tokenizer.decode(ids[block["start_token"]:block["end_token"]])
+    ids = engine.tokenizer(engine.document_prompt("") + BOOK, add_special_tokens=False)["input_ids"]
+    for block in library.spans(done.doc_id):
+        tokens = " ".join(engine.tokenizer.decode(ids[block["start_token"]:block["end_token"]]).split())
+        shown = " ".join(block["text"].split())
+        inner = " ".join(tokens.split()[1:-1])          # the words the span holds whole
+        assert inner in shown and len(shown) < len(tokens) + 2 * 24   # widened to whole words, no further
+        assert set(shown.split()) <= set(BOOK.split() + engine.document_prompt("").split())
+
+
+def test_passages_show_whole_characters_and_words(tmp_path, engine):
+    # The tiny tokenizer is byte-level: every multi-byte character is cut in two somewhere.
+    text = " ".join(["café naïve Straße 日本語 ünïcödé"] * 60)
+    path = tmp_path / "utf8.txt"
+    path.write_text(text)
+    library = Library(tmp_path / "lib")
+    done = ingest(library, engine, path)
+    spans = library.spans(done.doc_id)
+    cut = [engine.tokenizer.decode(engine.tokenizer(engine.document_prompt("") + text)["input_ids"][s["start_token"]:
+                                                                                                    s["end_token"]])
+           for s in spans]
+    assert any("\ufffd" in c for c in cut)                         # token spans do cut characters
+    words = set(text.split()) | set(engine.document_prompt("").split())
+    for span in spans:
+        assert "\ufffd" not in span["text"]
+        assert set(span["text"].split()) <= words                   # whole words only
 
 
 def _mapped_file(tensor: torch.Tensor) -> str | None:
@@ -145,7 +167,7 @@ def _mapped_file(tensor: torch.Tensor) -> str | None:
 def test_reading_goes_on_from_the_committed_blocks_on_disk_and_matches_an_all_in_ram_read(tmp_path, engine, book):
     library = Library(tmp_path / "lib")
     done = ingest(library, engine, book, commit_every=2)
-    ids, _ = token_pages(engine, read_document(book, 2**20))
+    ids = tokenize(engine, read_document(book, 2**20)).ids
     in_ram = engine.read(ids)
     assert done.memory.n_blocks == in_ram.n_blocks > 50
     for layer, ram in zip(done.memory.layers, in_ram.layers):
@@ -184,3 +206,25 @@ def test_a_library_from_before_window_spans_is_migrated_and_its_blocks_stay_in_m
     old.close()
     library = Library(tmp_path / "lib")
     assert [b["in_memory"] for b in library.blocks(1)] == [1] and library.spans(1) == library.blocks(1)
+
+
+def test_a_failed_document_read_again_is_reading_while_it_resumes(tmp_path, engine, book):
+    library = Library(tmp_path / "lib")
+
+    def boom(done: int, total: int) -> None:
+        if done > 200:
+            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        ingest(library, engine, book, progress=boom, commit_every=1)
+    (row,) = library.documents()
+    assert (row["status"], row["error"]) == ("failed", "disk full") and row["read_tokens"] > 0
+    seen = []
+    done = ingest(library, engine, book, started=lambda doc_id: seen.append(dict(library.document(doc_id))))
+    assert done.doc_id == row["id"] and done.resumed_from == row["read_tokens"]
+    assert (seen[0]["status"], seen[0]["error"]) == ("reading", None)     # not "failed" (deletable) meanwhile
+    assert library.document(row["id"])["status"] == "ready"
+
+
+def test_the_unused_segments_table_is_dropped(tmp_path):
+    library = Library(tmp_path / "lib")
+    assert "segments" not in library.db.table_names() and "blocks" in library.db.table_names()

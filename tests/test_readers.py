@@ -5,6 +5,8 @@ import hashlib
 import io
 import logging
 import os
+import random
+import re
 import shutil
 import subprocess
 import tarfile
@@ -87,8 +89,13 @@ CONTAINER = """<?xml version="1.0" encoding="UTF-8"?>
 </container>"""
 
 
-def make_epub(path: Path, extra: dict[str, str] | None = None) -> Path:
-    """A small EPUB 2: chapter 1 is in the TOC, chapter 2 only has an <h1>, chapter 3 neither."""
+def make_epub(path: Path, extra: dict[str, str | bytes] | None = None, drop: tuple[str, ...] = (),
+              locked: bool = False) -> Path:
+    """A small EPUB 2: chapter 1 is in the TOC, chapter 2 only has an <h1>, chapter 3 neither.
+
+    `extra` adds or replaces files, `drop` leaves files out, `locked` marks every file as
+    zip-encrypted (the flag only: reading one then asks for a password).
+    """
     chapters = [
         ("ch1.xhtml", "Chapter One: Arrival",
          "<h1>Chapter One: Arrival</h1>\n<p>She walked\n   into the <em>old</em> house.</p>"
@@ -125,8 +132,24 @@ def make_epub(path: Path, extra: dict[str, str] | None = None) -> Path:
                                       f"<title>My EPUB Book</title></head><body>{body}</body></html>")
         files.update(extra or {})
         for name, text in files.items():
-            z.writestr(name, text, compress_type=zipfile.ZIP_DEFLATED)
+            if name not in drop:
+                z.writestr(name, text, compress_type=zipfile.ZIP_DEFLATED)
+    if locked:  # zipfile writes no encrypted entries: set bit 0 of the flags in both headers
+        data = bytearray(path.read_bytes())
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                data[info.header_offset + 6] |= 0x1
+        at = data.find(b"PK\x01\x02")
+        while at != -1:
+            data[at + 8] |= 0x1
+            at = data.find(b"PK\x01\x02", at + 4)
+        path.write_bytes(bytes(data))
     return path
+
+
+def encrypted(n: int = 600, seed: int = 12) -> bytes:
+    """What a cipher leaves of a file: bytes that look random."""
+    return random.Random(seed).randbytes(n)
 
 
 ENCRYPTION_XML = """<?xml version="1.0"?>
@@ -261,10 +284,27 @@ def test_epub_chapters_labels_and_text(tmp_path: Path):
     assert doc.page_at([doc.text.index("coda")]) == [2]
 
 
-def test_epub_font_obfuscation_is_not_drm(tmp_path: Path):
-    xml = ENCRYPTION_XML.format(algorithm="http://www.idpf.org/2008/embedding", uri="OEBPS/font.otf")
-    doc = read_document(make_epub(tmp_path / "fonts.epub", {"META-INF/encryption.xml": xml}))
+@pytest.mark.parametrize("algorithm", ["http://www.idpf.org/2008/embedding", "http://ns.adobe.com/pdf/enc#RC"])
+def test_epub_font_obfuscation_is_not_drm(tmp_path: Path, algorithm: str):
+    # EPUB 3.3 (OCF, font obfuscation): the IDPF algorithm, and Adobe's older one, hide fonts only
+    xml = ENCRYPTION_XML.format(algorithm=algorithm, uri="OEBPS/font.otf")
+    doc = read_document(make_epub(tmp_path / "fonts.epub", {"META-INF/encryption.xml": xml,
+                                                            "OEBPS/font.otf": encrypted()}))
     assert len(doc.pages) == 3
+
+
+def test_epub_malformed_encryption_xml_is_not_taken_for_drm(tmp_path: Path):
+    # a font-obfuscation manifest cut short: the chapters are plain XHTML, so the book reads
+    xml = ENCRYPTION_XML.format(algorithm="http://www.idpf.org/2008/embedding", uri="OEBPS/font.otf")
+    doc = read_document(make_epub(tmp_path / "fonts.epub", {"META-INF/encryption.xml": xml[:150]}))
+    assert len(doc.pages) == 3
+
+
+def test_epub_damaged_chapter_is_skipped_and_logged(tmp_path: Path):
+    doc = read_document(make_epub(tmp_path / "book.epub", {"OEBPS/ch2.xhtml": encrypted()}))
+    assert [p.label for p in doc.pages] == ["Chapter One: Arrival", "Chapter 2"]
+    assert doc.text.endswith("An untitled coda.")
+    assert "ch2.xhtml: not text (encrypted or damaged), skipped" in doc.log
 
 
 # ---------------------------------------------------------------- text, Markdown, HTML
@@ -285,6 +325,18 @@ def test_txt_latin1_fallback_is_logged(tmp_path: Path):
     doc = read_document(write(tmp_path / "old.txt", "café crème".encode("latin-1")))
     assert doc.text == "café crème"
     assert any("Latin-1" in m for m in doc.log)
+
+
+def test_txt_windows_1252_quotes_and_dashes(tmp_path: Path):
+    doc = read_document(write(tmp_path / "old.txt", "“Café” – crème".encode("cp1252")))
+    assert doc.text == "“Café” – crème"
+    assert doc.log == ["file is not valid UTF-8; decoded as Windows-1252 (Latin-1)"]
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-32"])
+def test_txt_utf16_and_utf32_with_byte_order_mark(tmp_path: Path, codec: str):
+    doc = read_document(write(tmp_path / "wide.txt", "Grüße aus Köln.\nZweite Zeile.".encode(codec)))
+    assert doc.text == "Grüße aus Köln.\nZweite Zeile."
 
 
 def test_md_sections_at_headings(tmp_path: Path):
@@ -309,6 +361,17 @@ def test_html_sections_at_h1_and_h2(tmp_path: Path):
 
 # ---------------------------------------------------------------- bad input
 
+# What a message must never show: a Python exception's wording or a library's.
+PYTHON_WORDS = ("NoneType", "object has no attribute", "not iterable", "Error", "Exception", "errno",
+                "line 1, column", "There is no item named", "Stream has ended", "startxref")
+
+
+def assert_plain(message: str, name: str) -> None:
+    """A message the user can read alone: the file named once, no Python or library wording."""
+    assert message.count(name) == 1, message
+    assert not [w for w in PYTHON_WORDS if w in message], message
+
+
 def _raises(path: Path, *words: str, **kwargs) -> str:
     with pytest.raises(DocumentError) as info:
         read_document(path, **kwargs)
@@ -328,6 +391,15 @@ def test_directory(tmp_path: Path):
 
 def test_unsupported_extension_lists_supported(tmp_path: Path):
     _raises(write(tmp_path / "report.docx", "x"), "unsupported", ".docx", *SUPPORTED)
+
+
+@pytest.mark.parametrize("name", ["photo.txt", "photo.md", "photo.html"])
+def test_binary_renamed_to_text_or_html(tmp_path: Path, name: str):
+    data = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + encrypted(2000)
+    kind = "an HTML" if name.endswith(".html") else "a text"
+    assert _raises(write(tmp_path / name, data)) == (
+        f"{name} does not look like {kind} file: it contains binary data "
+        f"(perhaps another kind of file renamed to {Path(name).suffix}).")
 
 
 def test_zero_byte_file(tmp_path: Path):
@@ -353,12 +425,20 @@ def test_encrypted_pdf(tmp_path: Path, book_pdf: Path):
 
 def test_truncated_pdf(tmp_path: Path):
     data = make_pdf(book_pages())
-    _raises(write(tmp_path / "cut.pdf", data[: len(data) // 2]), "is not a readable PDF")
+    message = _raises(write(tmp_path / "cut.pdf", data[: len(data) // 2]))
+    assert message == "cut.pdf is not a readable PDF: the file is cut short (perhaps an unfinished download)."
 
 
 def test_binary_renamed_to_pdf(tmp_path: Path):
     data = b"\x89PNG\r\n\x1a\n" + os.urandom(4096)
-    _raises(write(tmp_path / "image.pdf", data), "is not a readable PDF")
+    message = _raises(write(tmp_path / "image.pdf", data))
+    assert message == ("image.pdf is not a readable PDF: it is not a PDF at all "
+                       "(perhaps another kind of file renamed to .pdf).")
+
+
+def test_damaged_pdf(tmp_path: Path):
+    data = b"%PDF-1.4\n" + encrypted(3000) + b"\n%%EOF\n"  # whole, but nothing inside is PDF
+    assert _raises(write(tmp_path / "bad.pdf", data)) == "bad.pdf is not a readable PDF: the file is damaged."
 
 
 def test_zero_page_pdf(tmp_path: Path):
@@ -373,13 +453,53 @@ def test_scanned_pdf_without_text_layer(tmp_path: Path):
     _raises(path, "has no text layer; it looks scanned")
 
 
+DRM_MESSAGE = ("{name} is DRM-protected{scheme}, so its text is encrypted and cannot be read. "
+               "Use a DRM-free copy of the book instead.")
+AES = "http://www.w3.org/2001/04/xmlenc#aes128-cbc"
+
+
 def test_drm_epub_encryption_xml(tmp_path: Path):
-    xml = ENCRYPTION_XML.format(algorithm="http://www.w3.org/2001/04/xmlenc#aes128-cbc", uri="OEBPS/ch1.xhtml")
-    _raises(make_epub(tmp_path / "drm.epub", {"META-INF/encryption.xml": xml}), "is DRM-protected")
+    xml = ENCRYPTION_XML.format(algorithm=AES, uri="OEBPS/ch1.xhtml")
+    path = make_epub(tmp_path / "drm.epub", {"META-INF/encryption.xml": xml, "OEBPS/ch1.xhtml": encrypted()})
+    assert _raises(path) == DRM_MESSAGE.format(name="drm.epub", scheme="")
 
 
 def test_drm_epub_rights_xml(tmp_path: Path):
-    _raises(make_epub(tmp_path / "adobe.epub", {"META-INF/rights.xml": "<rights/>"}), "is DRM-protected")
+    path = make_epub(tmp_path / "adobe.epub", {"META-INF/rights.xml": "<rights/>"})
+    assert _raises(path) == DRM_MESSAGE.format(name="adobe.epub", scheme=" (Adobe DRM)")
+
+
+def test_drm_epub_readium_lcp(tmp_path: Path):
+    xml = ENCRYPTION_XML.format(algorithm="http://www.w3.org/2001/04/xmlenc#aes256-cbc", uri="OEBPS/ch2.xhtml")
+    path = make_epub(tmp_path / "lcp.epub", {"META-INF/encryption.xml": xml, "META-INF/license.lcpl": "{}",
+                                             "OEBPS/ch2.xhtml": encrypted()})
+    assert _raises(path) == DRM_MESSAGE.format(name="lcp.epub", scheme=" (Readium LCP)")
+
+
+def test_issue12_drm_epub_gets_the_drm_message_not_a_python_error(tmp_path: Path):
+    """Issue 12: "drm.epub is not a readable EPUB ('NoneType' object has no attribute 'get')".
+
+    Its encryption.xml left the XML-Encryption namespace off its elements, so DRM went unnoticed
+    and ebooklib choked on the encrypted package file. Namespaces no longer matter.
+    """
+    entries = "".join(f'<EncryptedData><EncryptionMethod Algorithm="{AES}"/><CipherData>'
+                      f'<CipherReference URI="OEBPS/{f}"/></CipherData></EncryptedData>'
+                      for f in ("content.opf", "ch1.xhtml", "ch2.xhtml", "ch3.xhtml"))
+    xml = f'<encryption xmlns="urn:oasis:names:tc:opendocument:xmlns:container">{entries}</encryption>'
+    files = {f"OEBPS/{f}": encrypted(seed=i) for i, f in enumerate(("content.opf", "ch1.xhtml", "ch2.xhtml",
+                                                                     "ch3.xhtml"))}
+    path = make_epub(tmp_path / "drm.epub", {"META-INF/encryption.xml": xml, **files})
+    message = _raises(path)
+    assert message == DRM_MESSAGE.format(name="drm.epub", scheme="")
+    assert_plain(message, "drm.epub")
+
+
+def test_epub_encrypted_without_saying_so(tmp_path: Path):
+    # e.g. a store's DRM that keeps its keys elsewhere: no encryption.xml, every chapter is noise
+    files = {f"OEBPS/ch{i}.xhtml": encrypted(seed=i) for i in (1, 2, 3)}
+    message = _raises(make_epub(tmp_path / "kobo.epub", files))
+    assert message == ("kobo.epub cannot be read: its chapters are encrypted or damaged. "
+                       "If the book came with DRM, use a DRM-free copy of the book instead.")
 
 
 def test_non_zip_epub(tmp_path: Path):
@@ -391,6 +511,120 @@ def test_zip_without_epub_structure(tmp_path: Path):
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("notes.txt", "a plain zip, no container.xml")
     _raises(path, "is not a readable EPUB")
+
+
+def _opf(tmp_path: Path, pattern: str, replacement: str) -> str:
+    """make_epub's package file with `pattern` replaced."""
+    with zipfile.ZipFile(make_epub(tmp_path / "base.epub")) as z:
+        return re.sub(pattern, replacement, z.read("OEBPS/content.opf").decode(), flags=re.S)
+
+
+BROKEN_EPUBS = {  # id: (how to build it from tmp_path and the path, what follows "x.epub is not a readable EPUB: ")
+    "no container.xml": (lambda t, p: make_epub(p, drop=("META-INF/container.xml",)),
+                         "it has no META-INF/container.xml, the file that says where the book's contents are."),
+    "container.xml garbage": (lambda t, p: make_epub(p, {"META-INF/container.xml": encrypted()}),
+                              "its META-INF/container.xml is damaged (it does not say where the book's "
+                              "contents are)."),
+    "package file missing": (lambda t, p: make_epub(p, drop=("OEBPS/content.opf",)),
+                             "its package file OEBPS/content.opf, which lists the book's contents, is missing."),
+    "package file garbage": (lambda t, p: make_epub(p, {"OEBPS/content.opf": encrypted()}),
+                             "its package file OEBPS/content.opf, which lists the book's contents, is damaged."),
+    "package file empty": (lambda t, p: make_epub(p, {"OEBPS/content.opf": ""}),
+                           "its package file OEBPS/content.opf, which lists the book's contents, is damaged."),
+    "no metadata": (lambda t, p: make_epub(p, {"OEBPS/content.opf": _opf(t, r"<metadata.*</metadata>", "")}),
+                    "its package file OEBPS/content.opf, which lists the book's contents, is damaged."),
+    "no spine": (lambda t, p: make_epub(p, {"OEBPS/content.opf": _opf(t, r"<spine.*</spine>", "")}),
+                 "its package file OEBPS/content.opf, which lists the book's contents, is damaged."),
+    "chapter missing": (lambda t, p: make_epub(p, drop=("OEBPS/ch2.xhtml",)),
+                        "OEBPS/ch2.xhtml is listed in it but missing from the file (it may be incomplete)."),
+    "zip password": (lambda t, p: make_epub(p, locked=True), "its contents are locked with a zip password."),
+    "cut short": (lambda t, p: write(p, make_epub(t / "whole.epub").read_bytes()[:700]),
+                  "the file is cut short or damaged (perhaps an unfinished download)."),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_EPUBS)
+def test_broken_epub_says_what_is_wrong_in_plain_words(tmp_path: Path, case: str):
+    build, why = BROKEN_EPUBS[case]
+    message = _raises(build(tmp_path, tmp_path / "broken.epub"))
+    assert message == f"broken.epub is not a readable EPUB: {why}"
+    assert_plain(message, "broken.epub")
+
+
+def test_epub_with_damaged_compressed_data(tmp_path: Path):
+    path = make_epub(tmp_path / "crc.epub")
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("OEBPS/ch1.xhtml")
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data[start + info.compress_size // 2] ^= 0xFF  # zlib or the CRC check notices
+    message = _raises(write(path, bytes(data)))
+    assert message == "crc.epub is not a readable EPUB: its compressed data is damaged."
+
+
+def test_epub_with_an_empty_spine(tmp_path: Path):
+    opf = _opf(tmp_path, r"<spine(.*?)>.*</spine>", r"<spine\1></spine>")
+    message = _raises(make_epub(tmp_path / "nothing.epub", {"OEBPS/content.opf": opf}))
+    assert message == "nothing.epub has no chapters to read: the reading order (spine) in OEBPS/content.opf is empty."
+
+
+def _locked_pdf(tmp_path: Path) -> bytes:
+    writer = pypdf.PdfWriter(clone_from=io.BytesIO(make_pdf(book_pages())))
+    writer.encrypt(user_password="secret")
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def _no_page_pdf(tmp_path: Path) -> bytes:
+    out = io.BytesIO()
+    pypdf.PdfWriter().write(out)
+    return out.getvalue()
+
+
+def _epub_bytes(**kwargs):
+    return lambda t: make_epub(t / "built.epub", **kwargs).read_bytes()
+
+
+UNREADABLE = {  # id: (suffix, the file's bytes from tmp_path; None: no file; "dir": a directory)
+    "missing": (".pdf", None),
+    "directory": (".pdf", "dir"),
+    "unsupported type": (".docx", lambda t: b"x"),
+    "empty": (".pdf", lambda t: b""),
+    "over the limit": (".txt", lambda t: b"a" * (2 * 2**20)),
+    "blank text": (".md", lambda t: b" \n\t\n"),
+    "binary text": (".txt", lambda t: encrypted()),
+    "binary html": (".html", lambda t: encrypted()),
+    "encrypted pdf": (".pdf", _locked_pdf),
+    "cut pdf": (".pdf", lambda t: make_pdf(book_pages())[:600]),
+    "renamed pdf": (".pdf", lambda t: encrypted()),
+    "no page pdf": (".pdf", _no_page_pdf),
+    "scanned pdf": (".pdf", lambda t: make_pdf(["0 0 612 792 re f"])),
+    "not a zip epub": (".epub", lambda t: b"just text"),
+    "drm epub": (".epub", _epub_bytes(extra={"META-INF/rights.xml": "<rights/>"})),
+    "broken epub": (".epub", _epub_bytes(extra={"OEBPS/content.opf": encrypted()})),
+    "encrypted chapters epub": (".epub", _epub_bytes(extra={f"OEBPS/ch{i}.xhtml": encrypted() for i in (1, 2, 3)})),
+    "empty spine epub": (".epub", lambda t: make_epub(t / "built.epub", {"OEBPS/content.opf": _opf(
+        t, r"<spine(.*?)>.*</spine>", r"<spine\1></spine>")}).read_bytes()),
+}
+
+
+@pytest.mark.parametrize("case", UNREADABLE)
+def test_every_message_names_the_upload_once_never_its_stored_path(tmp_path: Path, case: str):
+    """The library stores an upload as <sha256>.<ext> and passes its original name: messages show that."""
+    suffix, build = UNREADABLE[case]
+    stored = tmp_path / "library" / f"{hashlib.sha256(case.encode()).hexdigest()}{suffix}"
+    stored.parent.mkdir()
+    if build == "dir":
+        stored.mkdir()
+    elif build is not None:
+        stored.write_bytes(build(tmp_path))
+    name = f"Révision finale (v2){suffix}"
+    with pytest.raises(DocumentError) as info:
+        read_document(stored, max_bytes=2**20, name=name)
+    message = str(info.value)
+    assert_plain(message, name)
+    assert stored.stem not in message and str(tmp_path) not in message
 
 
 # ---------------------------------------------------------------- a real book

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from kernels.attention import attention_stage, mask_bias, received_mass  # noqa: E402
+from kernels.stage import attention_stage, mask_bias, received_mass  # noqa: E402
 from kernels.retrieval import score_blocks, top_blocks  # noqa: E402
 from kernels import triton_attention  # noqa: E402
 from kernels.triton_attention import key_mass, stage_attention  # noqa: E402

@@ -5,9 +5,10 @@ import time
 import pytest
 
 from infllm_engine import Engine, InfLLMConfig
+from reading.service import ReadingService
 from storage.library import Library
 from ui import handlers as h
-from ui import inspect
+from ui import evidence
 
 from .conftest import tiny_llama, tiny_tokenizer
 
@@ -19,7 +20,7 @@ SETTINGS = h.Settings("infllm", topk=2, n_local=64, max_new_tokens=6)
 @pytest.fixture
 def app(tmp_path):
     engine = Engine(tiny_llama(), tiny_tokenizer(), InfLLMConfig(**SMALL), fingerprint="tiny")
-    return h.App.start(engine, Library(tmp_path / "data"), max_upload_bytes=1 << 20)
+    return h.App(ReadingService.start(engine, Library(tmp_path / "data"), max_upload_bytes=1 << 20))
 
 
 def dropped(tmp_path, name: str, data: str | bytes) -> str:
@@ -34,7 +35,7 @@ def dropped(tmp_path, name: str, data: str | bytes) -> str:
 def read(app, tmp_path, name="book.txt", data=BOOK) -> int:
     note = h.upload(app, [dropped(tmp_path, name, data)], SETTINGS)
     assert "queued" in note
-    app.reader.wait()
+    app.worker.wait()
     return app.library.documents()[-1]["id"]
 
 
@@ -43,7 +44,7 @@ def test_a_dropped_file_is_kept_under_its_hash_read_in_the_background_and_listed
     kept = list((app.library.dir / "uploads").iterdir())
     assert [p.name for p in kept] == [f"{app.library.document(doc_id)['sha256']}.txt"]
     rows = h.library_rows(app)
-    assert rows[0][:6] == [doc_id, "book", "infllm", "ready", 5, app.library.document(doc_id)["tokens"]]
+    assert rows[0][:6] == [doc_id, "book", "infllm", "ready", 5, f"{app.library.document(doc_id)['tokens']:,}"]
     assert h.document_choices(app) == [("book · infllm", doc_id)]
     assert "✓ book.txt: read" in h.progress_html(app)
 
@@ -61,7 +62,7 @@ def test_bad_uploads_get_readable_messages_and_add_nothing(app, tmp_path):
                     SETTINGS)
     assert "unsupported file type '.docx'" in note and "over the 1 MB limit" in note
     note = h.upload(app, [dropped(tmp_path, "empty.txt", "")], SETTINGS)
-    app.reader.wait()
+    app.worker.wait()
     assert "empty (0 bytes)" in h.progress_html(app) and app.library.documents() == []
     with pytest.raises(h.UserError, match="n_local"):
         h.upload(app, [dropped(tmp_path, "ok.txt", BOOK)], h.Settings(n_local=0))
@@ -71,7 +72,7 @@ def test_progress_shows_tokens_per_second_and_eta_while_reading(app, tmp_path):
     h.upload(app, [dropped(tmp_path, "long.txt", BOOK * 6)], SETTINGS)
     seen = ""
     deadline = time.monotonic() + 60
-    while app.reader.active() and time.monotonic() < deadline:
+    while app.worker.active() and time.monotonic() < deadline:
         html = h.progress_html(app)
         if "tok/s" in html:
             seen = html
@@ -87,9 +88,9 @@ def test_an_answer_streams_is_saved_and_comes_back_with_its_heatmap(app, tmp_pat
     assert len(steps) >= 2 and "class='heatmap'" in html and "data-block=" in html
     saved = app.library.messages(conversation)
     assert [m["content"] for m in saved] == [m["content"] for m in chat]
-    assert saved[1]["trace"]["records"] and saved[1]["timings"]["decode_tokens_per_s"] >= 0
+    assert saved[1]["trace"]["records"] and saved[1]["timings"]["decode_tokens_per_s"] > 0
     # After a restart (a new App on the same library), the conversation and its inspector are back.
-    again = h.App.start(app.engine, Library(app.library.dir))
+    again = h.App(ReadingService.start(app.service.engine, Library(app.library.dir)))
     chat2, conversation2, html2 = h.open_document(again, doc_id)
     assert (chat2, conversation2) == ([{k: m[k] for k in ("role", "content")} for m in saved], conversation)
     assert html2 == html
@@ -130,11 +131,11 @@ def test_the_heatmap_puts_each_retrieved_blocks_mass_in_its_layer_and_column(app
         {"layer": 1, "step": 0, "block_ids": [3, 9], "scores": [1, 1], "block_mass": [0.5, 0.1], "local_mass": 0.3},
         {"layer": 1, "step": 1, "block_ids": [3, 10**6], "scores": [1, 1], "block_mass": [0.25, 0.9], "local_mass": 0.5},
     ]}
-    heat = inspect.heat(trace, 2, len(blocks))
+    heat = evidence.heat(trace, 2, len(blocks))
     assert heat[1, 3] == pytest.approx(0.75) and heat[1, 9] == pytest.approx(0.1) and heat.sum() == pytest.approx(0.85)
-    f = inspect.figures(trace, {"decode_tokens_per_s": 12.5}, len(blocks))
+    f = evidence.figures(trace, {"decode_tokens_per_s": 12.5}, len(blocks))
     assert (f.blocks_retrieved, f.window_share, f.tokens_per_s) == (2, pytest.approx(0.4), 12.5)
-    html = inspect.render(trace, {}, blocks, pages, 2)
+    html = evidence.render(trace, {}, blocks, pages, 2)
     assert html.count("class='cell'") == 2 and "layer 1 · block 3 · p. " in html
     assert re.search(r"<li data-block='3'>.*mass 0\.75", html)
 
@@ -151,7 +152,7 @@ def test_delete_frees_the_document_and_its_upload(app, tmp_path):
 def test_another_mode_reads_the_kept_file_again_as_a_second_entry(app, tmp_path):
     doc_id = read(app, tmp_path)
     h.read_again(app, doc_id, h.Settings("streaming", 2, 64, 6))
-    app.reader.wait()
+    app.worker.wait()
     assert [r[2] for r in h.library_rows(app)] == ["infllm", "streaming"]
     streaming = app.library.documents()[-1]["id"]
     *_, html = list(h.ask(app, streaming, None, "What?", SETTINGS))[-1]
@@ -166,3 +167,40 @@ def test_bad_questions_say_what_is_wrong(app, tmp_path):
             list(h.ask(app, doc, None, question, SETTINGS))
     with pytest.raises(h.UserError, match="answer length"):
         list(h.ask(app, doc_id, None, "q", h.Settings(max_new_tokens=0)))
+
+
+def test_progress_and_delete_follow_the_document_not_its_file_name(app, tmp_path):
+    first = read(app, tmp_path, "long.txt", BOOK * 6)
+    app.library.resume(first)           # as if its reading had been paused: status 'reading', no job
+    job = app.service.read_again(first, InfLLMConfig(**{**SMALL, "method": "streaming"}))
+    deadline = time.monotonic() + 60
+    while job.doc_id is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    rows = {r[0]: r[3] for r in h.library_rows(app)}
+    assert rows[first].startswith("paused at") and job.doc_id != first
+    assert h.delete(app, first).startswith("Deleted")    # the other mode's reading does not hold it
+    if app.worker.active():
+        with pytest.raises(h.UserError, match="being read"):
+            h.delete(app, job.doc_id)
+    app.worker.wait()
+
+
+def test_a_document_just_read_is_chosen_and_polling_stops_when_nothing_is_read(app, tmp_path):
+    idle = h.refresh(app, -1, None)
+    assert idle.rows == [] and not idle.polling and idle.chosen is None
+    assert h.refresh(app, idle.version, None).rows is None        # nothing changed: nothing re-sent
+    h.upload(app, [dropped(tmp_path, "a.txt", BOOK)], SETTINGS)
+    assert h.refresh(app, idle.version, None).polling            # a read is queued or running: keep polling
+    app.worker.wait()
+    done = h.refresh(app, idle.version, None)
+    first = app.library.documents()[-1]["id"]
+    assert (done.chosen, done.polling) == (first, False)
+    h.upload(app, [dropped(tmp_path, "b.txt", BOOK.replace("word", "term"))], SETTINGS)
+    app.worker.wait()
+    second = app.library.documents()[-1]["id"]
+    assert h.refresh(app, done.version, first).chosen == second   # the one just read, over the one chosen
+    assert h.refresh(app, -1, None).chosen == second              # a page opened now
+    app.service.delete(first)
+    restarted = h.App(ReadingService.start(app.service.engine, Library(app.library.dir)))
+    assert h.refresh(restarted, -1, None).chosen == second        # the only document
+    assert h.refresh(restarted, -1, second).chosen is None        # already chosen: left alone

@@ -1,28 +1,29 @@
 """What the page does, as plain functions: the layout (ui/layout.py) only wires them to components.
 
-Each takes the App (engine, library, background reader) and plain values, and returns plain values:
-rows, HTML, chat messages. Errors a user can cause come back as UserError with a readable message.
+Each takes the App (the reading service, and each browser session's stop button) and plain values,
+and returns plain values: rows, HTML, chat messages. Errors a user can cause come back as UserError
+with a readable message.
 """
 from __future__ import annotations
 
 import html
-import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infllm_engine import Engine, EngineError, InfLLMConfig
-from infllm_engine.config import QUESTION_ONLY
-from storage.ingest import load_memory
-from storage.library import Library, LibraryError
-from storage.readers import SUPPORTED, DocumentError
+from infllm_engine import EngineError, InfLLMConfig
+from infllm_engine.config import METHODS
+from reading.ingest import stored_config
+from reading.service import USER_ERRORS, Answered, ReadingService
+from reading.worker import Job, JobState
+from storage.library import Status
+from storage.readers import SUPPORTED
 
-from . import inspect
-from .reader import Job, Reader
+from . import evidence
 
-METHODS = ("infllm", "streaming", "full")
 ACCEPTED = list(SUPPORTED)          # file types the upload box offers
 STREAM_INTERVAL_S = 0.5
 TABLE_HEADERS = ["id", "title", "mode", "status", "pages", "tokens", "disk"]
@@ -54,17 +55,18 @@ class Settings:
 
 @dataclass
 class App:
-    engine: Engine
-    library: Library
-    reader: Reader
-    max_upload_bytes: int
+    """The page's view of the reading service, and each browser session's stop button."""
+
+    service: ReadingService
     stops: dict[str, threading.Event] = field(default_factory=dict)   # per browser session
 
-    @classmethod
-    def start(cls, engine: Engine, library: Library, max_upload_bytes: int = 200 * 2**20) -> "App":
-        app = cls(engine, library, Reader(library, max_upload_bytes), max_upload_bytes)
-        app.reader.resume_interrupted(engine)
-        return app
+    @property
+    def library(self):
+        return self.service.library
+
+    @property
+    def worker(self):
+        return self.service.worker
 
 
 # -- library panel ---------------------------------------------------------------------------------
@@ -72,19 +74,19 @@ def library_rows(app: App) -> list[list]:
     rows = []
     for d in app.library.documents():
         status = d["status"]
-        if status == "reading":
-            job = _reading_job(app, d)
+        if status == Status.READING:
+            job = app.service.reading_job(d["id"])
             share = (job.done / job.total) if job and job.total else d["read_tokens"] / max(d["tokens"], 1)
             status = f"reading {share:.0%}" if job else f"paused at {share:.0%}"
-        mode = json.loads(d["config"])["method"]
-        rows.append([d["id"], d["title"], mode, status, d["pages"], d["tokens"], f"{d['bytes'] / 2**20:,.1f} MB"])
+        rows.append([d["id"], d["title"], stored_config(d).method, status, d["pages"], f"{d['tokens']:,}",
+                     f"{d['bytes'] / 2**20:,.1f} MB"])
     return rows
 
 
 def document_choices(app: App) -> list[tuple[str, int]]:
     """Ready documents for the chat's dropdown, labelled with the mode they were read in."""
-    return [(f"{d['title']} · {json.loads(d['config'])['method']}", d["id"])
-            for d in app.library.documents() if d["status"] == "ready"]
+    return [(f"{d['title']} · {stored_config(d).method}", d["id"])
+            for d in app.library.documents() if d["status"] == Status.READY]
 
 
 def upload_job_note(job: Job) -> str:
@@ -95,68 +97,76 @@ def upload(app: App, files: Sequence[str] | None, settings: Settings) -> str:
     """Queue dropped files for reading; returns a Markdown note. A file's name is kept only as text."""
     if not files:
         return ""
-    engine = _reading_engine(app, settings)
+    cfg = settings.config(app.service.engine.cfg)
     notes = []
     for file in files:
         name = Path(file).name     # Gradio's temp copy keeps the original name; it is only shown
         try:
-            size = Path(file).stat().st_size
-            if size > app.max_upload_bytes:
-                raise UserError(f"{name} is {size / 2**20:,.1f} MB, over the {app.max_upload_bytes / 2**20:,.0f} MB limit.")
-            kept = app.library.keep_upload(Path(file), name)
-        except (UserError, DocumentError, OSError) as err:
+            notes.append(upload_job_note(app.service.read(Path(file), name, cfg)))
+        except (*USER_ERRORS, OSError) as err:
             notes.append(f"✗ {err}")
-            continue
-        notes.append(upload_job_note(app.reader.submit(kept, name, engine)))
     return "\n\n".join(notes)
 
 
 def read_again(app: App, doc_id: int | None, settings: Settings) -> str:
     """Queue a document's kept file for reading under the current settings (another mode, window...)."""
     doc = _document(app, doc_id)
-    path = app.library.upload_path(doc["id"])
-    if path is None:
-        raise UserError(f"the file of “{doc['title']}” was not kept; drop it again to read it in another mode")
-    return upload_job_note(app.reader.submit(path, doc["source_name"], _reading_engine(app, settings)))
+    with _shown_as_user_error():
+        return upload_job_note(app.service.read_again(doc["id"], settings.config(app.service.engine.cfg)))
 
 
 def delete(app: App, doc_id: int | None) -> str:
     doc = _document(app, doc_id)
-    if doc["status"] == "reading" and _reading_job(app, doc) is not None:
-        raise UserError(f"“{doc['title']}” is being read; wait until it is done, then delete it")
-    app.library.delete(doc["id"])
-    app.reader.version += 1
+    with _shown_as_user_error():
+        app.service.delete(doc["id"])
     return f"Deleted “{doc['title']}” and its memory ({doc['bytes'] / 2**20:,.1f} MB freed)."
 
 
-def refresh(app: App, seen: int) -> tuple[list[list] | None, list[tuple[str, int]] | None, int]:
-    """(table rows, document choices, version) when the library changed since `seen`, else (None, None, seen).
+@dataclass(frozen=True)
+class Refresh:
+    """What the library panel shows after a poll; None where nothing changed."""
 
-    While a document is read its row's percentage changes too, so the table refreshes then as well.
+    rows: list[list] | None
+    choices: list[tuple[str, int]] | None
+    chosen: int | None          # a document to choose in the chat's dropdown, or None to leave it
+    version: int
+    polling: bool               # whether the page should keep polling: only while something is read
+
+
+def refresh(app: App, seen: int, current: int | None = None) -> Refresh:
+    """The library panel when it changed since version `seen` (or while a document is read: its percentage).
+
+    A document whose reading just ended is chosen for the chat, so the next question goes to it; so is
+    the only ready document when none is chosen.
     """
-    version = app.reader.version
-    if version == seen and not app.reader.active():
-        return None, None, seen
-    return library_rows(app), document_choices(app), version
+    worker = app.worker
+    version, reading = worker.version, bool(worker.active())
+    if version == seen and not reading:
+        return Refresh(None, None, None, seen, False)
+    choices = document_choices(app)
+    ids = [d for _, d in choices]
+    finished = [j.doc_id for j in worker.jobs if j.state == JobState.READY and j.ended > seen and j.doc_id in ids]
+    chosen = finished[-1] if finished else ids[0] if current in (None, "") and len(ids) == 1 else None
+    return Refresh(library_rows(app), choices, chosen, version, reading)
 
 
 def progress_html(app: App) -> str:
     """Progress bars of the reading queue, then the outcome of recent jobs."""
     parts = []
-    for job in app.reader.jobs[-8:]:
-        if job.state == "reading" and job.total:
+    for job in app.worker.jobs[-8:]:
+        if job.state == JobState.READING and job.total:
             eta = f"ETA {_duration(job.eta_s)}" if job.eta_s is not None else "starting…"
-            paused = " · paused while answering" if app.reader.answering else ""
+            paused = " · paused while answering" if app.worker.answering else ""
             parts.append(f"<div class='job'><div class='job-name'>{html.escape(job.name)}</div>"
                          f"<progress value='{job.done}' max='{job.total}'></progress>"
                          f"<div class='job-stats'>{job.done:,} / {job.total:,} tokens · {job.rate:,.0f} tok/s · "
                          f"{eta}{paused}</div></div>")
-        elif job.state in ("queued", "reading"):
+        elif job.state in (JobState.QUEUED, JobState.READING):
+            waiting = "waiting in the queue" if job.state == JobState.QUEUED else "extracting text…"
             parts.append(f"<div class='job'><div class='job-name'>{html.escape(job.name)}</div>"
-                         f"<div class='job-stats'>{'waiting in the queue' if job.state == 'queued' else 'extracting text…'}"
-                         f"</div></div>")
+                         f"<div class='job-stats'>{waiting}</div></div>")
         else:
-            mark = "✓" if job.state == "ready" else "✗"
+            mark = "✓" if job.state == JobState.READY else "✗"
             parts.append(f"<div class='job {job.state}'>{mark} {html.escape(job.name)}: {html.escape(job.message)}</div>")
     return "".join(parts)
 
@@ -164,34 +174,32 @@ def progress_html(app: App) -> str:
 # -- chat ------------------------------------------------------------------------------------------
 def open_document(app: App, doc_id: int | None) -> tuple[list[dict], int | None, str]:
     """The document's latest conversation: (chat messages, conversation id, inspector HTML of its last answer)."""
-    if doc_id is None:
-        return [], None, inspect.NOTHING_YET
+    if doc_id is None or doc_id == "":
+        return [], None, evidence.NOTHING_YET
     doc = _document(app, doc_id)
-    conversations = app.library.conversations(doc["id"])
-    if not conversations:
-        return [], None, inspect.NOTHING_YET
-    conversation = conversations[-1]["id"]
-    messages = app.library.messages(conversation)
+    conversation, messages = app.service.latest_conversation(doc["id"])
+    if conversation is None:
+        return [], None, evidence.NOTHING_YET
     return _chat(messages), conversation, inspect_answer(app, doc["id"], conversation, len(messages) - 1)
 
 
 def inspect_answer(app: App, doc_id: int | None, conversation: int | None, index: int) -> str:
     """Inspector HTML of the answer at chat index `index` (a question's index shows its answer)."""
     if doc_id is None or conversation is None:
-        return inspect.NOTHING_YET
+        return evidence.NOTHING_YET
     messages = app.library.messages(conversation)
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= index]
     if not answers:
-        return inspect.NOTHING_YET
+        return evidence.NOTHING_YET
     m = messages[answers[0]]
-    return inspect.render(m["trace"], m["timings"], app.library.spans(doc_id), app.library.pages(doc_id),
-                          app.engine.n_layers, m["method"] or "infllm")
+    return evidence.render(m["trace"], m["timings"], app.library.spans(doc_id), app.library.pages(doc_id),
+                          app.service.engine.n_layers, m["method"] or "infllm")
 
 
 def show_block(app: App, doc_id: int | None, block: int) -> str:
     if doc_id is None:
         return ""
-    return inspect.passage(int(block), app.library.spans(doc_id), app.library.pages(doc_id))
+    return evidence.passage(int(block), app.library.spans(doc_id), app.library.pages(doc_id))
 
 
 def stop(app: App, session: str) -> None:
@@ -204,63 +212,30 @@ def ask(app: App, doc_id: int | None, conversation: int | None, question: str, s
 
     The question and the answer are saved when the answer ends, also when it is stopped.
     """
-    question = (question or "").strip()
-    if not question:
+    if not (question or "").strip():
         raise UserError("type a question first")
     doc = _document(app, doc_id)
-    if doc["status"] != "ready":
-        raise UserError(f"“{doc['title']}” is not ready yet ({doc['status']})")
-    read_cfg = InfLLMConfig(**json.loads(doc["config"]))
-    # The document's layout (mode, window) is fixed by how it was read; topk may change per question.
-    # Where it runs and the question focus are the app's own, whatever they were when it was read.
-    cfg = settings.config(read_cfg).replace(method=read_cfg.method, n_local=read_cfg.n_local, dtype=app.engine.cfg.dtype,
-                                            **{k: getattr(app.engine.cfg, k) for k in QUESTION_ONLY})
-    engine = app.engine.with_config(cfg)
+    settings.config(app.service.engine.cfg)         # the page's knobs are checked before anything runs
     messages = app.library.messages(conversation) if conversation else []
-    history = [(q["content"], a["content"]) for q, a in zip(messages[::2], messages[1::2])]
-    chat = _chat(messages) + [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+    chat = _chat(messages) + [{"role": "user", "content": question.strip()}, {"role": "assistant", "content": ""}]
     stopped = app.stops.setdefault(session, threading.Event())
     stopped.clear()
-    outcome: dict = {}
-
-    def produce(emit) -> None:          # runs on the model thread
-        t0 = time.perf_counter()
-        memory = load_memory(app.library, engine, doc["id"])
-        outcome["load_s"] = time.perf_counter() - t0
-        outcome["answer"] = answer = engine.ask(memory, question, settings.max_new_tokens, history=history)
-        emit(None)
-        for piece in answer:
-            emit(piece)
-            if stopped.is_set():
-                return
-
     yield chat, conversation, "<div class='inspector muted'>waiting for the model…</div>"
     shown = 0.0
-    try:
-        for piece in app.reader.stream(produce):
-            if piece is None:
-                yield chat, conversation, "<div class='inspector muted'>answering…</div>"
-                continue
+    with _shown_as_user_error():
+        for piece in app.service.ask(doc["id"], question, conversation, settings.topk, settings.max_new_tokens,
+                                     stopped):
+            if isinstance(piece, Answered):
+                chat[-1]["content"] = piece.text
+                spans, pages = app.library.spans(doc["id"]), app.library.pages(doc["id"])
+                yield chat, piece.conversation, evidence.render(piece.trace, piece.timings, spans, pages,
+                                                               app.service.engine.n_layers, piece.method)
+                return
             chat[-1]["content"] += piece
             # Each update re-sends the chat; many a second would take the cores from decoding.
-            if time.perf_counter() - shown > STREAM_INTERVAL_S:
+            if not piece or time.perf_counter() - shown > STREAM_INTERVAL_S:
                 yield chat, conversation, "<div class='inspector muted'>answering…</div>"
                 shown = time.perf_counter()
-    except (LibraryError, EngineError) as err:
-        raise UserError(str(err)) from err
-    answer = outcome["answer"]
-    trace = answer.trace.to_dict()
-    spans, pages = app.library.spans(doc["id"]), app.library.pages(doc["id"])
-    if stopped.is_set():
-        chat[-1]["content"] += " …(stopped)"
-    elif cited := inspect.citation(trace, spans, pages):
-        chat[-1]["content"] = f"{chat[-1]['content'].rstrip()} {cited}"
-    if conversation is None:
-        conversation = app.library.new_conversation(doc["id"], question)
-    app.library.add_message(conversation, "user", question)
-    timings = {"memory_load_s": outcome["load_s"], **answer.timings}
-    app.library.add_message(conversation, "assistant", chat[-1]["content"], cfg.method, trace, timings)
-    yield chat, conversation, inspect.render(trace, timings, spans, pages, engine.n_layers, cfg.method)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -269,17 +244,16 @@ def _document(app: App, doc_id: int | None) -> dict:
         raise UserError("choose a document first")
     try:
         return app.library.document(int(doc_id))
-    except (LibraryError, ValueError) as err:
+    except (*USER_ERRORS, ValueError) as err:
         raise UserError(f"no document {doc_id!r} in the library; it may have been deleted") from err
 
 
-def _reading_job(app: App, doc: dict) -> Job | None:
-    """The job reading this document now, if any (a job learns its document id only when it ends)."""
-    return next((j for j in app.reader.active() if j.state == "reading" and j.name == doc["source_name"]), None)
-
-
-def _reading_engine(app: App, settings: Settings) -> Engine:
-    return app.engine.with_config(settings.config(app.engine.cfg))
+@contextmanager
+def _shown_as_user_error():
+    try:
+        yield
+    except USER_ERRORS as err:
+        raise UserError(str(err)) from err
 
 
 def _chat(messages: list[dict]) -> list[dict]:

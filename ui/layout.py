@@ -6,8 +6,10 @@ import inspect as py_inspect
 
 import gradio as gr
 
+from reading.service import ReadingService
+
 from . import handlers as h
-from . import inspect
+from . import evidence
 from .handlers import App, Settings, UserError
 
 CSS = """
@@ -29,6 +31,8 @@ CSS = """
 #progress progress { width: 100%; height: 10px; }
 #progress .job-stats { color: var(--body-text-color-subdued); font-size: 0.85em; }
 #progress .failed { color: var(--error-text-color); }
+#library td, #library th { white-space: nowrap; }
+#library td:nth-child(2), #library th:nth-child(2) { white-space: normal; }
 """
 
 INTRO = """# InfLLM Reader
@@ -56,7 +60,8 @@ def _shown(fn):
     return call
 
 
-def build(app: App, defaults: Settings = Settings()) -> gr.Blocks:
+def build(service: ReadingService, defaults: Settings = Settings()) -> gr.Blocks:
+    app = App(service)
     with gr.Blocks(title="InfLLM Reader") as demo:
         gr.Markdown(INTRO)
         with gr.Row(equal_height=False):
@@ -67,9 +72,10 @@ def build(app: App, defaults: Settings = Settings()) -> gr.Blocks:
                 progress = gr.HTML(elem_id="progress")
                 table = gr.Dataframe(headers=h.TABLE_HEADERS, value=h.library_rows(app), interactive=False,
                                      wrap=True, elem_id="library", label="Library",
-                                     column_widths=["8%", "34%", "12%", "14%", "9%", "12%", "11%"])
+                                     column_widths=["6%", "32%", "11%", "15%", "9%", "13%", "14%"])
             with gr.Column(scale=3):
                 with gr.Row():
+                    # No value here: the page's first refresh chooses one, and its change opens the conversation.
                     doc = gr.Dropdown(h.document_choices(app), value=None, label="Document", scale=4,
                                       elem_id="document")
                     new_chat = gr.Button("New conversation", scale=1, size="sm")
@@ -84,7 +90,7 @@ def build(app: App, defaults: Settings = Settings()) -> gr.Blocks:
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 gr.Markdown("### What the answer retrieved")
-                inspector = gr.HTML(inspect.NOTHING_YET, js_on_load=inspect.CLICKS,
+                inspector = gr.HTML(evidence.NOTHING_YET, js_on_load=evidence.CLICKS,
                                     elem_id="inspector")
             with gr.Column(scale=2):
                 gr.Markdown("### Passage")
@@ -104,23 +110,25 @@ def build(app: App, defaults: Settings = Settings()) -> gr.Blocks:
         conversation = gr.State(None)
         seen, shown = gr.State(-1), gr.State("")
         confirmed = gr.Checkbox(visible=False)
-        timer = gr.Timer(1.0)
+        timer = gr.Timer(1.0, active=False)     # polls only while something is read (refresh turns it on and off)
         knobs = [method, topk, n_local, max_new]
 
         def settings(m, k, n, t) -> Settings:
             return Settings(m, int(k), int(n), int(t))
 
-        def refresh(version, shown):
+        def refresh(version, shown, current):
             # Unchanged parts are skipped: the browser shares the two cores with the model.
-            rows, choices, now = h.refresh(app, version)
+            r = h.refresh(app, version, current)
             progress_now = h.progress_html(app)
             bar = progress_now if progress_now != shown else gr.skip()
-            if rows is None:
-                return bar, gr.skip(), gr.skip(), version, progress_now
-            return bar, rows, gr.update(choices=choices), now, progress_now
+            polling = gr.Timer(active=r.polling)
+            if r.rows is None:
+                return bar, gr.skip(), gr.skip(), version, progress_now, polling
+            chosen = gr.update(choices=r.choices, value=r.chosen) if r.chosen is not None else gr.update(choices=r.choices)
+            return bar, r.rows, chosen, r.version, progress_now, polling
 
         def dropped(paths, *k):
-            return h.upload(app, paths, settings(*k)), None
+            return h.upload(app, paths, settings(*k)), None, gr.Timer(active=True)
 
         def asked(d, c, q, m, k, n, t, request: gr.Request):
             for messages, conv, html in h.ask(app, d, c, q, settings(m, k, n, t), request.session_hash):
@@ -138,14 +146,17 @@ def build(app: App, defaults: Settings = Settings()) -> gr.Blocks:
         def picked(d, c, event: gr.SelectData):
             return h.inspect_answer(app, d, c, event.index)
 
-        timer.tick(refresh, [seen, shown], [progress, table, doc, seen, shown], show_progress="hidden")
-        files.upload(_shown(dropped), [files, *knobs], [note, files])
+        panel = dict(fn=refresh, inputs=[seen, shown, doc], outputs=[progress, table, doc, seen, shown, timer],
+                     show_progress="hidden")
+        timer.tick(**panel)
+        demo.load(**panel)          # a page opened later shows the library as it is now
+        files.upload(_shown(dropped), [files, *knobs], [note, files, timer])
         doc.change(_shown(functools.partial(h.open_document, app)), doc, [chat, conversation, inspector])
-        new_chat.click(lambda: ([], None, inspect.NOTHING_YET),
+        new_chat.click(lambda: ([], None, evidence.NOTHING_YET),
                        None, [chat, conversation, inspector])
         remove.click(_shown(deleted), [doc, confirmed], note,
                      js="(d, ok) => [d, confirm('Delete this document and its memory from the library?')]"
-                     ).then(lambda: None, None, doc)
+                     ).then(lambda: None, None, doc).then(**panel)
         ask_event = dict(fn=_shown(asked), inputs=[doc, conversation, question, *knobs],
                          outputs=[chat, conversation, inspector, question], concurrency_limit=1,
                          show_progress="hidden")
@@ -154,6 +165,7 @@ def build(app: App, defaults: Settings = Settings()) -> gr.Blocks:
         stop_btn.click(stop, None, None)
         inspector.select(_shown(clicked), doc, passage)
         chat.select(_shown(picked), [doc, conversation], inspector)
-        again.click(_shown(lambda d, *k: h.read_again(app, d, settings(*k))), [doc, *knobs], note)
+        again.click(_shown(lambda d, *k: (h.read_again(app, d, settings(*k)), gr.Timer(active=True))),
+                    [doc, *knobs], [note, timer])
     return demo
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from infllm_engine import Trace
+from reading.citations import page_label, passages, span_text
 
 MAX_COLUMNS = 240      # wider documents are binned: one column covers several neighbouring blocks
 PALETTE = [(247, 251, 255), (198, 219, 239), (107, 174, 214), (33, 113, 181), (8, 48, 107)]
@@ -36,12 +37,13 @@ class Figures:
     first_token_s: float
 
 
-def heat(trace: dict, n_layers: int, n_blocks: int) -> torch.Tensor:
-    """[n_layers, n_blocks]: attention mass each block received, summed over the answer's steps.
+def heat(trace: dict, n_layers: int, n_blocks: int, n_spans: int | None = None) -> torch.Tensor:
+    """[n_layers, n_spans]: attention mass each span received, summed over the answer's steps.
 
+    Columns: the n_blocks memory blocks, then (up to n_spans) the document's spans in the local window.
     A block retrieved often and attended strongly is hot; one retrieved but ignored stays cool.
     """
-    return Trace.from_dict(trace).heat(n_layers, n_blocks)
+    return Trace.from_dict(trace).heat(n_layers, n_blocks, n_spans=n_spans)
 
 
 def figures(trace: dict, timings: dict | None, n_blocks: int) -> Figures:
@@ -54,36 +56,6 @@ def figures(trace: dict, timings: dict | None, n_blocks: int) -> Figures:
                    timings.get("first_token_s", 0.0))
 
 
-def page_label(block: dict, pages: list[dict]) -> str:
-    first, last = pages[block["first_page"] - 1]["label"], pages[block["last_page"] - 1]["label"]
-    return first if first == last else f"{first} – {last}"
-
-
-def passages(trace: dict, spans: list[dict], pages: list[dict], k: int = 5) -> list[dict]:
-    """The k spans that hold the answer's evidence, best first (Trace.evidence), with pages and text.
-
-    spans: Library.spans rows, memory blocks first and then the local window's pieces.
-    """
-    n_blocks = sum(1 for r in spans if r.get("in_memory", 1))
-    t = Trace.from_dict(trace)
-    weight, by = t.evidence_weights(n_blocks)
-    order = [i for i in t.evidence(n_blocks) if i < len(spans)][:k]
-    return [{"block": i, "pages": page_label(spans[i], pages), "weight": float(weight[i]),
-             "by": by, "in_memory": bool(spans[i].get("in_memory", 1)),
-             "text": spans[i].get("text") or ""} for i in order]
-
-
-def citation(trace: dict | None, spans: list[dict], pages: list[dict]) -> str:
-    """The answer's inline citation, e.g. "(p. 61)": the page of its first evidence span; "" without one."""
-    if not trace or not spans:
-        return ""
-    best = passages(trace, spans, pages, k=1)
-    if not best:
-        return ""
-    where = best[0]["pages"]
-    return f"({where})" if where.startswith("p.") else f"(see {where})"
-
-
 def _colour(x: float) -> str:
     """x in [0, 1] to a sequential blue scale."""
     x = min(max(x, 0.0), 1.0) * (len(PALETTE) - 1)
@@ -93,42 +65,77 @@ def _colour(x: float) -> str:
     return f"rgb({r},{g},{b})"
 
 
-def heatmap_svg(heat_map: torch.Tensor, blocks: list[dict], pages: list[dict]) -> str:
-    n_layers, n_blocks = heat_map.shape
-    if n_blocks == 0:
-        return "<p class='muted'>This document is shorter than the local window: nothing was evicted to memory.</p>"
-    per_col = math.ceil(n_blocks / MAX_COLUMNS)
-    cols = math.ceil(n_blocks / per_col)
+def _bins(part: torch.Tensor, first: int, max_cols: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """part [L, n] (spans first ..) binned into at most max_cols columns of neighbouring spans:
+    (value [L, cols] the hottest span's mass, span [L, cols] its id, the first span id of each column)."""
+    n_layers, n = part.shape
+    per_col = math.ceil(n / max_cols)
+    cols = math.ceil(n / per_col)
     padded = torch.zeros(n_layers, cols * per_col)
-    padded[:, :n_blocks] = heat_map
-    binned = padded.view(n_layers, cols, per_col)
-    value, arg = binned.max(-1)     # a binned cell shows (and opens) its hottest block
+    padded[:, :n] = part
+    value, arg = padded.view(n_layers, cols, per_col).max(-1)     # a binned cell shows (and opens) its hottest span
+    starts = first + torch.arange(cols) * per_col
+    return value, arg + starts, starts.tolist()
+
+
+def heatmap_svg(heat_map: torch.Tensor, spans: list[dict], pages: list[dict], n_blocks: int | None = None) -> str:
+    """heat_map [n_layers, n_spans]: the first n_blocks columns are memory blocks (all by default), the
+    rest the document's spans in the local window, drawn after a gap, on a warm ground, labelled."""
+    n_layers, n_spans = heat_map.shape
+    n_blocks = n_spans if n_blocks is None else n_blocks
+    if n_spans == 0:
+        return "<p class='muted'>This document is shorter than the local window: nothing was evicted to memory.</p>"
+    n_window = n_spans - n_blocks
+    # The window has few spans (n_local / block_size): it keeps a column each; memory blocks share the rest.
+    win = _bins(heat_map[:, n_blocks:], n_blocks, MAX_COLUMNS // 4) if n_window else None
+    mem = _bins(heat_map[:, :n_blocks], 0, MAX_COLUMNS - (len(win[2]) if win else 0)) if n_blocks else None
+    regions = [r for r in (mem, win) if r is not None]
+    value = torch.cat([r[0] for r in regions], 1)
+    span = torch.cat([r[1] for r in regions], 1)
+    starts = [x for r in regions for x in r[2]]
+    cols, mem_cols = value.shape[1], len(mem[2]) if mem else 0
     top = float(value.max()) or 1.0
     cw, ch, left, bottom = max(2.5, 560 / cols), 8.0, 34.0, 30.0
-    width, height = left + cols * cw + 8, n_layers * ch + bottom
+    gap = 6.0 if mem and win else 0.0
+    head = 12.0 if win else 0.0                         # room for the regions' labels
+    x_of = lambda col: left + col * cw + (gap if col >= mem_cols else 0.0)
+    width, height = x_of(cols) + 8, head + n_layers * ch + bottom
+    base = head + n_layers * ch
     parts = [f"<svg class='heatmap' viewBox='0 0 {width:.0f} {height:.0f}' "
-             f"role='img' aria-label='retrieval heatmap'>",
-             f"<rect x='{left}' y='0' width='{cols * cw}' height='{n_layers * ch}' fill='{_colour(0)}'/>"]
+             f"role='img' aria-label='retrieval heatmap'>"]
+    if mem:
+        parts.append(f"<rect x='{left}' y='{head}' width='{mem_cols * cw:.1f}' height='{n_layers * ch}' fill='{_colour(0)}'/>")
+    if win:
+        x0, w = x_of(mem_cols), (cols - mem_cols) * cw
+        parts.append(f"<rect class='window' x='{x0:.1f}' y='{head}' width='{w:.1f}' height='{n_layers * ch}' "
+                     f"fill='rgb(255,248,231)'/>")
+        parts.append(f"<text x='{x0 + w / 2:.1f}' y='{head - 3:.1f}' class='tick' text-anchor='middle'>local window</text>")
+        if mem:
+            parts.append(f"<text x='{left + mem_cols * cw / 2:.1f}' y='{head - 3:.1f}' class='tick' "
+                         f"text-anchor='middle'>memory</text>")
+            parts.append(f"<line x1='{x0 - gap / 2:.1f}' y1='0' x2='{x0 - gap / 2:.1f}' y2='{base:.1f}' "
+                         f"stroke='#888' stroke-dasharray='2 2'/>")
     for layer in range(n_layers):
-        y = (n_layers - 1 - layer) * ch          # layer 0 at the bottom, like a network diagram
+        y = head + (n_layers - 1 - layer) * ch          # layer 0 at the bottom, like a network diagram
         for col in torch.nonzero(value[layer] > 0).flatten().tolist():
-            block = col * per_col + int(arg[layer, col])
-            tip = f"layer {layer} · block {block} · {page_label(blocks[block], pages)} · mass {float(value[layer, col]):.3f}"
-            parts.append(f"<rect class='cell' data-block='{block}' x='{left + col * cw:.1f}' y='{y:.1f}' "
-                         f"width='{cw}' height='{ch}' fill='{_colour(float(value[layer, col]) / top)}'>"
+            block, mass = int(span[layer, col]), float(value[layer, col])
+            where = f"block {block}" if block < n_blocks else "local window"
+            tip = f"layer {layer} · {where} · {page_label(spans[block], pages)} · mass {mass:.3f}"
+            cls = "cell" if block < n_blocks else "cell window"
+            parts.append(f"<rect class='{cls}' data-block='{block}' x='{x_of(col):.1f}' y='{y:.1f}' "
+                         f"width='{cw}' height='{ch}' fill='{_colour(mass / top)}'>"
                          f"<title>{html.escape(tip)}</title></rect>")
     for layer in range(0, n_layers, 5):
-        y = (n_layers - 1 - layer) * ch + ch * 0.8
+        y = head + (n_layers - 1 - layer) * ch + ch * 0.8
         parts.append(f"<text x='{left - 4}' y='{y:.1f}' class='tick' text-anchor='end'>{layer}</text>")
-    for t in range(6):
-        col = min(cols - 1, round(t * (cols - 1) / 5))
-        label = html.escape(pages[blocks[col * per_col]["first_page"] - 1]["label"])
-        parts.append(f"<text x='{left + (col + 0.5) * cw:.1f}' y='{n_layers * ch + 12}' class='tick' "
+    for col in sorted({min(cols - 1, round(t * (cols - 1) / 5)) for t in range(6)}):
+        label = html.escape(pages[spans[starts[col]]["first_page"] - 1]["label"])
+        parts.append(f"<text x='{x_of(col) + 0.5 * cw:.1f}' y='{base + 12}' class='tick' "
                      f"text-anchor='middle'>{label}</text>")
-    parts.append(f"<text x='{left + cols * cw / 2:.1f}' y='{height - 3:.0f}' class='axis' text-anchor='middle'>"
+    parts.append(f"<text x='{(left + x_of(cols)) / 2:.1f}' y='{height - 3:.0f}' class='axis' text-anchor='middle'>"
                  f"position in the document (pages) →</text>")
-    parts.append(f"<text x='8' y='{n_layers * ch / 2:.0f}' class='axis' text-anchor='middle' "
-                 f"transform='rotate(-90 8 {n_layers * ch / 2:.0f})'>layer</text></svg>")
+    parts.append(f"<text x='8' y='{head + n_layers * ch / 2:.0f}' class='axis' text-anchor='middle' "
+                 f"transform='rotate(-90 8 {head + n_layers * ch / 2:.0f})'>layer</text></svg>")
     return "".join(parts)
 
 
@@ -144,14 +151,16 @@ def render(trace: dict | None, timings: dict | None, spans: list[dict], pages: l
         return (f"<div class='inspector muted'>This answer used {html.escape(method)} attention, which retrieves "
                 "nothing from memory: there is no heatmap. Read the document in infllm mode to see retrieval.</div>")
     blocks = [r for r in spans if r.get("in_memory", 1)]
-    heat_map = heat(trace, n_layers, len(blocks))
+    # Traces stored before the window was traced have memory columns only, as they were drawn then.
+    n_spans = len(spans) if trace.get("doc_end") is not None else len(blocks)
+    heat_map = heat(trace, n_layers, len(blocks), n_spans)
     f = figures(trace, timings, len(blocks))
     cards = [("blocks retrieved", f"{f.blocks_retrieved} of {f.n_blocks}"),
              ("attention on memory", f"{f.memory_share:.0%}"), ("on the local window", f"{f.window_share:.0%}"),
              ("decode", f"{f.tokens_per_s:.1f} tok/s"), ("first token", f"{f.first_token_s:.2f} s")]
     parts = ["<div class='inspector'><div class='figures'>"]
     parts += [f"<div class='figure'><b>{html.escape(v)}</b><span>{html.escape(k)}</span></div>" for k, v in cards]
-    parts.append(f"</div>{heatmap_svg(heat_map, blocks, pages)}<ol class='passages'>")
+    parts.append(f"</div>{heatmap_svg(heat_map, spans, pages, len(blocks))}<ol class='passages'>")
     for p in passages(trace, spans, pages):
         snippet = " ".join(p["text"].split())[:220]
         where = f"block {p['block']}" if p["in_memory"] else "local window"
@@ -166,6 +175,6 @@ def passage(block: int, spans: list[dict], pages: list[dict]) -> str:
     if not 0 <= block < len(spans):
         return "That block is not part of this document."
     row = spans[block]
-    text = row.get("text") or "(the text of this block was not stored; read the document again to see it)"
+    text = span_text(row) or "(the text of this block was not stored; read the document again to see it)"
     return (f"**{page_label(row, pages)}** · block {block} · tokens {row['start_token']:,}–{row['end_token']:,}"
             f"\n\n> {' '.join(text.split())}")

@@ -9,7 +9,6 @@ commit when the app starts again.
 """
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -17,14 +16,23 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
-from infllm_engine import Engine, EngineError, InfLLMConfig
-from storage.ingest import ingest
-from storage.library import Library, LibraryError
+from infllm_engine import Engine, EngineError
+from storage.library import Library, LibraryError, Status
 from storage.readers import DocumentError
 
+from .ingest import Outcome, ingest, stored_config
+
 log = logging.getLogger(__name__)
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    READING = "reading"
+    READY = "ready"
+    FAILED = "failed"
 
 
 @dataclass
@@ -32,9 +40,10 @@ class Job:
     name: str                 # the upload's original name: shown, never a path
     path: Path                # the library's kept copy
     engine: Engine
-    state: str = "queued"     # queued | reading | ready | failed
+    state: JobState = JobState.QUEUED
     message: str = ""
-    doc_id: int | None = None
+    doc_id: int | None = None  # known once reading has found or added the document
+    ended: int = -1            # Worker.version when it ended (ready or failed)
     done: int = 0             # tokens read
     total: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -56,7 +65,7 @@ class _Cancelled(Exception):
     """The consumer of a streamed call went away (a closed tab): stop producing."""
 
 
-class Reader:
+class Worker:
     def __init__(self, library: Library, max_bytes: int):
         self.library, self.max_bytes = library, max_bytes
         self.jobs: list[Job] = []
@@ -80,15 +89,14 @@ class Reader:
         """Queue documents whose reading stopped with the app (status 'reading') and whose upload is kept."""
         jobs = []
         for doc in self.library.documents():
-            path = self.library.upload_path(doc["id"]) if doc["status"] == "reading" else None
+            path = self.library.upload_path(doc["id"]) if doc["status"] == Status.READING else None
             if path is None or doc["model_fingerprint"] != engine.fingerprint:
                 continue
-            cfg = InfLLMConfig(**json.loads(doc["config"]))
-            jobs.append(self.submit(path, doc["source_name"], engine.with_config(cfg)))
+            jobs.append(self.submit(path, doc["source_name"], engine.with_config(stored_config(doc))))
         return jobs
 
     def active(self) -> list[Job]:
-        return [j for j in self.jobs if j.state in ("queued", "reading")]
+        return [j for j in self.jobs if j.state in (JobState.QUEUED, JobState.READING)]
 
     def wait(self, timeout: float = 600) -> None:
         """Until the queue is empty (for tests and scripts)."""
@@ -140,6 +148,7 @@ class Reader:
                 try:
                     self._read(job)
                 finally:
+                    job.ended = self.version + 1      # before the bump: a poll that sees it sees this too
                     self.version += 1
 
     def _answer(self) -> None:
@@ -155,20 +164,24 @@ class Reader:
             finally:
                 self.answering = False
     def _read(self, job: Job) -> None:
-        job.state, job.started = "reading", time.perf_counter()
+        job.state, job.started = JobState.READING, time.perf_counter()
+
+        def started(doc_id: int) -> None:
+            job.doc_id = doc_id
+            self.version += 1           # the document's row (new, or failed -> reading) shows at once
         try:
             done = ingest(self.library, job.engine, job.path, self._progress(job), max_bytes=self.max_bytes,
-                          name=job.name)
+                          name=job.name, started=started)
         except (DocumentError, LibraryError, EngineError) as err:
-            job.state, job.message = "failed", str(err)
+            job.state, job.message = JobState.FAILED, str(err)
             return
         except Exception as err:        # a bug, not bad input: keep the app alive and say so
             log.exception("reading %s failed", job.name)
-            job.state, job.message = "failed", f"reading failed with an internal error: {err}"
+            job.state, job.message = JobState.FAILED, f"reading failed with an internal error: {err}"
             return
-        job.doc_id, job.state = done.doc_id, "ready"
+        job.doc_id, job.state = done.doc_id, JobState.READY
         job.done = job.total = done.tokens
-        job.message = (f"already in the library as “{done.title}”" if done.status != "ready"
+        job.message = (f"already in the library as “{done.title}”" if done.outcome == Outcome.FOUND
                        else f"read {done.tokens:,} tokens in {done.seconds:,.0f} s")
 
     def _progress(self, job: Job):

@@ -1,0 +1,47 @@
+"""Where an answer's evidence is in the document: its passages, best first, and the inline citation.
+
+Pure functions from a stored trace (Trace.to_dict) and the document's span and page rows.
+"""
+from __future__ import annotations
+
+from infllm_engine import Trace
+
+REPLACEMENT = "\ufffd"
+
+
+def page_label(span: dict, pages: list[dict]) -> str:
+    """"p. 3", or "p. 3 – p. 4" for a span that crosses a page break."""
+    first, last = pages[span["first_page"] - 1]["label"], pages[span["last_page"] - 1]["label"]
+    return first if first == last else f"{first} – {last}"
+
+
+def span_text(span: dict) -> str:
+    """A span's stored text. Libraries read before whole-word spans decoded token spans that could cut a
+    character in two: the halves show as '\ufffd' at the ends, and are dropped."""
+    return (span.get("text") or "").strip(REPLACEMENT)
+
+
+def passages(trace: dict, spans: list[dict], pages: list[dict], k: int = 5) -> list[dict]:
+    """The k spans that hold the answer's evidence, best first (Trace.evidence), with pages and text.
+
+    spans: Library.spans rows, memory blocks first and then the local window's pieces.
+    """
+    n_blocks = sum(1 for r in spans if r.get("in_memory", 1))
+    t = Trace.from_dict(trace)
+    weight, by = t.evidence_weights(n_blocks)
+    order = [i for i in t.evidence(n_blocks) if i < len(spans)][:k]
+    return [{"block": i, "pages": page_label(spans[i], pages), "weight": float(weight[i]),
+             "by": by, "in_memory": bool(spans[i].get("in_memory", 1)),
+             "tokens": [spans[i]["start_token"], spans[i]["end_token"]], "text": span_text(spans[i])}
+            for i in order]
+
+
+def citation(trace: dict | None, spans: list[dict], pages: list[dict]) -> str:
+    """The answer's inline citation, e.g. "(p. 61)": the page of its first evidence span; "" without one."""
+    if not trace or not spans:
+        return ""
+    best = passages(trace, spans, pages, k=1)
+    if not best:
+        return ""
+    where = best[0]["pages"]
+    return f"({where})" if where.startswith("p.") else f"(see {where})"

@@ -1,0 +1,160 @@
+"""The reading service: the verbs a person uses, shared by the command line (app.py) and the page (ui/).
+
+read a document (queued on the model's thread, or now), ask it (streamed, cited, saved with its
+trace), keep the conversation, delete. Neither front end loads a memory, asks or saves by itself.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from infllm_engine import Engine, EngineError, InfLLMConfig
+from infllm_engine.config import QUESTION_ONLY
+from infllm_engine.engine import Progress
+from storage.library import Library, LibraryError, Status
+from storage.readers import MAX_BYTES, DocumentError
+
+from .citations import citation, passages
+from .ingest import Ingested, ingest, load_memory, stored_config
+from .worker import Job, Worker
+
+
+class ReadingError(ValueError):
+    """A request the service refuses, with a message for the person who made it."""
+
+
+USER_ERRORS = (ReadingError, LibraryError, DocumentError, EngineError)   # shown as messages, never as tracebacks
+
+
+@dataclass
+class Answered:
+    """An answer once it has ended (or was stopped), as saved in the conversation."""
+
+    text: str                 # the answer, its citation appended
+    citation: str             # e.g. "(p. 61)"; "" without evidence
+    conversation: int
+    method: str
+    trace: dict
+    timings: dict
+    evidence: list[dict]      # citations.passages: the evidence spans, best first
+    stopped: bool = False
+
+
+class ReadingService:
+    def __init__(self, engine: Engine, library: Library, max_upload_bytes: int = MAX_BYTES):
+        if max_upload_bytes < 1:
+            raise ReadingError(f"the upload limit must be at least 1 byte, got {max_upload_bytes}")
+        self.engine, self.library, self.max_upload_bytes = engine, library, max_upload_bytes
+        self.worker = Worker(library, max_upload_bytes)
+
+    @classmethod
+    def start(cls, engine: Engine, library: Library, max_upload_bytes: int = MAX_BYTES) -> "ReadingService":
+        """The service, with documents whose reading stopped with the app queued to resume."""
+        service = cls(engine, library, max_upload_bytes)
+        service.worker.resume_interrupted(engine)
+        return service
+
+    # -- reading ----------------------------------------------------------------------------------
+    def read(self, path: Path, name: str, cfg: InfLLMConfig | None = None) -> Job:
+        """Keep a copy of a dropped file and queue it for reading on the model's thread."""
+        size = Path(path).stat().st_size
+        if size > self.max_upload_bytes:
+            raise ReadingError(f"{name} is {size / 2**20:,.1f} MB, over the {self.max_upload_bytes / 2**20:,.0f} MB limit")
+        kept = self.library.keep_upload(Path(path), name)
+        return self.worker.submit(kept, name, self.engine.with_config(cfg or self.engine.cfg))
+
+    def read_now(self, path: Path, progress: Progress | None = None) -> Ingested:
+        """Read a file on this thread (the command line), or find it already read, or resume it."""
+        return ingest(self.library, self.engine, path, progress, max_bytes=self.max_upload_bytes)
+
+    def read_again(self, doc_ref: int | str, cfg: InfLLMConfig) -> Job:
+        """Queue a document's kept file for reading under other settings (another mode, window...)."""
+        doc = self.library.document(doc_ref)
+        path = self.library.upload_path(doc["id"])
+        if path is None:
+            raise ReadingError(f"the file of “{doc['title']}” was not kept; drop it again to read it in another mode")
+        return self.worker.submit(path, doc["source_name"], self.engine.with_config(cfg))
+
+    def reading_job(self, doc_id: int) -> Job | None:
+        """The job reading this document now, if any."""
+        return next((j for j in self.worker.active() if j.doc_id == doc_id), None)
+
+    def delete(self, doc_ref: int | str) -> dict:
+        """Delete a document and its memory; returns its row as it was. Refused while it is being read."""
+        doc = self.library.document(doc_ref)
+        if self.reading_job(doc["id"]) is not None:
+            raise ReadingError(f"“{doc['title']}” is being read; wait until it is done, then delete it")
+        self.library.delete(doc["id"])
+        self.worker.version += 1
+        return doc
+
+    # -- asking -----------------------------------------------------------------------------------
+    def question_config(self, doc: dict, topk: int | None = None) -> InfLLMConfig:
+        """The config to ask a document with.
+
+        Its layout (mode, window, blocks) is fixed by how it was read. Where it runs and the question
+        focus are this service's engine's, whatever they were when it was read; topk may change per call.
+        """
+        own = self.engine.cfg
+        changes = {k: getattr(own, k) for k in QUESTION_ONLY}
+        return stored_config(doc).replace(dtype=own.dtype, topk=own.topk if topk is None else int(topk), **changes)
+
+    def ask(self, doc_ref: int | str, question: str, conversation: int | None = None, topk: int | None = None,
+            max_new_tokens: int = 200, stop: threading.Event | None = None) -> Iterator[str | Answered]:
+        """Stream an answer on the model's thread: "" when the model starts, then text pieces, then Answered.
+
+        The question and the answer (with its citation, trace and timings) are saved when the answer ends,
+        also when `stop` is set. conversation: the one to continue (its turns are re-read), or None for a new one.
+        """
+        question = (question or "").strip()
+        if not question:
+            raise ReadingError("type a question first")
+        doc = self.library.document(doc_ref)
+        if doc["status"] != Status.READY:
+            raise ReadingError(f"“{doc['title']}” is not ready yet ({doc['status']})")
+        cfg = self.question_config(doc, topk)
+        engine = self.engine.with_config(cfg)
+        messages = self.library.messages(conversation) if conversation else []
+        history = [(q["content"], a["content"]) for q, a in zip(messages[::2], messages[1::2])]
+        stop = stop or threading.Event()
+        outcome: dict = {}
+
+        def produce(emit) -> None:          # runs on the model thread
+            t0 = time.perf_counter()
+            memory = load_memory(self.library, engine, doc["id"])
+            outcome["load_s"] = time.perf_counter() - t0
+            outcome["answer"] = answer = engine.ask(memory, question, max_new_tokens, history=history)
+            emit("")
+            for piece in answer:
+                emit(piece)
+                if stop.is_set():
+                    return
+
+        text = ""
+        for piece in self.worker.stream(produce):
+            text += piece
+            yield piece
+        answer = outcome["answer"]
+        trace = answer.trace.to_dict()
+        spans, pages = self.library.spans(doc["id"]), self.library.pages(doc["id"])
+        cited = "" if stop.is_set() else citation(trace, spans, pages)
+        text = f"{text} …(stopped)" if stop.is_set() else f"{text.rstrip()} {cited}" if cited else text
+        if conversation is None:
+            conversation = self.library.new_conversation(doc["id"], question)
+        timings = {"memory_load_s": outcome["load_s"], **answer.timings}
+        self.library.add_message(conversation, "user", question)
+        self.library.add_message(conversation, "assistant", text, cfg.method, trace, timings)
+        yield Answered(text, cited, conversation, cfg.method, trace, timings, passages(trace, spans, pages),
+                       stop.is_set())
+
+    # -- conversations ----------------------------------------------------------------------------
+    def latest_conversation(self, doc_ref: int | str) -> tuple[int | None, list[dict]]:
+        """The document's most recent conversation: (its id, its messages), or (None, [])."""
+        doc = self.library.document(doc_ref)
+        conversations = self.library.conversations(doc["id"])
+        if not conversations:
+            return None, []
+        return conversations[-1]["id"], self.library.messages(conversations[-1]["id"])
