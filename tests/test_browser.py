@@ -69,6 +69,22 @@ def chosen(page, title: str) -> None:
                            arg=title, timeout=30_000)
 
 
+WRAPPED = """() => {
+    // Cells (the title's column aside) whose text takes more than one line: "tok ens", "332. 4 MB".
+    const lines = cell => {
+        const tops = new Set(), walk = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+        for (let n = walk.nextNode(); n; n = walk.nextNode()) {
+            const r = document.createRange();
+            r.selectNodeContents(n);
+            for (const box of r.getClientRects()) if (box.width > 0) tops.add(Math.round(box.top));
+        }
+        return tops.size;
+    };
+    const rows = [...document.querySelectorAll('#library tr')];
+    return rows.flatMap(tr => [...tr.children].filter((c, i) => i !== 1 && lines(c) > 1).map(c => c.innerText));
+}"""
+
+
 def short_note(path: Path) -> Path:
     """Two pages (about 700 tokens), far shorter than the local window: nothing is evicted to memory."""
     rng = random.Random(1)
@@ -93,6 +109,7 @@ def test_upload_ask_inspect_restart(tmp_path):
             page.wait_for_function("() => document.querySelector('#library').innerText.includes('ready')",
                                    timeout=300_000)
             assert "Market Records" in page.locator("#library").inner_text()
+            assert page.evaluate(WRAPPED) == []           # at 1,400 px every column but the title fits its line
             chosen(page, "Market Records")                # the document just read is chosen for the chat
             page.locator("#question textarea").fill(QUESTION)
             page.locator("#question textarea").press("Enter")
