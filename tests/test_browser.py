@@ -80,7 +80,7 @@ WRAPPED = """() => {
         }
         return tops.size;
     };
-    const rows = [...document.querySelectorAll('#library tr')];
+    const rows = [...document.querySelectorAll('#library tbody tr')];
     return rows.flatMap(tr => [...tr.children].filter((c, i) => i !== 1 && lines(c) > 1).map(c => c.innerText));
 }"""
 
