@@ -15,7 +15,7 @@ def page_label(span: dict, pages: list[dict]) -> str:
     return first if first == last else f"{first} – {last}"
 
 
-def span_text(span: dict) -> str:
+def stored_text(span: dict) -> str:
     """A span's stored text. Libraries read before whole-word spans decoded token spans that could cut a
     character in two: the halves show as '\ufffd' at the ends, and are dropped."""
     return (span.get("text") or "").strip(REPLACEMENT)
@@ -32,7 +32,7 @@ def passages(trace: dict, spans: list[dict], pages: list[dict], k: int = 5) -> l
     order = [i for i in t.evidence(n_blocks) if i < len(spans)][:k]
     return [{"block": i, "pages": page_label(spans[i], pages), "weight": float(weight[i]),
              "by": by, "in_memory": bool(spans[i].get("in_memory", 1)),
-             "tokens": [spans[i]["start_token"], spans[i]["end_token"]], "text": span_text(spans[i])}
+             "tokens": [spans[i]["start_token"], spans[i]["end_token"]], "text": stored_text(spans[i])}
             for i in order]
 
 

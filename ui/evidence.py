@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from infllm_engine import Trace
-from reading.citations import page_label, passages, span_text
+from reading.citations import page_label, passages, stored_text
 
 MAX_COLUMNS = 240      # wider documents are binned: one column covers several neighbouring blocks
 PALETTE = [(247, 251, 255), (198, 219, 239), (107, 174, 214), (33, 113, 181), (8, 48, 107)]
@@ -175,6 +175,6 @@ def passage(block: int, spans: list[dict], pages: list[dict]) -> str:
     if not 0 <= block < len(spans):
         return "That block is not part of this document."
     row = spans[block]
-    text = span_text(row) or "(the text of this block was not stored; read the document again to see it)"
+    text = stored_text(row) or "(the text of this block was not stored; read the document again to see it)"
     return (f"**{page_label(row, pages)}** · block {block} · tokens {row['start_token']:,}–{row['end_token']:,}"
             f"\n\n> {' '.join(text.split())}")
