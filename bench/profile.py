@@ -3,7 +3,7 @@
     python -m bench.profile [--length 8192] [--decode 16] [--dtype float32] [--rows 15]
 
 First times the two matmul shapes that matter in fp32 and bf16 (whether bf16 pays on this CPU
-depends on AMX). Then reads the passkey filler (bench.passkey) into an in-memory context with
+depends on AMX), and each pass of the attention twin's softmax over one tile in both. Then reads the passkey filler (bench.passkey) into an in-memory context with
 `Engine.read`, and profiles the next 512-token chunk and `--decode` greedy steps after it. The
 output is the reproducible source of the "what dominates" figures in bench/results/throughput-cpu.md.
 """
@@ -27,8 +27,11 @@ def _profiled(label: str, run, n: int, unit: str, rows: int) -> None:
         t = time.perf_counter()
         run()
         seconds = time.perf_counter() - t
-    print(f"\n## {label}: {seconds * 1e3 / n:.1f} ms per {unit} under the profiler")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    events = prof.key_averages()
+    calls = sum(e.count for e in events if e.key.startswith("aten::"))
+    print(f"\n## {label}: {seconds * 1e3 / n:.1f} ms per {unit} under the profiler, "
+          f"{calls / n:,.0f} aten calls per {unit} (nested ones included: the proxy for kernel launches on a GPU)")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def _best_ms(fn, repeat: int = 20) -> float:
@@ -53,6 +56,32 @@ def matmul_speed(device: str) -> None:
               f"Q K^T tile [3, 192, 64] x 3,464 keys: {tile:.2f} ms ({2 * 3 * 192 * 64 * 3464 / tile / 1e6:.0f} GFLOP/s)")
 
 
+def tile_passes(device: str) -> None:
+    """Each pass of the CPU twin's softmax over one 64-query tile (9 heads, 2,600 keys), per dtype:
+    which of them bf16 makes faster (the GEMMs) and which it does not (the elementwise passes)."""
+    print("## one attention tile, pass by pass (best of 20, ms)")
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k = torch.randn(3, 192, 64, dtype=dtype, device=device), torch.randn(3, 2600, 64, dtype=dtype, device=device)
+        s = torch.matmul(q, k.transpose(1, 2))
+        f = s.float()
+        m = f.amax(-1, keepdim=True)
+        e = (f - m).exp()
+        inv = 1 / e.sum(-1)
+        passes = {
+            "Q K^T": lambda: torch.matmul(q, k.transpose(1, 2)),
+            "scores to fp32": lambda: s.float(),
+            "max": lambda: f.amax(-1),
+            "copy": lambda: f.clone(),
+            "copy + sub + exp": lambda: f.clone().sub_(m).exp_(),
+            "copy + exp in dtype": lambda: s.clone().exp_(),
+            "probs to dtype": lambda: e.to(dtype),
+            "P V": lambda: torch.matmul(e.to(dtype), k),
+            "row sums": lambda: e.sum(-1),
+            "masses": lambda: torch.matmul(inv.view(-1, 1, 64), e.view(-1, 64, 2600)),
+        }
+        print(f"{str(dtype):15} " + "; ".join(f"{name} {_best_ms(fn):.3f}" for name, fn in passes.items()))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=8192, help="tokens read before profiling")
@@ -64,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     matmul_speed(args.device)
+    tile_passes(args.device)
     cfg = InfLLMConfig(device=args.device, dtype=args.dtype, max_tokens=max(4 * args.length, 4096))
     engine = Engine.load(args.model, cfg)
     ids = build_prompt(engine, args.length + cfg.chunk_size, 0.5, "48213").to(engine.device)

@@ -15,7 +15,9 @@ The text is the passkey filler (bench.passkey) with one needle, so every run rea
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -60,25 +62,58 @@ def _decode_loop(step, first, n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
+def _evict(folder: Path) -> None:
+    """Drop a folder's files from the page cache (POSIX_FADV_DONTNEED: no root needed), so the next
+    read comes from the disk: a cold reload, as after a reboot."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _resident(folder: Path) -> int | None:
+    """Bytes of a folder's files in the page cache (util-linux fincore), to check an eviction; None without it."""
+    files = [str(p) for p in folder.rglob("*") if p.is_file()]
+    try:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *files],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sum(int(x) for x in out.split())
+
+
 def run_infllm(engine: Engine, ids: torch.Tensor, n_decode: int) -> dict:
     from reading.ingest import ingest, load_memory
     from storage.library import Library
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=Path("bench/out") if Path("bench/out").is_dir() else None) as tmp:
         text = Path(tmp) / "text.txt"
         text.write_text(engine.tokenizer.decode(ids.tolist()))
         library = Library(Path(tmp) / "library")
         t = time.perf_counter()
         done = ingest(library, engine, text)
         ingest_s = time.perf_counter() - t
+        disk = library.document(done.doc_id)["bytes"]
+        done.memory = None                         # its mapped pages could not be evicted
+        gc.collect()
+        _evict(library.memory_dir(done.doc_id))
+        resident = _resident(library.memory_dir(done.doc_id))
+        t = time.perf_counter()                    # cold: the memory's files are not in the page cache
         memory = load_memory(library, engine, done.doc_id)
+        engine.generate(memory, engine.encode(QUESTION), max_new_tokens=1).wait()
+        cold_s = time.perf_counter() - t
         engine.stop_ids = set()                    # always n_decode tokens
         answer = engine.generate(memory, engine.encode(QUESTION), max_new_tokens=n_decode + 1)
         answer.wait()
-        return _row(done.tokens, ingest_s, answer.timings["decode_tokens_per_s"])
+        return {**_row(done.tokens, ingest_s, answer.timings["decode_tokens_per_s"]), "disk_bytes": disk,
+                "disk_mib_per_1k_tokens": round(disk / 2**20 / (done.tokens / 1000), 2),
+                "cold_load_to_first_token_s": round(cold_s, 2), "resident_before_cold_load_bytes": resident}
 
 
-@torch.inference_mode()
 def run_full(engine: Engine, ids: torch.Tensor, n_decode: int, chunk: int) -> dict:
     from transformers import DynamicCache
 
@@ -145,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode", type=int, default=32, help="tokens generated per run")
     parser.add_argument("--model", default=None, help="HF model directory (default: embedded SmolLM2-135M)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (bf16 for a GPU)")
+    parser.add_argument("--dtype", default="float32", help="auto | float32 | bfloat16 | float16 (bf16 for a GPU)")
     parser.add_argument("--kernels", default="auto", help="auto | torch | triton (to compare the two paths)")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

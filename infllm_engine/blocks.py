@@ -1,8 +1,10 @@
 """Memory blocks of one layer: evicted K/V, their representatives, and an accelerator cache.
 
-Block K/V live in host memory (possibly memory-mapped from disk); representatives live on the
-compute device because every retrieval scores all of them. On an accelerator, a bounded LRU cache
-holds recently retrieved blocks so a decode step rarely copies anything from the host.
+Block K/V live in host memory (possibly memory-mapped from disk), packed in int8 (kernels.int8):
+the form they have on disk, so a block read and a block reloaded are the same. They are unpacked into
+the compute dtype only when retrieved. Representatives live on the compute device because every
+retrieval scores all of them. On an accelerator, a bounded LRU cache holds recently retrieved
+blocks so a decode step rarely copies anything from the host.
 
 A store is a read-only `base` shared by forks (the document) plus an owned, growing `tail` (blocks
 formed while reading, or from a question's own tokens). Forking freezes the tail into the base, so a
@@ -14,7 +16,7 @@ from collections import OrderedDict
 
 import torch
 
-from kernels import backend_for, score_blocks, top_blocks
+from kernels import backend_for, int8, score_blocks, top_blocks
 
 
 def representatives(keys: torch.Tensor, scores: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,26 +32,37 @@ def representatives(keys: torch.Tensor, scores: torch.Tensor, r: int) -> tuple[t
     return chosen.mean(dim=1), idx
 
 
+HOST = ("k", "k_scale", "v", "v_scale")     # packed K/V (kernels.int8): host memory, maybe a file mapping
+FIELDS = HOST + ("reprs",)                  # reprs: on the compute device, in its dtype
+
+
+def stored_rows(n_kv_heads: int, n_heads: int, block_size: int, head_dim: int) -> dict[str, tuple[tuple, torch.dtype]]:
+    """Per field, one block's shape and dtype as stored (in RAM for the packed K/V, on disk for all)."""
+    return {"k": ((n_kv_heads, block_size, head_dim), torch.int8), "k_scale": ((n_kv_heads, 1, head_dim), int8.SCALE),
+            "v": ((n_kv_heads, block_size, head_dim), torch.int8), "v_scale": ((n_kv_heads, block_size, 1), int8.SCALE),
+            "reprs": ((n_heads, head_dim), int8.REPR)}
+
+
 class _Part:
-    """k, v [n, Hkv, bs, d] on the host and reprs [n, H, d] on the compute device."""
+    """Per field, n blocks: k, v [n, Hkv, bs, d] int8, k_scale [n, Hkv, 1, d], v_scale [n, Hkv, bs, 1], reprs [n, H, d]."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, reprs: torch.Tensor, n: int):
-        self.k, self.v, self.reprs, self.n = k, v, reprs, n
+    def __init__(self, fields: dict[str, torch.Tensor], n: int):
+        self.fields, self.n = fields, n
 
-    def view(self) -> "_Part":
-        return _Part(self.k[: self.n], self.v[: self.n], self.reprs[: self.n], self.n)
+    def view(self, start: int = 0) -> dict[str, torch.Tensor]:
+        return {name: t[start: self.n] for name, t in self.fields.items()}
 
 
 class BlockStore:
     def __init__(self, n_kv_heads: int, n_heads: int, block_size: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, cache_blocks: int):
         self.shape = (n_kv_heads, block_size, head_dim)
-        self.device = device
+        self.dtype, self.device = dtype, device
         self.host = torch.device("cpu")
-        empty = lambda: _Part(torch.empty(0, *self.shape, dtype=dtype), torch.empty(0, *self.shape, dtype=dtype),
-                              torch.empty(0, n_heads, head_dim, dtype=dtype, device=device), 0)
-        self._empty = empty
-        self.base, self.tail = empty(), empty()
+        rows = stored_rows(n_kv_heads, n_heads, block_size, head_dim)
+        self._empty = lambda: _Part({**{name: torch.empty(0, *rows[name][0], dtype=rows[name][1]) for name in HOST},
+                                     "reprs": torch.empty(0, n_heads, head_dim, dtype=dtype, device=device)}, 0)
+        self.base, self.tail = self._empty(), self._empty()
         self.cache = _DeviceCache(cache_blocks, self.shape, dtype, device) if device.type != "cpu" else None
         self.slot_ids: list[int] = []                   # CPU: the blocks in slot_k/slot_v, see gather
 
@@ -58,12 +71,17 @@ class BlockStore:
         return self.base.n + self.tail.n
 
     def append(self, k: torch.Tensor, v: torch.Tensor, repr_: torch.Tensor) -> None:
-        """k, v: [Hkv, bs, d]   repr_: [H, d]"""
+        """k, v: [Hkv, bs, d] in the compute dtype   repr_: [H, d]. Stored packed, the representative
+        rounded to 16 bits: a block in RAM is exactly what a reload gives back."""
         t = self.tail
-        if t.n == t.k.shape[0]:
+        if t.n == t.fields["k"].shape[0]:
             cap = max(16, 2 * t.n)
-            t.k, t.v, t.reprs = _regrow(t.k, t.n, cap), _regrow(t.v, t.n, cap), _regrow(t.reprs, t.n, cap)
-        t.k[t.n], t.v[t.n], t.reprs[t.n] = k.to(self.host), v.to(self.host), repr_
+            t.fields = {name: _regrow(x, t.n, cap) for name, x in t.fields.items()}
+        k8, ks = int8.pack_keys(k, k.shape[1])
+        v8, vs = int8.pack_values(v)
+        row = {"k": k8, "k_scale": ks, "v": v8, "v_scale": vs, "reprs": repr_.to(int8.REPR).to(self.dtype)}
+        for name, x in row.items():
+            t.fields[name][t.n] = x.to(t.fields[name].device)
         t.n += 1
 
     def retrieve(self, query: torch.Tensor, k: int, kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,81 +90,88 @@ class BlockStore:
             from kernels.triton_retrieval import block_scores as score
         else:
             score = score_blocks
-        parts = [p.reprs[: p.n] for p in (self.base, self.tail) if p.n]
+        parts = [p.fields["reprs"][: p.n] for p in (self.base, self.tail) if p.n]
         scores = torch.cat([score(query, r) for r in parts]) if len(parts) > 1 else score(query, parts[0])
         return top_blocks(scores, k)
 
     def gather(self, ids: torch.Tensor, reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """K/V of the given blocks for attention: (k, v [Hkv, len(ids) * bs, d], block id of each slot).
 
-        reuse (decode): on the CPU, keep one buffer and copy only the blocks that were not retrieved
+        reuse (decode): on the CPU, keep one buffer and unpack only the blocks that were not retrieved
         last time; slots then come in any order and the result is valid until the next gather.
         Without it the blocks come in the ids' order, so a read gives the same floating-point sums
         whatever came before (a resumed ingest ends bit-identical to an uninterrupted one).
         """
         hkv, bs, d = self.shape
         if self.cache is not None:
-            k, v = self.cache.fetch(ids, self._host)
+            k, v = self.cache.fetch(ids, self.take)
             return k.transpose(0, 1).reshape(hkv, -1, d), v.transpose(0, 1).reshape(hkv, -1, d), ids
         want = ids.tolist()
         if not reuse or len(want) != len(self.slot_ids):          # first use, or topk changed: fill every slot
-            self.slot_k = torch.empty(hkv, len(want) * bs, d, dtype=self.base.k.dtype)
+            self.slot_k = torch.empty(hkv, len(want) * bs, d, dtype=self.dtype)
             self.slot_v = torch.empty_like(self.slot_k)
             self.slot_ids = [-1] * len(want)
         kept, wanted = set(self.slot_ids), set(want)
         free = iter([s for s, b in enumerate(self.slot_ids) if b not in wanted])
-        for b in want:
-            if b not in kept:
-                s = next(free)
-                k, v = self._block(b)
-                self.slot_k[:, s * bs: (s + 1) * bs], self.slot_v[:, s * bs: (s + 1) * bs] = k, v
+        fill = [(next(free), b) for b in want if b not in kept]
+        if fill:
+            slots, new = zip(*fill)
+            k, v = self._unpack(self._host(torch.tensor(new)))              # [m, Hkv, bs, d]
+            if not reuse:                                                 # slots in order: one copy
+                self.slot_k.copy_(k.transpose(0, 1).reshape(hkv, -1, d))
+                self.slot_v.copy_(v.transpose(0, 1).reshape(hkv, -1, d))
+            else:
+                for j, s in enumerate(slots):
+                    self.slot_k[:, s * bs: (s + 1) * bs], self.slot_v[:, s * bs: (s + 1) * bs] = k[j], v[j]
+            for s, b in fill:
                 self.slot_ids[s] = b
         return self.slot_k, self.slot_v, torch.tensor(self.slot_ids)
 
     def take(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of the given blocks [len(ids), Hkv, bs, d] on the compute device, as a new tensor."""
-        k, v = self._host(ids)
-        return k.to(self.device), v.to(self.device)
+        return self._unpack({name: x.to(self.device) for name, x in self._host(ids).items()})
 
-    def _host(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _unpack(self, packed: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return (int8.unpack_keys(packed["k"], packed["k_scale"], self.shape[1], self.dtype),
+                int8.unpack_values(packed["v"], packed["v_scale"], self.dtype))
+
+    def _host(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The packed fields of the given blocks, gathered on the host (one indexed copy per field)."""
         ids = ids.to(self.host)
         if not self.tail.n:
-            return self.base.k[ids], self.base.v[ids]
+            return {name: self.base.fields[name][ids] for name in HOST}
         if not self.base.n:
-            return self.tail.k[ids], self.tail.v[ids]
-        in_base = ids < self.base.n
-        k = torch.empty(ids.shape[0], *self.shape, dtype=self.base.k.dtype)
-        v = torch.empty_like(k)
-        k[in_base], v[in_base] = self.base.k[ids[in_base]], self.base.v[ids[in_base]]
-        rest = ids[~in_base] - self.base.n
-        k[~in_base], v[~in_base] = self.tail.k[rest], self.tail.v[rest]
-        return k, v
+            return {name: self.tail.fields[name][ids] for name in HOST}
+        in_base, rest = ids < self.base.n, ids[ids >= self.base.n] - self.base.n
+        out = {}
+        for name in HOST:
+            b, t = self.base.fields[name], self.tail.fields[name]
+            x = b.new_empty(ids.shape[0], *b.shape[1:])
+            x[in_base], x[~in_base] = b[ids[in_base]], t[rest]
+            out[name] = x
+        return out
 
-    def _block(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        part, i = (self.base, b) if b < self.base.n else (self.tail, b - self.base.n)
-        return part.k[i], part.v[i]
+    def keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every block's packed keys: (int8 [n, Hkv, bs, d], scale [n, Hkv, 1, d]), the mapped base
+        itself when there is no tail."""
+        fields = self.blocks()
+        return fields["k"], fields["k_scale"]
 
-    def keys(self) -> torch.Tensor:
-        """Every block's raw keys [n, Hkv, bs, d] (the mapped base itself when there is no tail)."""
-        return self.blocks()[0]
-
-    def blocks(self, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Blocks [start, n) as (k, v, reprs): views where they lie in one part (a checkpoint after a
+    def blocks(self, start: int = 0) -> dict[str, torch.Tensor]:
+        """Blocks [start, n) per field (see _Part): views where they lie in one part (a checkpoint after a
         resume asks only for the tail, and never reads the mapped base)."""
-        base, tail = self.base.view(), self.tail.view()
-        if start >= base.n:
-            s = start - base.n
-            return tail.k[s:], tail.v[s:], tail.reprs[s:]
-        if not tail.n:
-            return base.k[start:], base.v[start:], base.reprs[start:]
-        return (torch.cat([base.k[start:], tail.k]), torch.cat([base.v[start:], tail.v]),
-                torch.cat([base.reprs[start:], tail.reprs]))
+        if start >= self.base.n:
+            return self.tail.view(start - self.base.n)
+        if not self.tail.n:
+            return self.base.view(start)
+        base, tail = self.base.view(start), self.tail.view()
+        return {name: torch.cat([base[name], tail[name]]) for name in FIELDS}
 
     def fork(self) -> "BlockStore":
         """A store sharing every block so far; either side's new blocks stay its own."""
         if self.tail.n:      # freeze: the tail becomes (part of) the shared base
-            k, v, reprs = self.blocks()
-            self.base, self.tail = _Part(k, v, reprs, k.shape[0]), self._empty()
+            fields = self.blocks()
+            self.base, self.tail = _Part(fields, fields["k"].shape[0]), self._empty()
         other = object.__new__(BlockStore)
         other.__dict__.update(self.__dict__)
         other.tail = self._empty()
@@ -154,9 +179,11 @@ class BlockStore:
         other.cache = self.cache.empty_like() if self.cache is not None else None
         return other
 
-    def load(self, k: torch.Tensor, v: torch.Tensor, reprs: torch.Tensor) -> None:
-        """Adopt stored blocks as the base, without a copy: k, v [n, Hkv, bs, d] (may be a file mapping), reprs [n, H, d]."""
-        self.base, self.tail = _Part(k, v, reprs.to(self.device), k.shape[0]), self._empty()
+    def load(self, fields: dict[str, torch.Tensor]) -> None:
+        """Adopt stored blocks as the base, without a copy of the packed K/V (they may be a file
+        mapping); fields as in _Part, reprs in any float dtype."""
+        fields = {**{name: fields[name] for name in HOST}, "reprs": fields["reprs"].to(self.device, self.dtype)}
+        self.base, self.tail = _Part(fields, fields["k"].shape[0]), self._empty()
         self.slot_ids = []
 
 
@@ -178,7 +205,8 @@ class _DeviceCache:
     def empty_like(self) -> "_DeviceCache":
         return _DeviceCache(self.capacity, tuple(self.k.shape[1:]), self.k.dtype, self.k.device)
 
-    def fetch(self, ids: torch.Tensor, host):
+    def fetch(self, ids: torch.Tensor, take):
+        """K/V [len(ids), Hkv, bs, d] of the given blocks; take(missing ids) unpacks the missing ones on the device."""
         wanted = ids.tolist()
         missing = [b for b in wanted if b not in self.slots]
         if missing:
@@ -189,9 +217,9 @@ class _DeviceCache:
                     break
                 if b not in keep:
                     free.append(self.slots.pop(b))
-            k, v = host(torch.tensor(missing, dtype=torch.long))
+            k, v = take(torch.tensor(missing, dtype=torch.long))
             dst = torch.tensor(free[: len(missing)], dtype=torch.long, device=self.k.device)
-            self.k[dst], self.v[dst] = k.to(self.k.device), v.to(self.k.device)
+            self.k[dst], self.v[dst] = k, v
             self.slots.update(zip(missing, dst.tolist()))
         for b in wanted:
             self.slots.move_to_end(b)

@@ -12,10 +12,12 @@ import torch
 from kernels.chunk import CHOICES as KERNELS   # auto | torch | triton
 
 from .errors import EngineError
+from .precision import best_dtype
 
 METHODS = ("infllm", "streaming", "full")
-# Knobs that never shape a stored memory: where it runs, limits, and what only questions use.
-QUESTION_ONLY = ("device", "kernels", "cache_blocks", "max_tokens", "focus_blocks", "focus_layers", "focus_gap",
+# Knobs that never shape a stored memory: where and in what precision it runs (a memory is stored
+# packed, the same in every dtype), limits, and what only questions use.
+QUESTION_ONLY = ("device", "dtype", "kernels", "cache_blocks", "max_tokens", "focus_blocks", "focus_layers", "focus_gap",
                  "focus_topk", "focus_window", "repetition_penalty", "no_repeat_ngram")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,7 +40,7 @@ class InfLLMConfig:
     cache_blocks: int = 64          # blocks held on the accelerator (LRU); block K/V stay in CPU memory
     max_tokens: int = 2_000_000     # longest input accepted
     device: str = "cpu"
-    dtype: str = "float32"          # fp32 on the CPU: bf16 matmuls there are ~5x slower
+    dtype: str = "float32"          # or bfloat16, float16, or "auto": what this machine runs fastest (precision.best_dtype)
     kernels: str = "auto"           # auto (Triton on CUDA, torch elsewhere) | torch | triton
     # Question time only (Engine.ask): the question's own words vote, in the focus layers, for the
     # blocks that every layer re-reads just before the question (infllm_engine.focus). 0: plain InfLLM.
@@ -61,6 +63,11 @@ class InfLLMConfig:
         except TypeError:
             pass
         problems = []
+        if self.dtype == "auto":
+            try:
+                object.__setattr__(self, "dtype", best_dtype(self.device))
+            except (RuntimeError, TypeError):
+                pass                        # a bad device: reported below
         if self.method not in METHODS:
             problems.append(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name in ("n_init", "n_local", "block_size", "repr_topk", "chunk_size", "max_tokens"):
@@ -98,7 +105,7 @@ class InfLLMConfig:
         elif self.kernels == "triton" and not self.device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
             problems.append("kernels='triton' needs a CUDA device (or TRITON_INTERPRET=1, Triton's slow CPU interpreter)")
         if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            problems.append(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -123,7 +130,7 @@ class InfLLMConfig:
 
     def layout(self) -> tuple:
         """The knobs that shape a memory's structure; a memory is usable by any config with the same layout."""
-        return (self.method, self.n_init, self.n_local, self.block_size, self.dtype)
+        return (self.method, self.n_init, self.n_local, self.block_size)
 
     def memory_hash(self) -> str:
         """Hash of the knobs that shape a stored memory.

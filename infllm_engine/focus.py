@@ -63,14 +63,14 @@ class Focus:
     def probing(self) -> bool:
         return self.pinned is None
 
-    def vote(self, layer_idx: int, q_global: torch.Tensor, start: int, blocks: torch.Tensor,
+    def vote(self, layer_idx: int, q_global: torch.Tensor, start: int, blocks: tuple[torch.Tensor, torch.Tensor],
              tail: torch.Tensor, scale: float) -> None:
         """Add one layer's exact attention shares from this chunk's rows after the document.
 
         The question's words vote; the template's tokens around them (and earlier turns) give the
         baseline that a block draws whatever is asked (a title page, a table of contents).
         q_global: [H, C, d] the chunk's queries at the fixed memory distance, positions start ..
-        blocks: [nb, Hkv, bs, d] the layer's block keys; tail: [Hkv, m, d] document keys after them.
+        blocks: the layer's packed block keys (BlockStore.keys); tail: [Hkv, m, d] document keys after them.
         """
         if layer_idx not in self.layers:
             return
@@ -82,7 +82,7 @@ class Focus:
         for mask, name in ((words, "votes"), (~words, "baseline")):
             if mask.any():
                 q = q_global[:, (rows[mask] - start).to(q_global.device)]
-                share = span_mass(q, blocks, scale, tail) * int(mask.sum())
+                share = span_mass(q, blocks[0], scale, tail, block_scale=blocks[1]) * int(mask.sum())
                 setattr(self, name, share if getattr(self, name) is None else getattr(self, name) + share)
 
     def choose(self, n_blocks: int) -> None:

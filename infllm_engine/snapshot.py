@@ -2,50 +2,76 @@
 
 Two parts, so ingest can checkpoint cheaply and a reload stays lazy:
   state   the small, changing part: sinks, recent window, their scores, counters (rewritten each time);
-  blocks  the append-only part: per layer K/V [n, Hkv, bs, d] and representatives [n, H, d], which can
+  blocks  the append-only part: per layer packed K/V [n, Hkv, bs, d] with their scales, and
+          representatives [n, H, d] in 16 bits, which can
           be taken in ranges (`blocks(memory, start)`) and are adopted as given on restore, so a
           memory-mapped array stays on disk until retrieval touches a block.
 Blocks are position-free (memory sits at one fixed distance), which is what lets blocks of several
 documents share one memory later.
+
+Both parts are packed (kernels.int8), whatever the compute dtype: a memory read in fp32 loads in bf16,
+on another machine, and a 221K-token book takes about 2.6 GB instead of 10. Packing the state is lossy,
+so whoever saves a state and reads on should restore what it saved (reading.ingest does): a read that
+resumes from a saved state then ends bit-identical to one that never stopped.
 """
 from __future__ import annotations
 
 import torch
 
+from kernels import int8
+
+from .blocks import stored_rows
 from .errors import EngineError
 from .memory import ContextMemory, DenseLayer, LayerMemory
 
 
+FORMAT = 2       # 1: K/V in the compute dtype (before 2026-11-24); 2: packed int8 (kernels.int8)
+
+
+def _pack(out: dict, name: str, k: torch.Tensor, v: torch.Tensor, group: int) -> None:
+    out[f"{name}_k"], out[f"{name}_k_scale"] = int8.pack_keys(k.cpu(), group)
+    out[f"{name}_v"], out[f"{name}_v_scale"] = int8.pack_values(v.cpu())
+
+
+def _unpack(saved: dict, name: str, group: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    k = int8.unpack_keys(saved[f"{name}_k"].to(device), saved[f"{name}_k_scale"].to(device), group, dtype)
+    return k, int8.unpack_values(saved[f"{name}_v"].to(device), saved[f"{name}_v_scale"].to(device), dtype)
+
+
 def state(memory: ContextMemory) -> dict[str, torch.Tensor]:
-    """The small part of the memory, all layers, as CPU tensors."""
+    """The small part of the memory, all layers, packed as the blocks are, as CPU tensors.
+
+    Keys are grouped by block-sized runs of positions (the recent tokens start on a block boundary),
+    so a window token's key is packed as it will be once it is in a block.
+    """
     out = {"length": torch.tensor(memory.length), "n_blocks": torch.tensor(memory.n_blocks)}
+    bs = memory.cfg.block_size
     for i, layer in enumerate(memory.layers):
         if isinstance(layer, DenseLayer):
-            out[f"{i}.k"], out[f"{i}.v"] = layer.k.cpu(), layer.v.cpu()
+            _pack(out, f"{i}.all", layer.k, layer.v, bs)
             continue
         out[f"{i}.r0"] = torch.tensor(layer.r0)
-        for name in ("sink_k", "sink_v", "recent_k", "recent_v", "recent_score"):
-            out[f"{i}.{name}"] = getattr(layer, name).cpu()
+        _pack(out, f"{i}.sink", layer.sink_k, layer.sink_v, max(1, layer.sink_k.shape[1]))
+        _pack(out, f"{i}.recent", layer.recent_k, layer.recent_v, bs)
+        out[f"{i}.recent_score"] = layer.recent_score.cpu().to(torch.float16)
     return out
 
 
 def blocks(memory: ContextMemory, start: int = 0) -> dict[str, torch.Tensor]:
-    """Blocks [start, n) of every layer: k, v [n - start, Hkv, bs, d] and reprs [n - start, H, d]."""
+    """Blocks [start, n) of every layer, "{layer}.{field}" for the fields of block_shapes."""
     out = {}
     for i, layer in enumerate(memory.layers):
         if isinstance(layer, LayerMemory):
-            k, v, reprs = layer.blocks.blocks(start)
-            out[f"{i}.k"], out[f"{i}.v"], out[f"{i}.reprs"] = k, v, reprs.cpu()
+            for name, t in layer.blocks.blocks(start).items():
+                out[f"{i}.{name}"] = t.cpu().to(int8.REPR) if name == "reprs" else t
     return out
 
 
-def block_shapes(memory: ContextMemory) -> dict[str, tuple[int, ...]]:
-    """The row shapes of one block as `blocks` lays them out, per layer ("layers": (L,)): what storage
-    needs to map block files back without knowing the model."""
+def block_shapes(memory: ContextMemory) -> dict:
+    """Per field of one block, its (row shape, dtype) as `blocks` lays it out, and "layers": the layer
+    count: what storage needs to map block files back without knowing the model."""
     n_heads, n_kv_heads, head_dim = memory.heads
-    bs = memory.cfg.block_size
-    return {"layers": (len(memory.layers),), "k": (n_kv_heads, bs, head_dim), "v": (n_kv_heads, bs, head_dim),
-            "reprs": (n_heads, head_dim)}
+    return {"layers": len(memory.layers), **stored_rows(n_kv_heads, n_heads, memory.cfg.block_size, head_dim)}
 
 
 def restore(memory: ContextMemory, saved_state: dict[str, torch.Tensor], saved_blocks: list[dict[str, torch.Tensor]]) -> ContextMemory:
@@ -55,21 +81,23 @@ def restore(memory: ContextMemory, saved_state: dict[str, torch.Tensor], saved_b
     """
     if memory.length:
         raise EngineError("restore needs an empty memory")
-    device = torch.device(memory.cfg.device)
+    device, dtype, bs = torch.device(memory.cfg.device), memory.cfg.torch_dtype, memory.cfg.block_size
     try:
         for i, layer in enumerate(memory.layers):
             if isinstance(layer, DenseLayer):
-                k, v = saved_state[f"{i}.k"], saved_state[f"{i}.v"]
-                layer.append(k.to(device, layer.k.dtype), v.to(device, layer.v.dtype))
+                layer.append(*_unpack(saved_state, f"{i}.all", bs, dtype, device))
                 continue
             layer.r0 = int(saved_state[f"{i}.r0"])
-            for name in ("sink_k", "sink_v", "recent_k", "recent_v", "recent_score"):
-                setattr(layer, name, saved_state[f"{i}.{name}"].to(device))
+            n_sink = saved_state[f"{i}.sink_k"].shape[1]
+            layer.sink_k, layer.sink_v = _unpack(saved_state, f"{i}.sink", max(1, n_sink), dtype, device)
+            layer.recent_k, layer.recent_v = _unpack(saved_state, f"{i}.recent", bs, dtype, device)
+            layer.recent_score = saved_state[f"{i}.recent_score"].to(device, torch.float32)
             if layer.keep_blocks and saved_blocks:
                 parts = [b for b in saved_blocks if b[f"{i}.k"].shape[0]]
-                pick = (lambda key: parts[0][key]) if len(parts) == 1 else (lambda key: torch.cat([p[key] for p in parts]))
                 if parts:
-                    layer.blocks.load(pick(f"{i}.k"), pick(f"{i}.v"), pick(f"{i}.reprs"))
+                    names = [key.split(".", 1)[1] for key in parts[0] if key.startswith(f"{i}.")]
+                    layer.blocks.load({name: parts[0][f"{i}.{name}"] if len(parts) == 1 else
+                                       torch.cat([p[f"{i}.{name}"] for p in parts]) for name in names})
     except KeyError as missing:
         raise EngineError(f"the saved memory is incomplete: {missing} is missing") from None
     memory.length = int(saved_state["length"])
@@ -79,13 +107,30 @@ def restore(memory: ContextMemory, saved_state: dict[str, torch.Tensor], saved_b
     return memory
 
 
-
-def adopt_blocks(memory: ContextMemory, saved_blocks: dict[str, torch.Tensor]) -> None:
-    """Swap the memory's blocks for saved copies of the same blocks (a file mapping, say), so that a
-    long read keeps in RAM only what retrieval touches."""
-    for i, layer in enumerate(memory.layers):
-        if isinstance(layer, LayerMemory) and layer.keep_blocks:
-            k = saved_blocks[f"{i}.k"]
-            if k.shape[0] != layer.blocks.n:
-                raise EngineError(f"adopt_blocks: layer {i} has {layer.blocks.n} blocks, the saved copy {k.shape[0]}")
-            layer.blocks.load(k, saved_blocks[f"{i}.v"], saved_blocks[f"{i}.reprs"])
+def from_format1(saved_state: dict[str, torch.Tensor], saved_blocks: dict[str, torch.Tensor], block_size: int,
+                 chunk: int = 256) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A memory saved in format 1 (K/V unpacked, in the dtype it was read in) as (state, blocks) of
+    today's format, blocks packed `chunk` at a time: what converting an old library's document takes."""
+    state = {"length": saved_state["length"], "n_blocks": saved_state["n_blocks"]}
+    blocks: dict[str, torch.Tensor] = {}
+    try:
+        for i in sorted({int(key.split(".")[0]) for key in saved_state if key[0].isdigit()}):
+            if f"{i}.k" in saved_state:                                 # a DenseLayer (method full)
+                _pack(state, f"{i}.all", saved_state[f"{i}.k"], saved_state[f"{i}.v"], block_size)
+                continue
+            state[f"{i}.r0"] = saved_state[f"{i}.r0"]
+            sink_k = saved_state[f"{i}.sink_k"]
+            _pack(state, f"{i}.sink", sink_k, saved_state[f"{i}.sink_v"], max(1, sink_k.shape[1]))
+            _pack(state, f"{i}.recent", saved_state[f"{i}.recent_k"], saved_state[f"{i}.recent_v"], block_size)
+            state[f"{i}.recent_score"] = saved_state[f"{i}.recent_score"].to(torch.float16)
+            k, v = saved_blocks.get(f"{i}.k"), saved_blocks.get(f"{i}.v")
+            if k is None or not k.shape[0]:                               # streaming, or no block yet
+                continue
+            parts = [(*int8.pack_keys(k[a: a + chunk], block_size), *int8.pack_values(v[a: a + chunk]))
+                     for a in range(0, k.shape[0], chunk)]
+            for j, name in enumerate(("k", "k_scale", "v", "v_scale")):
+                blocks[f"{i}.{name}"] = torch.cat([p[j] for p in parts])
+            blocks[f"{i}.reprs"] = saved_blocks[f"{i}.reprs"].to(int8.REPR)
+    except KeyError as missing:
+        raise EngineError(f"the saved memory is incomplete: {missing} is missing") from None
+    return state, blocks

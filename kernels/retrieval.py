@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from . import int8
+
 
 def score_blocks(query: torch.Tensor, reprs: torch.Tensor) -> torch.Tensor:
     """query: [H, d]   reprs: [nb, H, d]   -> scores [nb]"""
@@ -31,11 +33,13 @@ def topk_blocks(query: torch.Tensor, reprs: torch.Tensor, k: int) -> tuple[torch
 
 
 def span_mass(query: torch.Tensor, blocks: torch.Tensor, scale: float, tail: torch.Tensor | None = None,
-              chunk: int = 256) -> torch.Tensor:
+              chunk: int = 256, block_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Exact attention share of every block: what a full softmax over all these keys would give each.
 
     query: [H, n, d] (rotated as attention rotates it)   blocks: [nb, Hkv, bs, d] raw keys (may be mapped)
     tail: [Hkv, m, d] keys after the last block, scored as ceil(m / bs) more spans.
+    block_scale: [nb, Hkv, 1, d] when blocks are int8 (kernels.int8.pack_keys per block): unpacked a
+    chunk at a time, so a long document's keys are never all unpacked at once.
     Returns [nb + ceil(m / bs)] fp32 shares summing to 1: each (head, query) row's softmax over every key,
     summed per span, averaged over rows. Blocks are read once, `chunk` at a time, with the softmax kept
     online (flash-attention style), so memory stays bounded at any length.
@@ -46,6 +50,7 @@ def span_mass(query: torch.Tensor, blocks: torch.Tensor, scale: float, tail: tor
         raise ValueError(f"span_mass: query {tuple(query.shape)} does not fit blocks {tuple(blocks.shape)}")
     q = query.float().reshape(hkv, h // hkv * n, d) * scale
     parts = [blocks[i: i + chunk] for i in range(0, nb, chunk)]
+    scales = [block_scale[i: i + chunk] for i in range(0, nb, chunk)] if block_scale is not None else []
     n_pad = 0
     if tail is not None and tail.shape[1]:           # the last span is padded to a block, the pad masked out
         n_pad = -tail.shape[1] % bs
@@ -55,6 +60,8 @@ def span_mass(query: torch.Tensor, blocks: torch.Tensor, scale: float, tail: tor
     maxes = []
     for i, part in enumerate(parts):
         # Blocks may sit on the host (mapped) while the queries are on an accelerator: move a chunk at a time.
+        if i < len(scales):
+            part = int8.unpack_keys(part.to(q.device), scales[i].to(q.device), bs, torch.float32)
         logits = torch.einsum("grd,pgjd->pgrj", q, part.to(q.device, torch.float32))  # [p, Hkv, rows, bs]
         if n_pad and i == len(parts) - 1:
             logits[-1, :, :, bs - n_pad:] = -torch.inf

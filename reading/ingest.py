@@ -112,6 +112,7 @@ def ingest_document(library: Library, engine: Engine, doc: Document, progress: P
         raise LibraryError(f"{doc.source_name} is {ids.numel():,} tokens, over the configured maximum of "
                            f"{engine.cfg.max_tokens:,}")
     cfg = engine.cfg
+    rehash_old_documents(library)
     row = library.find(doc.sha256, engine.fingerprint, cfg.memory_hash())
     if row is not None and row["status"] == Status.READY:
         return Ingested(row["id"], row["title"], Outcome.FOUND, row["tokens"], 0.0)
@@ -120,13 +121,16 @@ def ingest_document(library: Library, engine: Engine, doc: Document, progress: P
     if row is None:
         doc_id = library.add(title=doc.title, source_name=doc.source_name, kind=doc.kind, sha256=doc.sha256,
                              fingerprint=engine.fingerprint, config_hash=cfg.memory_hash(), config=cfg.to_dict(),
-                             tokens=ids.numel(), pages=tokens.pages, upload=upload)
+                             tokens=ids.numel(), pages=tokens.pages, memory_format=snapshot.FORMAT,
+                             upload=upload)
     else:
         doc_id = row["id"]
+        if row["memory_format"] != snapshot.FORMAT:      # left half-read by an older version: start over
+            library.restart(doc_id, snapshot.FORMAT)
+            row = library.document(doc_id)
         library.resume(doc_id)
         if row["state_file"]:
-            state, blocks = library.load(doc_id, shapes, cfg.torch_dtype)
-            snapshot.restore(memory, state, [blocks])
+            memory = snapshot.restore(memory, *_saved(library, doc_id, shapes))
     if started is not None:
         started(doc_id)
     resumed = memory.length
@@ -141,8 +145,9 @@ def ingest_document(library: Library, engine: Engine, doc: Document, progress: P
             engine.read(ids[start:stop], memory, progress=shown)
             library.commit(doc_id, snapshot.state(memory), snapshot.blocks(memory, committed_blocks), stop,
                            time.perf_counter() - t)
-            # Read on from the committed blocks, mapped: RAM then holds only what retrieval touches.
-            snapshot.adopt_blocks(memory, library.map_blocks(doc_id, shapes, cfg.torch_dtype))
+            # Read on from what was committed, as a resumed run would: the packed state (so both end
+            # bit-identical), and the blocks mapped (RAM then holds only what retrieval touches).
+            memory = snapshot.restore(engine.new_memory(), *_saved(library, doc_id, shapes))
             start = stop
     except Exception as err:        # (Ctrl-C is no Exception: the status stays 'reading', the next run resumes)
         library.fail(doc_id, str(err))
@@ -164,5 +169,31 @@ def load_memory(library: Library, engine: Engine, doc_id: int) -> ContextMemory:
     if row["model_fingerprint"] != engine.fingerprint or stored_config(row).layout() != engine.cfg.layout():
         raise LibraryError(f"{row['title']!r} was read with another model or engine settings; ingest it again")
     memory = engine.new_memory()
-    state, blocks = library.load(doc_id, snapshot.block_shapes(memory), engine.cfg.torch_dtype)
-    return snapshot.restore(memory, state, [blocks])
+    if row["memory_format"] != snapshot.FORMAT:
+        upgrade(library, engine, doc_id)
+    return snapshot.restore(memory, *_saved(library, doc_id, snapshot.block_shapes(memory)))
+
+
+def _saved(library: Library, doc_id: int, shapes: dict) -> tuple[dict, list[dict]]:
+    state, blocks = library.load(doc_id, shapes)
+    return state, [blocks]
+
+
+def rehash_old_documents(library: Library) -> None:
+    """Documents of memory format 1 were hashed with their compute dtype, which no longer shapes a stored
+    memory: give them today's hash, so the same file dropped again is found rather than read twice."""
+    for row in library.documents():
+        if row["memory_format"] == 1 and row["config_hash"] != stored_config(row).memory_hash():
+            library.set_config_hash(row["id"], stored_config(row).memory_hash())
+
+
+def upgrade(library: Library, engine: Engine, doc_id: int) -> None:
+    """Convert a document's memory from format 1 (K/V in the dtype it was read in, about 45 MiB per 1K
+    tokens) to packed int8 (about 11.5), in place; the old files go once the new ones are committed."""
+    row = library.document(doc_id)
+    bs, dtype = engine.cfg.block_size, stored_config(row).torch_dtype
+    kv = ((engine.n_kv_heads, bs, engine.head_dim), dtype)
+    shapes = {"layers": engine.n_layers, "k": kv, "v": kv, "reprs": ((engine.n_heads, engine.head_dim), dtype)}
+    files = {"k": "blocks_k.raw", "v": "blocks_v.raw", "reprs": "blocks_reprs.raw"}
+    state, blocks = snapshot.from_format1(*library.load(doc_id, shapes, files), bs)
+    library.replace_memory(doc_id, state, blocks, snapshot.FORMAT, stored_config(row).memory_hash())

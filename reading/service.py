@@ -100,7 +100,7 @@ class ReadingService:
         """
         own = self.engine.cfg
         changes = {k: getattr(own, k) for k in QUESTION_ONLY}
-        return stored_config(doc).replace(dtype=own.dtype, topk=own.topk if topk is None else int(topk), **changes)
+        return stored_config(doc).replace(topk=own.topk if topk is None else int(topk), **changes)
 
     def ask(self, doc_ref: int | str, question: str, conversation: int | None = None, topk: int | None = None,
             max_new_tokens: int = 200, stop: threading.Event | None = None) -> Iterator[str | Answered]:

@@ -1,9 +1,11 @@
 """The library: documents, their pages and memory on disk, conversations. SQL through sqlite-utils.
 
 Memory files of document N live in <data>/memory/N/:
-  blocks_k.raw, blocks_v.raw  [block, layer, Hkv, bs, d]   append-only, memory-mapped on load
-  reprs.raw                   [block, layer, H, d]
+  <field>.<dtype>.raw         [block, layer, *row]   one per block field the engine names (its K/V
+                              int8, their scales, representatives), append-only, memory-mapped on load
   state-<tokens>.safetensors  sinks, window and scores at the last commit (a new file each commit)
+Documents read before memory format 2 have blocks_{k,v,reprs}.raw in their compute dtype instead
+(documents.memory_format says which); the reading package converts them.
 A commit appends blocks and writes the new state file first, then updates SQLite in one transaction,
 then removes the previous state file. Whatever a killed run wrote past the last commit is cut off
 when the ingest resumes, so a half-written document never counts as read.
@@ -14,6 +16,7 @@ import bisect
 import hashlib
 import json
 import shutil
+import sqlite3
 import threading
 from enum import StrEnum
 from pathlib import Path
@@ -78,13 +81,14 @@ class Library:
         return rows[0] if rows else None
 
     def add(self, *, title: str, source_name: str, kind: str, sha256: str, fingerprint: str, config_hash: str,
-            config: dict, tokens: int, pages: list[tuple[str, int, int]], upload: str | None = None) -> int:
+            config: dict, tokens: int, pages: list[tuple[str, int, int]], memory_format: int,
+            upload: str | None = None) -> int:
         """A new document in status 'reading', with its pages as (label, start_token, end_token)."""
         with self.db.conn:
             doc_id = self.db["documents"].insert(dict(
                 title=title, source_name=source_name, kind=kind, sha256=sha256, model_fingerprint=fingerprint,
                 config_hash=config_hash, config=json.dumps(config), status=Status.READING, pages=len(pages), tokens=tokens,
-                upload=upload)).last_pk
+                upload=upload, memory_format=memory_format)).last_pk
             self.db["pages"].insert_all(
                 dict(document_id=doc_id, number=i + 1, label=label, start_token=a, end_token=b)
                 for i, (label, a, b) in enumerate(pages))
@@ -135,6 +139,25 @@ class Library:
         path = self.dir / "uploads" / upload if upload else None
         return path if path is not None and path.exists() else None
 
+    def set_config_hash(self, doc_id: int, config_hash: str) -> None:
+        """Re-key a document (its config's hash rule changed); skipped where the new key is taken."""
+        try:
+            with self.db.conn:
+                self.db["documents"].update(doc_id, {"config_hash": config_hash})
+        except sqlite3.IntegrityError:
+            pass
+
+    def restart(self, doc_id: int, memory_format: int) -> None:
+        """Forget a document's partial memory (its reading starts again from the first token, in the
+        given memory format); its pages, upload and conversations stay."""
+        with self.db.conn:
+            self.db["documents"].update(doc_id, {"read_tokens": 0, "n_blocks": 0, "state_file": None, "bytes": 0,
+                                                 "read_seconds": 0, "memory_format": memory_format})
+            self.db.execute("DELETE FROM blocks WHERE document_id = ?", [doc_id])
+        folder = self.memory_dir(doc_id)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+
     def fail(self, doc_id: int, error: str) -> None:
         with self.db.conn:
             self.db["documents"].update(doc_id, {"status": Status.FAILED, "error": error})
@@ -150,14 +173,15 @@ class Library:
 
     def commit(self, doc_id: int, state: dict[str, torch.Tensor], new_blocks: dict[str, torch.Tensor],
                read_tokens: int, seconds: float) -> None:
-        """Make reading progress durable: new blocks (engine.snapshot.blocks layout) + the current state."""
+        """Make reading progress durable: new blocks ("{layer}.{field}" rows) + the current state."""
         doc = self.document(doc_id)
         folder = self.memory_dir(doc_id)
-        n_layers = sum(1 for k in new_blocks if k.endswith(".k"))
-        added = new_blocks["0.k"].shape[0] if n_layers else 0
-        for name in ("k", "v", "reprs") if n_layers else ():
+        n_layers = 1 + max((int(k.split(".")[0]) for k in new_blocks), default=-1)
+        fields = sorted({k.split(".", 1)[1] for k in new_blocks})
+        added = new_blocks[f"0.{fields[0]}"].shape[0] if fields else 0
+        for name in fields:
             rows = torch.stack([new_blocks[f"{i}.{name}"] for i in range(n_layers)], dim=1)
-            path = folder / f"blocks_{name}.raw"
+            path = folder / _block_file(name, rows.dtype)
             tensors.truncate_rows(path, tuple(rows.shape[1:]), rows.dtype, doc["n_blocks"])  # a killed run's rest
             if added:
                 tensors.append_rows(path, rows)
@@ -188,31 +212,65 @@ class Library:
                 for i, (a, b) in enumerate(block_spans))
             self.db["documents"].update(doc_id, {"status": Status.READY, "bytes": _folder_bytes(self.memory_dir(doc_id))})
 
-    def load(self, doc_id: int, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype
+    def load(self, doc_id: int, shapes: dict, files: dict[str, str] | None = None
              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The committed memory as (state, blocks) for engine.snapshot.restore; block arrays stay mapped.
 
-        shapes: per-layer row shapes {"k": (Hkv, bs, d), "v": ..., "reprs": (H, d)} and "layers": (L,).
+        shapes: {"layers": L, field: (row shape per layer, dtype), ...} (engine.snapshot.block_shapes).
         Cuts off anything a killed run wrote past the last commit.
         """
         doc = self.document(doc_id)
         if not doc["state_file"]:
             raise LibraryError(f"document {doc_id} has no memory yet")
         state, _ = tensors.read(self.memory_dir(doc_id) / doc["state_file"])
-        return state, self.map_blocks(doc_id, shapes, dtype)
+        return state, self.map_blocks(doc_id, shapes, files)
 
-    def map_blocks(self, doc_id: int, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The committed blocks, memory-mapped, per layer ("{layer}.k", ".v", ".reprs"); see load."""
+    def map_blocks(self, doc_id: int, shapes: dict, files: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+        """The committed blocks, memory-mapped, per layer ("{layer}.{field}"); see load.
+
+        files: a field's file name when it is not the default <field>.<dtype>.raw (old formats).
+        """
         doc = self.document(doc_id)
-        folder, n, n_layers = self.memory_dir(doc_id), doc["n_blocks"], shapes["layers"][0]
+        folder, n, n_layers = self.memory_dir(doc_id), doc["n_blocks"], shapes["layers"]
         blocks = {}
-        for name in ("k", "v", "reprs"):
-            row = (n_layers, *shapes[name])
-            tensors.truncate_rows(folder / f"blocks_{name}.raw", row, dtype, n)
-            mapped = tensors.map_rows(folder / f"blocks_{name}.raw", row, dtype, n)
+        for name, (shape, dtype) in ((k, v) for k, v in shapes.items() if k != "layers"):
+            path = folder / (files or {}).get(name, _block_file(name, dtype))
+            if n and not path.exists():
+                raise LibraryError(f"the memory of document {doc_id} is missing {path.name}; read it again")
+            tensors.truncate_rows(path, (n_layers, *shape), dtype, n)
+            mapped = tensors.map_rows(path, (n_layers, *shape), dtype, n)
             for i in range(n_layers):
                 blocks[f"{i}.{name}"] = mapped[:, i]
         return blocks
+
+    def replace_memory(self, doc_id: int, state: dict[str, torch.Tensor], blocks: dict[str, torch.Tensor],
+                       memory_format: int, config_hash: str) -> None:
+        """Swap a ready document's memory for another form of it (a format upgrade), all or nothing:
+        the new files are written beside the old ones, SQLite switches in one transaction, then the
+        old files go."""
+        doc = self.document(doc_id)
+        folder = self.memory_dir(doc_id)
+        staging = folder / "upgrade"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        n_layers = 1 + max((int(k.split(".")[0]) for k in blocks), default=-1)
+        for name in sorted({k.split(".", 1)[1] for k in blocks}):
+            rows = torch.stack([blocks[f"{i}.{name}"] for i in range(n_layers)], dim=1)
+            tensors.append_rows(staging / _block_file(name, rows.dtype), rows)
+        state_file = f"state-{doc['read_tokens']}-f{memory_format}.safetensors"
+        tensors.write(staging / state_file, state)
+        old = {p.name for p in folder.iterdir() if p.is_file()}
+        new = {p.name for p in staging.iterdir()}
+        for name in new:
+            (staging / name).replace(folder / name)
+        staging.rmdir()
+        with self.db.conn:
+            self.db["documents"].update(doc_id, {"state_file": state_file, "memory_format": memory_format,
+                                                 "config_hash": config_hash})
+        for name in old - new:
+            (folder / name).unlink(missing_ok=True)
+        with self.db.conn:
+            self.db["documents"].update(doc_id, {"bytes": _folder_bytes(folder)})
 
     # -- conversations ----------------------------------------------------------------------------
     def new_conversation(self, doc_id: int, title: str) -> int:
@@ -234,6 +292,10 @@ class Library:
         rows = self.db.query("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", [conversation_id])
         return [{**r, "trace": json.loads(r["trace"]) if r["trace"] else None,
                  "timings": json.loads(r["timings"]) if r["timings"] else None} for r in rows]
+
+
+def _block_file(field: str, dtype: torch.dtype) -> str:
+    return f"{field}.{str(dtype).removeprefix('torch.')}.raw"
 
 
 def _folder_bytes(folder: Path) -> int:

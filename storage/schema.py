@@ -88,6 +88,11 @@ MIGRATIONS: list[str] = [
     """
     DROP TABLE IF EXISTS segments;
     """,
+    # 5: how the memory files are laid out (engine.snapshot.FORMAT): 1 = K/V in the compute dtype, as
+    #    every document read so far; 2 = packed int8. Reading converts a format-1 memory when it loads.
+    """
+    ALTER TABLE documents ADD COLUMN memory_format INTEGER NOT NULL DEFAULT 1;
+    """,
 ]
 
 

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 # safetensors dtype names -> numpy dtypes we can map directly (bf16 goes through int16).
-_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.int16, "I64": np.int64, "I32": np.int32, "BOOL": np.bool_}
+_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.int16, "I64": np.int64, "I32": np.int32, "I8": np.int8,
+       "BOOL": np.bool_}
 
 
 def write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> int:

@@ -2,6 +2,7 @@
 import torch
 
 from infllm_engine import InfLLMConfig
+from kernels import int8
 from infllm_engine.rope import Rotary
 
 
@@ -24,6 +25,13 @@ def dense_infllm_reference(q, k, v, cfg: InfLLMConfig, rope: Rotary, scale: floa
     """
     h, t, d = q.shape
     g = h // k.shape[0]
+    # Memory blocks hold their K/V packed in int8 (kernels.int8): keys per channel over the block.
+    n_full = max(0, t - cfg.n_init) // cfg.block_size
+    a, b = cfg.n_init, cfg.n_init + n_full * cfg.block_size
+    k_mem, v_mem = k.clone(), int8.unpack_values(*int8.pack_values(v), v.dtype)
+    blocks = k[:, a:b].reshape(k.shape[0], n_full, cfg.block_size, d).transpose(0, 1)
+    k_mem[:, a:b] = int8.unpack_keys(*int8.pack_keys(blocks, cfg.block_size), cfg.block_size, k.dtype
+                                     ).transpose(0, 1).reshape(k.shape[0], -1, d)
     out = torch.zeros(h, t, d, dtype=torch.float64)
     mass = torch.zeros(h, t, dtype=torch.float64)
     for c, s in enumerate(range(0, t, cfg.chunk_size)):
@@ -45,10 +53,31 @@ def dense_infllm_reference(q, k, v, cfg: InfLLMConfig, rope: Rotary, scale: floa
                         in_memory = j >= cfg.n_init and block < n_formed
                         if in_memory and block not in retrieved.get(c, []):
                             continue
-                        logits.append(q_far @ k[kh, j])       # fixed distance: key at 0
+                        logits.append(q_far @ (k_mem if in_memory else k)[kh, j])   # fixed distance: key at 0
+                        values.append((v_mem if in_memory else v)[kh, j])
+                        continue
                     values.append(v[kh, j])
                 w = torch.softmax(torch.stack(logits).double() * scale, 0)
                 out[head, p] = (w[:, None] * torch.stack(values).double()).sum(0)
                 for idx, j in local_keys:
                     mass[head, j] += w[idx]
     return out, mass
+
+
+def format1(memory) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(state, blocks) as memory format 1 saved them, before packing: every tensor in the compute dtype."""
+    from infllm_engine.memory import DenseLayer
+
+    state = {"length": torch.tensor(memory.length), "n_blocks": torch.tensor(memory.n_blocks)}
+    blocks = {}
+    for i, layer in enumerate(memory.layers):
+        if isinstance(layer, DenseLayer):
+            state[f"{i}.k"], state[f"{i}.v"] = layer.k, layer.v
+            continue
+        state[f"{i}.r0"] = torch.tensor(layer.r0)
+        for name in ("sink_k", "sink_v", "recent_k", "recent_v", "recent_score"):
+            state[f"{i}.{name}"] = getattr(layer, name)
+        if layer.keep_blocks:
+            blocks[f"{i}.k"], blocks[f"{i}.v"] = layer.blocks.take(torch.arange(layer.blocks.n))
+            blocks[f"{i}.reprs"] = layer.blocks.blocks()["reprs"]
+    return state, blocks

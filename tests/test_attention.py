@@ -144,7 +144,9 @@ def test_decoding_gives_the_same_logits_as_prefilling():
         if p % 8 == 3:
             fresh = engine.new_memory()
             prefilled = prefill(model, fresh, engine.rope, ids[: p + 1])
-            torch.testing.assert_close(decoded, prefilled, atol=2e-5, rtol=1e-4)
+            # Float noise between the two paths can flip an int8 rounding in a block (one step, ~1 % of a
+            # channel's range), hence more room than fp32 alone would need.
+            torch.testing.assert_close(decoded, prefilled, atol=3e-4, rtol=1e-3)
 
 
 def test_a_question_leaves_the_document_memory_unchanged():
@@ -152,7 +154,7 @@ def test_a_question_leaves_the_document_memory_unchanged():
     engine = Engine(model, tiny_tokenizer(), InfLLMConfig(n_local=32, topk=2, **SMALL))
     doc = torch.randint(0, 256, (220,), generator=torch.Generator().manual_seed(5))
     memory = engine.read(doc)
-    before = [(l.recent_k.clone(), l.recent_score.clone(), l.blocks.n, l.blocks.blocks()[2].clone()) for l in memory.layers]
+    before = [(l.recent_k.clone(), l.recent_score.clone(), l.blocks.n, l.blocks.blocks()["reprs"].clone()) for l in memory.layers]
     question = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(6))
     first = engine.generate(memory.fork(), question, max_new_tokens=12).wait()
     second = engine.generate(memory.fork(), question, max_new_tokens=12).wait()
@@ -161,7 +163,7 @@ def test_a_question_leaves_the_document_memory_unchanged():
     assert memory.length == 220
     for layer, (k, score, n, reprs) in zip(memory.layers, before):
         assert torch.equal(layer.recent_k, k) and torch.equal(layer.recent_score, score)
-        assert layer.blocks.n == n and torch.equal(layer.blocks.blocks()[2], reprs)
+        assert layer.blocks.n == n and torch.equal(layer.blocks.blocks()["reprs"], reprs)
 
 
 def test_the_engine_on_triton_kernels_reads_and_answers_as_on_the_torch_twin(monkeypatch):
@@ -183,7 +185,7 @@ def test_the_engine_on_triton_kernels_reads_and_answers_as_on_the_torch_twin(mon
     assert m_torch.n_blocks == m_triton.n_blocks >= 6
     assert a_triton.token_ids == a_torch.token_ids
     for lt, lg in zip(m_torch.layers, m_triton.layers):
-        torch.testing.assert_close(lg.blocks.blocks()[2], lt.blocks.blocks()[2], atol=1e-4, rtol=1e-4)   # reprs
+        torch.testing.assert_close(lg.blocks.blocks()["reprs"], lt.blocks.blocks()["reprs"], atol=1e-3, rtol=1e-3)
         torch.testing.assert_close(lg.recent_score, lt.recent_score, atol=1e-4, rtol=1e-4)
     for rt, rg in zip(a_torch.trace.records, a_triton.trace.records):
         assert torch.equal(rt.block_ids, rg.block_ids)

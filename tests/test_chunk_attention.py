@@ -16,6 +16,20 @@ if not torch.cuda.is_available():
 from kernels.chunk import Keys, chunk_attention  # noqa: E402
 
 HKV = 2
+# The Triton path runs where it would in the app: on the GPU when there is one, else in the
+# interpreter on CPU tensors. The torch twin runs on the CPU; the oracle always does.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _on(backend, q_local, q_global, window, memory):
+    dev = TRITON_DEVICE if backend == "triton" else "cpu"
+    move = lambda keys: Keys(keys.k.to(dev), keys.v.to(dev), keys.start)  # noqa: E731
+    return q_local.to(dev), q_global.to(dev), move(window), [move(m) for m in memory]
+
+
+def _cpu(got):
+    return got._replace(out=got.out.cpu(), window_mass=None if got.window_mass is None else got.window_mass.cpu(),
+                        memory_mass=None if got.memory_mass is None else [m.cpu() for m in got.memory_mass])
 
 
 def _oracle(q_local, q_global, start, window, memory, n_local, scale):
@@ -68,7 +82,8 @@ def test_chunk_attention_matches_one_softmax(backend, name, g):
         pytest.importorskip("triton")
     c, start, ws, nw, parts, n_local = CASES[name]
     q_local, q_global, window, memory = _case(g, c, 64, start, ws, nw, parts)
-    got = chunk_attention(q_local, q_global, start, window, memory, n_local, 0.125, True, True, backend=backend)
+    ql, qg, w, m = _on(backend, q_local, q_global, window, memory)
+    got = _cpu(chunk_attention(ql, qg, start, w, m, n_local, 0.125, True, True, backend=backend))
     out, w_mass, m_mass = _oracle(q_local, q_global, start, window, memory, n_local, 0.125)
     torch.testing.assert_close(got.out.double(), out, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(got.window_mass.double(), w_mass, atol=2e-4, rtol=1e-4)
@@ -89,7 +104,8 @@ def test_triton_in_half_precision_is_as_close_as_the_twin(dtype, d):
     ref, _, _ = _oracle(q_local, q_global, start, window, memory, n_local, d ** -0.5)
     errs = {}
     for backend in ("torch", "triton"):
-        got = chunk_attention(q_local, q_global, start, window, memory, n_local, d ** -0.5, True, True, backend=backend)
+        ql, qg, w, m = _on(backend, q_local, q_global, window, memory)
+        got = _cpu(chunk_attention(ql, qg, start, w, m, n_local, d ** -0.5, True, True, backend=backend))
         errs[backend] = (got.out.double() - ref).abs().max().item()
     assert errs["triton"] <= 2 * errs["torch"] + 1e-3, errs
 

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from infllm_engine import EngineError, InfLLMConfig
 
@@ -14,7 +15,7 @@ def test_defaults_are_valid_and_fit_the_trained_window():
     ({"n_local": 0}, "n_local must be a positive integer"),
     ({"repr_topk": 300, "block_size": 128}, "repr_topk (300) cannot exceed block_size"),
     ({"chunk_size": 4096, "n_local": 1024}, "chunk_size (4096) cannot exceed n_local"),
-    ({"dtype": "int8"}, "dtype must be one of"),
+    ({"dtype": "int8"}, "dtype must be auto or one of"),
     ({"device": "warp-drive"}, "is not a torch device"),
     ({"kernels": "cuda"}, "kernels must be one of"),
 ])
@@ -28,7 +29,10 @@ def test_memory_hash_ignores_where_it_runs_but_not_how_it_reads():
     assert base.memory_hash() == base.replace(cache_blocks=99, max_tokens=10, kernels="torch").memory_hash()
     # The question focus is question-time only: changing it never invalidates a stored memory.
     assert base.memory_hash() == base.replace(focus_blocks=0, focus_layers=(0.5, 1), focus_gap=8, focus_topk=3).memory_hash()
-    assert base.memory_hash() == "667d8f98c9caede8"     # libraries read before the focus existed stay valid
+    # Memory is stored packed, the same in every dtype: one read in fp32 serves a bf16 machine.
+    assert base.memory_hash() == base.replace(dtype="bfloat16").memory_hash()
+    assert base.layout() == base.replace(dtype="bfloat16").layout()
+    assert base.memory_hash() == "6d962958fcad1c00"     # pinned: a change re-reads every library
     assert base.memory_hash() != base.replace(topk=4).memory_hash()
     assert base.memory_hash() != base.replace(n_local=1024).memory_hash()
 
@@ -47,3 +51,21 @@ def test_kernels_are_triton_on_cuda_and_torch_elsewhere(monkeypatch):
         InfLLMConfig(kernels="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert InfLLMConfig(kernels="triton").kernels == "triton"
+
+
+def test_auto_dtype_is_what_this_machine_measures_faster(monkeypatch):
+    from infllm_engine import precision
+
+    precision.best_dtype.cache_clear()
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})          # no native bf16: never bf16
+    assert InfLLMConfig(dtype="auto").dtype == "float32"
+    precision.best_dtype.cache_clear()
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16", "amx_bf16"})
+    monkeypatch.setattr(precision, "matmul_seconds", lambda dtype: {torch.bfloat16: 1.0, torch.float32: 5.0}[dtype])
+    assert InfLLMConfig(dtype="auto").dtype == "bfloat16"
+    precision.best_dtype.cache_clear()
+    monkeypatch.setattr(precision, "matmul_seconds", lambda dtype: {torch.bfloat16: 1.0, torch.float32: 1.1}[dtype])
+    assert InfLLMConfig(dtype="auto").dtype == "float32"                       # a tie keeps fp32's precision
+    precision.best_dtype.cache_clear()
+    assert InfLLMConfig(dtype="auto", device="cuda").dtype == "bfloat16"
+    precision.best_dtype.cache_clear()

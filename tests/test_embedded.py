@@ -3,6 +3,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.passkey import build_prompt
 from infllm_engine import Engine, InfLLMConfig
@@ -79,3 +80,21 @@ def test_a_fact_planted_in_real_prose_is_answered_and_cited_through_the_library(
     assert answer.trace.evidence(memory.n_blocks)[0] in spans                # the vote cites the planted block
     cited = citation(answer.trace.to_dict(), library.spans(done.doc_id), library.pages(done.doc_id))
     assert cited.startswith("(see ") and cited.endswith(")")                 # a text file's sections are cited by name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")
+def test_the_cuda_path_answers_as_the_cpu_path_and_their_memories_are_interchangeable(engine, data_dir):
+    """The engine on CUDA (Triton kernels, device block cache) against the CPU path, fp32 on both, on a
+    real 8K passkey prompt; then a memory read on the GPU, saved and restored on the CPU, answers too."""
+    from infllm_engine import snapshot
+
+    gpu = Engine.load(None, InfLLMConfig(device="cuda", dtype="float32"), data_dir)
+    key = "48213"
+    ids = build_prompt(engine, 8192, 0.5, key)
+    answers, memories = {}, {}
+    for name, e in (("cpu", engine), ("cuda", gpu)):
+        memories[name] = e.read(ids[:-16])
+        answers[name] = e.generate(memories[name], ids[-16:], max_new_tokens=8).wait()
+    assert key in answers["cpu"].text and answers["cuda"].token_ids == answers["cpu"].token_ids
+    moved = snapshot.restore(engine.new_memory(), snapshot.state(memories["cuda"]), [snapshot.blocks(memories["cuda"])])
+    assert key in engine.generate(moved, ids[-16:], max_new_tokens=8).wait().text

@@ -76,10 +76,10 @@ def test_pinned_blocks_are_reread_in_document_order_just_before_the_question(eng
     layer = memory.layers[1]
     focus = Focus((0, 1), 0, range(0, 1), 2, gap=4, pinned=torch.tensor([3, 7]))
     near = focus.near(1, layer.blocks, engine.rope, 48)
-    k3, k7 = layer.blocks.keys()[3], layer.blocks.keys()[7]               # [Hkv, bs, d] raw
+    (k3, k7), (v3, v7) = layer.blocks.take(torch.tensor([3, 7]))           # [Hkv, bs, d] raw, unpacked
     raw = torch.cat([k3, k7], 1)
     assert near.start is None and torch.allclose(near.k, engine.rope.apply(raw, 48 - 4 - 16))
-    assert torch.equal(near.v, torch.cat([layer.blocks.blocks()[1][3], layer.blocks.blocks()[1][7]], 1))
+    assert torch.equal(near.v, torch.cat([v3, v7], 1))
     assert focus.near(1, layer.blocks, engine.rope, 48) is near                 # built once per answer
 
 

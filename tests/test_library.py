@@ -2,12 +2,14 @@
 import pytest
 import torch
 
-from infllm_engine import Engine, InfLLMConfig
+from infllm_engine import Engine, InfLLMConfig, snapshot
 from reading.ingest import Outcome, ingest, load_memory, tokenize
+from storage import tensors
 from storage.library import Library, LibraryError
 from storage.readers import DocumentError, read_document
 
 from .conftest import tiny_llama, tiny_tokenizer
+from .helpers import format1
 
 SMALL = dict(n_init=4, n_local=64, block_size=16, repr_topk=2, chunk_size=32, topk=2, cache_blocks=8)
 BOOK = "\f".join(f"Page {p}. " + " ".join(f"word{p}x{i}" for i in range(60)) for p in range(1, 6))
@@ -168,13 +170,18 @@ def test_reading_goes_on_from_the_committed_blocks_on_disk_and_matches_an_all_in
     library = Library(tmp_path / "lib")
     done = ingest(library, engine, book, commit_every=2)
     ids = tokenize(engine, read_document(book, 2**20)).ids
-    in_ram = engine.read(ids)
+    in_ram = engine.new_memory()
+    step = 2 * engine.cfg.chunk_size
+    for a in range(0, ids.numel(), step):     # the same reading with its commits' save and restore in RAM
+        engine.read(ids[a: a + step], in_ram)
+        in_ram = snapshot.restore(engine.new_memory(), snapshot.state(in_ram), [snapshot.blocks(in_ram)])
     assert done.memory.n_blocks == in_ram.n_blocks > 50
     for layer, ram in zip(done.memory.layers, in_ram.layers):
         assert layer.blocks.tail.n == 0                                  # nothing kept in RAM since the last commit
-        assert _mapped_file(layer.blocks.base.k).endswith("blocks_k.raw")   # read on from the file's mapping
-        assert _mapped_file(ram.blocks.tail.k) is None or not _mapped_file(ram.blocks.tail.k).endswith(".raw")
-        torch.testing.assert_close(layer.blocks.blocks()[2], ram.blocks.blocks()[2], atol=1e-5, rtol=1e-5)
+        assert _mapped_file(layer.blocks.base.fields["k"]).endswith("k.int8.raw")   # read on from the file's mapping
+        assert not (_mapped_file(ram.blocks.base.fields["k"]) or "").endswith(".raw")
+        got, want = layer.blocks.blocks(), ram.blocks.blocks()
+        assert all(torch.equal(got[name], want[name]) for name in want)
 
 
 def test_the_window_is_kept_as_citable_spans_after_the_memory_blocks(tmp_path, engine, book):
@@ -228,3 +235,56 @@ def test_a_failed_document_read_again_is_reading_while_it_resumes(tmp_path, engi
 def test_the_unused_segments_table_is_dropped(tmp_path):
     library = Library(tmp_path / "lib")
     assert "segments" not in library.db.table_names() and "blocks" in library.db.table_names()
+
+
+def write_format1(library: Library, engine: Engine, book) -> tuple[int, object]:
+    """A document as this app stored it before memory format 2: K/V unpacked, in the compute dtype,
+    hashed with its dtype. Returns (its id, the memory it was read into)."""
+    doc = read_document(book, 2**20)
+    tokens = tokenize(engine, doc)
+    memory = engine.read(tokens.ids)
+    doc_id = library.add(title=doc.title, source_name=doc.source_name, kind=doc.kind, sha256=doc.sha256,
+                         fingerprint=engine.fingerprint, config_hash="hash-with-dtype", config=engine.cfg.to_dict(),
+                         tokens=tokens.ids.numel(), pages=tokens.pages, memory_format=1)
+    state, blocks = format1(memory)
+    folder = library.memory_dir(doc_id)
+    for name in ("k", "v", "reprs"):
+        rows = torch.stack([blocks[f"{i}.{name}"] for i in range(len(memory.layers))], dim=1)
+        tensors.append_rows(folder / f"blocks_{name}.raw", rows)
+    tensors.write(folder / f"state-{memory.length}.safetensors", state)
+    library.db["documents"].update(doc_id, {"state_file": f"state-{memory.length}.safetensors",
+                                            "n_blocks": memory.n_blocks, "read_tokens": memory.length})
+    library.finish(doc_id, [memory.block_span(i) for i in range(memory.n_blocks)])
+    return doc_id, memory
+
+
+def test_a_memory_of_the_old_format_is_found_and_converted_in_place_when_first_asked(tmp_path, engine, book):
+    library = Library(tmp_path / "lib")
+    doc_id, memory = write_format1(library, engine, book)
+    before = library.document(doc_id)["bytes"]
+    assert ingest(library, engine, book).outcome == Outcome.FOUND       # re-keyed: the same file is not read twice
+    converted = load_memory(library, engine, doc_id)
+    row = library.document(doc_id)
+    files = sorted(p.name for p in library.memory_dir(doc_id).iterdir())
+    assert row["memory_format"] == snapshot.FORMAT and not any(f.startswith("blocks_") for f in files)
+    assert {"k.int8.raw", "v.int8.raw", "reprs.float16.raw"} <= set(files) and row["bytes"] < before / 2.5
+    assert converted.n_blocks == memory.n_blocks > 10 and converted.length == memory.length
+    for old, new in zip(memory.layers, converted.layers):
+        ids = torch.arange(memory.n_blocks)
+        for a, b in zip(old.blocks.take(ids), new.blocks.take(ids)):     # each block within int8 rounding
+            assert (a - b).abs().max() <= a.abs().max() / 127
+    assert engine.ask(converted, "which word?", max_new_tokens=4).wait().token_ids
+    again = load_memory(library, engine, doc_id)                          # converted once: mapped as it is
+    assert library.document(doc_id)["state_file"] == row["state_file"] and again.n_blocks == memory.n_blocks
+
+
+def test_a_reading_left_unfinished_in_the_old_format_starts_over_in_the_new_one(tmp_path, engine, book):
+    library = Library(tmp_path / "lib")
+    doc_id, _ = write_format1(library, engine, book)
+    library.db["documents"].update(doc_id, {"status": "reading", "read_tokens": 512})   # as if stopped midway
+    done = ingest(library, engine, book)
+    row = library.document(doc_id)
+    assert done.doc_id == doc_id and done.outcome == Outcome.READ and done.resumed_from == 0
+    assert (row["status"], row["memory_format"]) == ("ready", snapshot.FORMAT)
+    assert not any(p.name.startswith("blocks_") for p in library.memory_dir(doc_id).iterdir())
+    assert load_memory(library, engine, doc_id).n_blocks == done.memory.n_blocks > 10

@@ -24,6 +24,9 @@ from kernels.triton_retrieval import block_scores, top_blocks_triton  # noqa: E4
 if not torch.cuda.is_available() and not triton_attention._interpreted():
     pytest.skip("no CUDA device and triton was imported without TRITON_INTERPRET=1", allow_module_level=True)
 
+# The device under test: the GPU where there is one (the kernels compiled), else the CPU under the
+# interpreter. The oracles (torch twins) run on the CPU.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not triton_attention._interpreted() else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
 LSE_ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
@@ -76,7 +79,7 @@ def _flash_rule(name, got, twin, ref, atol):
     assert err <= 2 * twin_err + atol, f"{name}: max err {err:.3g} > 2 * twin err {twin_err:.3g} + {atol:g}"
 
 
-def _check_stage(dtype, g, c, n, d, rule, device="cpu", seed=0):
+def _check_stage(dtype, g, c, n, d, rule, device=DEVICE, seed=0):
     q, k, v, gen = _inputs(dtype, g, c, n, d, seed)
     q_pos, k_pos, lo, hi = _positions(rule, c, n, gen)
     scale = d ** -0.5
@@ -131,11 +134,11 @@ def test_strided_inputs_and_flat_lse():
     """Engine-like views: K/V a prefix of a bigger cache, q a transposed view; lse_total as [Hkv, G*C]."""
     torch.manual_seed(3)
     g, c, n, d, cap = 3, 9, 40, 32, 64
-    q = torch.randn(HKV, c, g, d).transpose(1, 2)             # [Hkv, G, C, d], not contiguous
-    k_cache, v_cache = torch.randn(HKV, cap, d), torch.randn(HKV, cap, d)
+    q = torch.randn(HKV, c, g, d, device=DEVICE).transpose(1, 2)             # [Hkv, G, C, d], not contiguous
+    k_cache, v_cache = torch.randn(HKV, cap, d, device=DEVICE), torch.randn(HKV, cap, d, device=DEVICE)
     k, v = k_cache[:, 10:10 + n], v_cache[:, 10:10 + n]
     assert not q.is_contiguous() and not k.is_contiguous()
-    q_pos, k_pos = torch.arange(n - c, n), torch.arange(n)
+    q_pos, k_pos = torch.arange(n - c, n, device=DEVICE), torch.arange(n, device=DEVICE)
     scale = 0.2
     out, lse = stage_attention(q, k, v, q_pos, k_pos, 0, 16, scale)
     ref = attention_stage(q.contiguous(), k.contiguous(), v.contiguous(),
@@ -145,29 +148,31 @@ def test_strided_inputs_and_flat_lse():
     mass = key_mass(q, k, q_pos, k_pos, 0, 16, scale, ref.lse.reshape(HKV, g * c))
     torch.testing.assert_close(mass, received_mass(ref, ref.lse), atol=1e-5, rtol=1e-5)
     # One stage alone: every query's probabilities sum to one.
-    torch.testing.assert_close(mass.sum(-1), torch.full((HKV, g), float(c)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(mass.sum(-1), torch.full((HKV, g), float(c), device=DEVICE), atol=1e-4, rtol=0)
 
 
 def test_no_keys_and_empty_band_launch_nothing_or_see_nothing():
-    q = torch.randn(HKV, 3, 5, 16)
-    k = torch.randn(HKV, 0, 16)
-    q_pos, k_pos = torch.arange(5), torch.arange(0)
+    on = dict(device=DEVICE)
+    q = torch.randn(HKV, 3, 5, 16, **on)
+    k = torch.randn(HKV, 0, 16, **on)
+    q_pos, k_pos = torch.arange(5, **on), torch.arange(0, **on)
     out, lse = stage_attention(q, k, k, q_pos, k_pos, 0, 4, 0.25)
     assert (out == 0).all() and out.shape == q.shape and torch.isneginf(lse).all() and lse.shape == (HKV, 3, 5)
-    mass = key_mass(q, k, q_pos, k_pos, 0, 4, 0.25, torch.zeros(HKV, 3, 5))
+    mass = key_mass(q, k, q_pos, k_pos, 0, 4, 0.25, torch.zeros(HKV, 3, 5, **on))
     assert mass.shape == (HKV, 3, 0)
     # Keys present but a rule nobody satisfies (min >= max): every row is blind, no NaN.
-    k = torch.randn(HKV, 6, 16)
-    out, lse = stage_attention(q, k, k, q_pos, torch.arange(6), 5, 5, 0.25)
+    k = torch.randn(HKV, 6, 16, **on)
+    out, lse = stage_attention(q, k, k, q_pos, torch.arange(6, **on), 5, 5, 0.25)
     assert (out == 0).all() and torch.isneginf(lse).all()
-    mass = key_mass(q, k, q_pos, torch.arange(6), 5, 5, 0.25, torch.zeros(HKV, 3, 5))
+    mass = key_mass(q, k, q_pos, torch.arange(6, **on), 5, 5, 0.25, torch.zeros(HKV, 3, 5, **on))
     assert (mass == 0).all()
 
 
 def test_the_launchers_reject_what_does_not_fit():
-    q, k = torch.randn(HKV, 3, 5, 16), torch.randn(HKV, 7, 16)
-    qp, kp = torch.arange(5), torch.arange(7)
-    lse = torch.zeros(HKV, 3, 5)
+    on = dict(device=DEVICE)
+    q, k = torch.randn(HKV, 3, 5, 16, **on), torch.randn(HKV, 7, 16, **on)
+    qp, kp = torch.arange(5, **on), torch.arange(7, **on)
+    lse = torch.zeros(HKV, 3, 5, **on)
     bad = [
         ((q[0], k, k, qp, kp), "q must be"),
         ((q, k[:1], k[:1], qp, kp), "do not fit"),
@@ -176,11 +181,12 @@ def test_the_launchers_reject_what_does_not_fit():
         ((q.double(), k.double(), k.double(), qp, kp), "not supported"),
         ((q, k.half(), k, qp, kp), "share a dtype"),
         ((q, k, k.half(), qp, kp), "share a dtype"),
-        ((torch.randn(HKV, 3, 5, 24), torch.randn(HKV, 7, 24), torch.randn(HKV, 7, 24), qp, kp), "head dim"),
+        ((torch.randn(HKV, 3, 5, 24, **on), torch.randn(HKV, 7, 24, **on), torch.randn(HKV, 7, 24, **on), qp, kp),
+         "head dim"),
         ((q, k, k, qp.int(), kp), "int64"),
         ((q, k, k, qp, kp[:6]), r"k_pos must be \[7\]"),
-        ((q, k, k, torch.arange(10)[::2], kp), "contiguous"),
-        ((q, k, torch.randn(HKV, 16, 7).transpose(1, 2), qp, kp), "contiguous"),
+        ((q, k, k, torch.arange(10, **on)[::2], kp), "contiguous"),
+        ((q, k, torch.randn(HKV, 16, 7, **on).transpose(1, 2), qp, kp), "contiguous"),
         ((q, k.to("meta"), k, qp, kp), "one device"),
         ((q, k, k, [0, 1, 2, 3, 4], kp), "Tensor"),
     ]
@@ -194,7 +200,7 @@ def test_the_launchers_reject_what_does_not_fit():
     with pytest.raises(ValueError, match="fp32"):
         key_mass(q, k, qp, kp, 0, 4, 0.25, lse.half())
     with pytest.raises(ValueError, match="contiguous"):
-        key_mass(q, k, qp, kp, 0, 4, 0.25, torch.zeros(HKV, 5, 3).transpose(1, 2))
+        key_mass(q, k, qp, kp, 0, 4, 0.25, torch.zeros(HKV, 5, 3, **on).transpose(1, 2))
     with pytest.raises(ValueError, match="do not fit"):
         key_mass(q, k[:1], qp, kp, 0, 4, 0.25, lse)
 
@@ -206,12 +212,12 @@ def test_block_scores_match_score_blocks(dtype):
         reprs, query = torch.randn(nb, h, d, generator=gen), torch.randn(h, d, generator=gen)
         ref = score_blocks(query, reprs)
         twin = score_blocks(query.to(dtype), reprs.to(dtype))
-        got = block_scores(query.to(dtype), reprs.to(dtype))
+        got = block_scores(query.to(DEVICE, dtype), reprs.to(DEVICE, dtype)).cpu()
         assert got.shape == (nb,) and got.dtype == dtype
         _flash_rule("scores", got, twin, ref, 1e-4 if dtype == torch.float32 else 1e-3)
     # reprs as a prefix of a larger buffer (how the engine stores them)
-    buf = torch.randn(50, 3, 24, generator=gen)
-    query = torch.randn(3, 24, generator=gen)
+    buf = torch.randn(50, 3, 24, generator=gen).to(DEVICE)
+    query = torch.randn(3, 24, generator=gen).to(DEVICE)
     torch.testing.assert_close(block_scores(query, buf[:20]), score_blocks(query, buf[:20]), atol=1e-4, rtol=1e-5)
     assert block_scores(query, buf[:0]).shape == (0,)
 
@@ -220,17 +226,18 @@ def test_top_blocks_triton_picks_the_twins_ids():
     gen = torch.Generator().manual_seed(7)
     reprs, query = torch.randn(300, 4, 32, generator=gen), torch.randn(4, 32, generator=gen)
     for k in (1, 8, 50):
-        ids, scores = top_blocks_triton(query, reprs, k)
+        ids, scores = top_blocks_triton(query.to(DEVICE), reprs.to(DEVICE), k)
         ref_ids, ref_scores = top_blocks(score_blocks(query, reprs), k)
         assert ids.tolist() == ref_ids.tolist()
-        torch.testing.assert_close(scores, ref_scores, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(scores.cpu(), ref_scores, atol=1e-4, rtol=1e-5)
+    query, reprs = query.to(DEVICE), reprs.to(DEVICE)
     assert top_blocks_triton(query, reprs[:3], 8)[0].tolist() == [0, 1, 2]
     assert top_blocks_triton(query, reprs, 0)[0].numel() == 0
     assert top_blocks_triton(query, reprs[:0], 4)[0].numel() == 0
 
 
 def test_block_scores_reject_what_does_not_fit():
-    reprs, query = torch.randn(4, 3, 8), torch.randn(3, 8)
+    reprs, query = torch.randn(4, 3, 8, device=DEVICE), torch.randn(3, 8, device=DEVICE)
     for args, msg in [((query[:2], reprs), "does not fit"), ((query, reprs.half()), "dtype"),
                       ((query.double(), reprs.double()), "dtype"), ((query.t().contiguous().t(), reprs), "contiguous"),
                       ((query, reprs.transpose(1, 2).contiguous().transpose(1, 2)), "contiguous"),
