@@ -288,3 +288,18 @@ def test_a_reading_left_unfinished_in_the_old_format_starts_over_in_the_new_one(
     assert (row["status"], row["memory_format"]) == ("ready", snapshot.FORMAT)
     assert not any(p.name.startswith("blocks_") for p in library.memory_dir(doc_id).iterdir())
     assert load_memory(library, engine, doc_id).n_blocks == done.memory.n_blocks > 10
+
+
+def test_a_memory_read_in_fp32_is_asked_by_a_bf16_engine(tmp_path, engine, book):
+    """The stored form is the same in every compute dtype, so a library moves between machines."""
+    library = Library(tmp_path / "lib")
+    done = ingest(library, engine, book)
+    bf16 = Engine(tiny_llama().to(torch.bfloat16), tiny_tokenizer(), InfLLMConfig(**SMALL, dtype="bfloat16"),
+                  fingerprint="tiny-a")
+    assert bf16.cfg.memory_hash() == engine.cfg.memory_hash()
+    assert ingest(library, bf16, book).outcome == Outcome.FOUND              # not read a second time
+    memory = load_memory(library, bf16, done.doc_id)
+    layer = memory.layers[0]
+    assert layer.recent_k.dtype == torch.bfloat16 and layer.blocks.blocks()["reprs"].dtype == torch.bfloat16
+    assert torch.equal(layer.blocks.blocks()["k"], done.memory.layers[0].blocks.blocks()["k"])   # the same bytes
+    assert bf16.ask(memory, "which word?", max_new_tokens=4).wait().token_ids
