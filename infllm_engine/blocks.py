@@ -117,7 +117,7 @@ class BlockStore:
         if fill:
             slots, new = zip(*fill)
             k, v = self._unpack(self._host(torch.tensor(new)))              # [m, Hkv, bs, d]
-            if not reuse:                                                 # slots in order: one copy
+            if len(fill) == len(want):                                    # every slot, in order: one copy
                 self.slot_k.copy_(k.transpose(0, 1).reshape(hkv, -1, d))
                 self.slot_v.copy_(v.transpose(0, 1).reshape(hkv, -1, d))
             else:

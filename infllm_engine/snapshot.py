@@ -20,7 +20,7 @@ import torch
 
 from kernels import int8
 
-from .blocks import stored_rows
+from .blocks import FIELDS, stored_rows
 from .errors import EngineError
 from .memory import ContextMemory, DenseLayer, LayerMemory
 
@@ -50,11 +50,18 @@ def state(memory: ContextMemory) -> dict[str, torch.Tensor]:
         if isinstance(layer, DenseLayer):
             _pack(out, f"{i}.all", layer.k, layer.v, bs)
             continue
-        out[f"{i}.r0"] = torch.tensor(layer.r0)
-        _pack(out, f"{i}.sink", layer.sink_k, layer.sink_v, max(1, layer.sink_k.shape[1]))
-        _pack(out, f"{i}.recent", layer.recent_k, layer.recent_v, bs)
-        out[f"{i}.recent_score"] = layer.recent_score.cpu().to(torch.float16)
+        _pack_layer(out, i, torch.tensor(layer.r0), layer.sink_k, layer.sink_v, layer.recent_k, layer.recent_v,
+                    layer.recent_score, bs)
     return out
+
+
+def _pack_layer(out: dict, i: int, r0: torch.Tensor, sink_k, sink_v, recent_k, recent_v, recent_score,
+                block_size: int) -> None:
+    """One LayerMemory's state: sinks packed as one group, recent tokens in block-sized groups."""
+    out[f"{i}.r0"] = r0
+    _pack(out, f"{i}.sink", sink_k, sink_v, max(1, sink_k.shape[1]))
+    _pack(out, f"{i}.recent", recent_k, recent_v, block_size)
+    out[f"{i}.recent_score"] = recent_score.cpu().to(torch.float16)
 
 
 def blocks(memory: ContextMemory, start: int = 0) -> dict[str, torch.Tensor]:
@@ -95,9 +102,8 @@ def restore(memory: ContextMemory, saved_state: dict[str, torch.Tensor], saved_b
             if layer.keep_blocks and saved_blocks:
                 parts = [b for b in saved_blocks if b[f"{i}.k"].shape[0]]
                 if parts:
-                    names = [key.split(".", 1)[1] for key in parts[0] if key.startswith(f"{i}.")]
                     layer.blocks.load({name: parts[0][f"{i}.{name}"] if len(parts) == 1 else
-                                       torch.cat([p[f"{i}.{name}"] for p in parts]) for name in names})
+                                       torch.cat([p[f"{i}.{name}"] for p in parts]) for name in FIELDS})
     except KeyError as missing:
         raise EngineError(f"the saved memory is incomplete: {missing} is missing") from None
     memory.length = int(saved_state["length"])
@@ -118,11 +124,8 @@ def from_format1(saved_state: dict[str, torch.Tensor], saved_blocks: dict[str, t
             if f"{i}.k" in saved_state:                                 # a DenseLayer (method full)
                 _pack(state, f"{i}.all", saved_state[f"{i}.k"], saved_state[f"{i}.v"], block_size)
                 continue
-            state[f"{i}.r0"] = saved_state[f"{i}.r0"]
-            sink_k = saved_state[f"{i}.sink_k"]
-            _pack(state, f"{i}.sink", sink_k, saved_state[f"{i}.sink_v"], max(1, sink_k.shape[1]))
-            _pack(state, f"{i}.recent", saved_state[f"{i}.recent_k"], saved_state[f"{i}.recent_v"], block_size)
-            state[f"{i}.recent_score"] = saved_state[f"{i}.recent_score"].to(torch.float16)
+            _pack_layer(state, i, *(saved_state[f"{i}.{name}"] for name in
+                                    ("r0", "sink_k", "sink_v", "recent_k", "recent_v", "recent_score")), block_size)
             k, v = saved_blocks.get(f"{i}.k"), saved_blocks.get(f"{i}.v")
             if k is None or not k.shape[0]:                               # streaming, or no block yet
                 continue

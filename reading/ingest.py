@@ -143,11 +143,11 @@ def ingest_document(library: Library, engine: Engine, doc: Document, progress: P
             committed_blocks = memory.n_blocks
             shown = (lambda done, _total, s=start: progress(s + done, ids.numel())) if progress else None
             engine.read(ids[start:stop], memory, progress=shown)
-            library.commit(doc_id, snapshot.state(memory), snapshot.blocks(memory, committed_blocks), stop,
-                           time.perf_counter() - t)
+            state = snapshot.state(memory)
+            library.commit(doc_id, state, snapshot.blocks(memory, committed_blocks), stop, time.perf_counter() - t)
             # Read on from what was committed, as a resumed run would: the packed state (so both end
             # bit-identical), and the blocks mapped (RAM then holds only what retrieval touches).
-            memory = snapshot.restore(engine.new_memory(), *_saved(library, doc_id, shapes))
+            memory = snapshot.restore(engine.new_memory(), state, [library.map_blocks(doc_id, shapes)])
             start = stop
     except Exception as err:        # (Ctrl-C is no Exception: the status stays 'reading', the next run resumes)
         library.fail(doc_id, str(err))

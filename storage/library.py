@@ -176,11 +176,9 @@ class Library:
         """Make reading progress durable: new blocks ("{layer}.{field}" rows) + the current state."""
         doc = self.document(doc_id)
         folder = self.memory_dir(doc_id)
-        n_layers = 1 + max((int(k.split(".")[0]) for k in new_blocks), default=-1)
-        fields = sorted({k.split(".", 1)[1] for k in new_blocks})
-        added = new_blocks[f"0.{fields[0]}"].shape[0] if fields else 0
-        for name in fields:
-            rows = torch.stack([new_blocks[f"{i}.{name}"] for i in range(n_layers)], dim=1)
+        by_field = _by_field(new_blocks)
+        added = next(iter(by_field.values())).shape[0] if by_field else 0
+        for name, rows in by_field.items():
             path = folder / _block_file(name, rows.dtype)
             tensors.truncate_rows(path, tuple(rows.shape[1:]), rows.dtype, doc["n_blocks"])  # a killed run's rest
             if added:
@@ -253,9 +251,7 @@ class Library:
         staging = folder / "upgrade"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        n_layers = 1 + max((int(k.split(".")[0]) for k in blocks), default=-1)
-        for name in sorted({k.split(".", 1)[1] for k in blocks}):
-            rows = torch.stack([blocks[f"{i}.{name}"] for i in range(n_layers)], dim=1)
+        for name, rows in _by_field(blocks).items():
             tensors.append_rows(staging / _block_file(name, rows.dtype), rows)
         state_file = f"state-{doc['read_tokens']}-f{memory_format}.safetensors"
         tensors.write(staging / state_file, state)
@@ -292,6 +288,13 @@ class Library:
         rows = self.db.query("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", [conversation_id])
         return [{**r, "trace": json.loads(r["trace"]) if r["trace"] else None,
                  "timings": json.loads(r["timings"]) if r["timings"] else None} for r in rows]
+
+
+def _by_field(blocks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """"{layer}.{field}" tensors [n, *row] -> per field, the rows as a block file holds them: [n, layer, *row]."""
+    n_layers = 1 + max((int(k.split(".")[0]) for k in blocks), default=-1)
+    fields = sorted({k.split(".", 1)[1] for k in blocks})
+    return {name: torch.stack([blocks[f"{i}.{name}"] for i in range(n_layers)], dim=1) for name in fields}
 
 
 def _block_file(field: str, dtype: torch.dtype) -> str:
