@@ -167,6 +167,9 @@ def test_bad_questions_say_what_is_wrong(app, tmp_path):
             list(h.ask(app, doc, None, question, SETTINGS))
     with pytest.raises(h.UserError, match="answer length"):
         list(h.ask(app, doc_id, None, "q", h.Settings(max_new_tokens=0)))
+    app.library.resume(doc_id)          # as if it were still being read: it cannot be chosen yet
+    with pytest.raises(h.UserError, match="'book' is not read to the end yet"):
+        list(h.ask(app, None, None, "q", SETTINGS))
 
 
 def test_progress_and_delete_follow_the_document_not_its_file_name(app, tmp_path):

@@ -241,6 +241,11 @@ def ask(app: App, doc_id: int | None, conversation: int | None, question: str, s
 # -- helpers ---------------------------------------------------------------------------------------
 def _document(app: App, doc_id: int | None) -> dict:
     if doc_id is None or doc_id == "":
+        # Only ready documents can be chosen: someone who drops a file and asks at once meets this.
+        unread = [d["title"] for d in app.library.documents() if d["status"] == Status.READING]
+        if unread:
+            raise UserError(f"{unread[-1]!r} is not read to the end yet; ask about it once the library "
+                            "shows it ready")
         raise UserError("choose a document first")
     try:
         return app.library.document(int(doc_id))
