@@ -7,7 +7,8 @@ own reader, pages and all). Five facts of different kinds (a pass key, a name, a
 word) are planted in it as paragraphs of their own, one at each depth 0.1 .. 0.9; rotation r moves
 fact j to depth (j + 2r) mod 5, so with --docs 5 every fact visits every depth. The document is read
 into a library (reading.ingest, as `app.py ingest` does), then every fact is asked in several
-wordings with Engine.ask (the chat template, as the app asks). The reference is the model's own
+wordings with Engine.ask (the chat template, and the library's word matches, as the app asks; a
+variant with focus_lexical=0 asks with the attention vote alone). The reference is the model's own
 ability: full attention on an excerpt of --reference-length tokens with the same five facts.
 
 For each question the JSON records the answer, whether it holds the fact, in how many layers the
@@ -177,7 +178,7 @@ def run_document(engine: Engine, library: Library, book: Document, length: int, 
             asker = engine.with_config(engine.cfg.replace(**changes))
             for q in fact.questions:
                 t1 = time.perf_counter()
-                answer = asker.ask(memory, q, max_new_tokens=max_new_tokens).wait()
+                answer = asker.ask(memory, q, max_new_tokens=max_new_tokens, lexical=library.search(done.doc_id, q)).wait()
                 trace = answer.trace.to_dict()
                 focus_layers = Focus.voting_layers(engine.n_layers, asker.cfg.focus_layers)
                 ranked = rankings(answer.trace, memory.n_blocks, engine.n_layers, focus_layers)

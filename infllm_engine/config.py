@@ -18,7 +18,8 @@ METHODS = ("infllm", "streaming", "full")
 # Knobs that never shape a stored memory: where and in what precision it runs (a memory is stored
 # packed, the same in every dtype), limits, and what only questions use.
 QUESTION_ONLY = ("device", "dtype", "kernels", "cache_blocks", "max_tokens", "focus_blocks", "focus_layers", "focus_gap",
-                 "focus_topk", "focus_window", "repetition_penalty", "no_repeat_ngram")
+                 "focus_topk", "focus_window", "focus_neighbours",
+                 "focus_lexical", "repetition_penalty", "no_repeat_ngram")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -49,6 +50,10 @@ class InfLLMConfig:
     focus_gap: int = 64             # tokens between the re-read focus blocks and the question (less if n_local is short)
     focus_topk: int = 0             # a layer's own retrieved blocks while the focus holds (topk is used without one)
     focus_window: bool = True       # when the best evidence is still in the local window, pin no block
+    focus_neighbours: str = "next"  # pinned with each best block: the next one | the better-scored neighbour | both
+    # Weight of the question's word matches (Engine.ask's `lexical`, from storage.lexical) beside the
+    # attention vote; the engine alone never has any, so the passkey and throughput benchmarks stay pure InfLLM.
+    focus_lexical: float = 1.0
     # Answer time only: greedy, the 135M model loops ("The license also requires ..." again and again).
     # Both act on the answer's own tokens, never the document's (infllm_engine.generate.decode). On 16
     # vague questions about 4 licenses, 10 answers repeated a sentence; with a 6-token n-gram block none
@@ -86,6 +91,11 @@ class InfLLMConfig:
                         "every retrieved block must fit in the accelerator cache")
             if self.chunk_size > self.n_local:
                 problems.append(f"chunk_size ({self.chunk_size}) cannot exceed n_local ({self.n_local})")
+        w = self.focus_lexical
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 100:
+            problems.append(f"focus_lexical must be a number from 0 (off) to 100, got {w!r}")
+        if self.focus_neighbours not in ("better", "next", "both"):
+            problems.append(f"focus_neighbours must be better, next or both, got {self.focus_neighbours!r}")
         if not isinstance(self.focus_window, bool):
             problems.append(f"focus_window must be true or false, got {self.focus_window!r}")
         penalty = self.repetition_penalty

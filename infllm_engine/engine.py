@@ -117,29 +117,33 @@ class Engine:
         return answer
 
     def ask(self, memory: ContextMemory, question: str, max_new_tokens: int = 256, temperature: float = 0.0,
-            history: Sequence[tuple[str, str]] = ()) -> Answer:
+            history: Sequence[tuple[str, str]] = (), lexical: dict[int, float] | None = None) -> Answer:
         """Answer a question about a memory read with `document_prompt`; the memory itself is untouched.
 
         history: the conversation's earlier (question, answer) turns, re-read before this question, so a
         conversation needs no memory of its own and survives a restart as plain text.
         The forwards run under this engine's config, so retrieval knobs (topk, ...) may differ from reading.
+        lexical: span -> how well its text matches the question's words (storage.lexical), spans numbered
+        as the votes are (memory blocks, then the window's block-sized pieces); weighed by focus_lexical.
         """
         if not question.strip():
             raise EngineError("the question is empty")
         ids, span = self.question_ids(question, history)
         self._check_input(memory, ids)
-        focus = self.focus(memory, ids, (memory.length + span[0], memory.length + span[1]))
+        focus = self.focus(memory, ids, (memory.length + span[0], memory.length + span[1]), lexical)
         answer = self.generate(memory.fork(), ids, max_new_tokens, temperature, focus=focus)
         if focus is not None:
             answer.trace.votes, answer.trace.pinned = focus.scores, focus.pinned
         return answer
 
-    def focus(self, memory: ContextMemory, ids: torch.Tensor, span: tuple[int, int]) -> Focus | None:
+    def focus(self, memory: ContextMemory, ids: torch.Tensor, span: tuple[int, int],
+              lexical: dict[int, float] | None = None) -> Focus | None:
         """Let the question's words [span) vote for blocks (see focus.py): a probe over a throwaway fork."""
         if self.cfg.method != "infllm" or not self.cfg.focus_blocks or not memory.n_blocks:
             return None
         focus = Focus.for_question(span, memory.length, self.n_layers, self.cfg.focus_layers,
-                                   self.cfg.focus_blocks, self.cfg.focus_gap, self.cfg.focus_window)
+                                   self.cfg.focus_blocks, self.cfg.focus_gap, self.cfg.focus_window,
+                                   self.cfg.focus_neighbours, lexical, self.cfg.focus_lexical)
         prefill(self.model, memory.fork(), self.rope, ids.to(self.device), None, None, want_logits=False, focus=focus,
                 cfg=self.cfg)
         focus.choose(memory.n_blocks)

@@ -12,8 +12,9 @@ asked), every memory key gets its exact attention share. That is one softmax ove
 the fixed memory distance (kernels.span_mass), from two sets of queries:
 - the question's own words: the votes;
 - the chat template's tokens around them: the baseline that a block draws whatever is asked.
-A span's evidence is votes minus baseline. It orders the answer's citations, and its best blocks
-(each with its better neighbour) are pinned.
+A span's evidence is votes minus baseline, plus (when the caller has the spans' texts) a share for
+the spans that hold the question's rarer words (storage.lexical, BM25). It orders the answer's
+citations, and its best blocks, each with the block after it, are pinned.
 
 Pinned blocks are not put at the fixed distance. Each layer re-reads them just before the question,
 in document order, at consecutive positions. The oracle test showed why: forced into every layer at
@@ -42,6 +43,9 @@ class Focus:
     n_pinned: int                  # blocks to pin
     gap: int = 64                  # tokens between the re-read blocks' end and the fixed query position
     defer_to_window: bool = True   # pin nothing when the best evidence span is in the local window
+    neighbours: str = "next"       # next | better | both: which blocks beside each best one are pinned with it
+    lexical: dict[int, float] | None = None   # span -> word-match score from the caller (storage.lexical)
+    lexical_weight: float = 0.0    # its share beside the attention vote; 0: the vote alone
     votes: torch.Tensor | None = None    # [spans]: summed attention share of each block (then window span)
     baseline: torch.Tensor | None = None  # [spans]: the same from the template's tokens around the question
     pinned: torch.Tensor | None = None   # [k] block ids every layer attends, ascending; None while probing
@@ -56,8 +60,10 @@ class Focus:
 
     @classmethod
     def for_question(cls, span: tuple[int, int], doc_end: int, n_layers: int, layers: tuple[float, float],
-                     n_pinned: int, gap: int = 64, defer_to_window: bool = True) -> "Focus":
-        return cls(span, doc_end, cls.voting_layers(n_layers, layers), n_pinned, gap, defer_to_window)
+                     n_pinned: int, gap: int = 64, defer_to_window: bool = True, neighbours: str = "next",
+                     lexical: dict[int, float] | None = None, lexical_weight: float = 0.0) -> "Focus":
+        return cls(span, doc_end, cls.voting_layers(n_layers, layers), n_pinned, gap, defer_to_window, neighbours,
+                   lexical, lexical_weight)
 
     @property
     def probing(self) -> bool:
@@ -88,9 +94,12 @@ class Focus:
     def choose(self, n_blocks: int) -> None:
         """After the probe: pin the memory blocks the question's words draw beyond the template's baseline.
 
-        Blocks come in pairs: the best-scored one and the better of its two neighbours, since a
-        sentence can straddle a block boundary (a name cut after "M." was read as "M.A.T.E."). Window
-        spans are scored too, for citations, but never pinned: they are attended anyway.
+        Blocks come in pairs, since a sentence can straddle a block boundary (a name cut after "M." was
+        read as "M.A.T.E."): the best-scored one and the one after it (the last block: the one before),
+        because the words a question shares with a sentence come before the answer it asks for. Pairing
+        with the better-scored neighbour instead picked the block before in 3 of 3 straddles that went
+        wrong on bench.needle. Window spans are scored too, for citations, but never pinned: they are
+        attended anyway.
         """
         self.scores = self.evidence()
         if self.scores is None or n_blocks == 0:
@@ -99,28 +108,46 @@ class Focus:
         if self.defer_to_window and int(self.scores.argmax()) >= n_blocks:
             self.pinned = torch.zeros(0, dtype=torch.long)
             return
-        scores, chosen = self.scores[:n_blocks], []
+        self.pinned = torch.tensor(sorted(self._passages(self.scores[:n_blocks])), dtype=torch.long)
+
+    def _passages(self, scores: torch.Tensor) -> list[int]:
+        """Up to n_pinned block ids: the best ones by score, each with its neighbour(s)."""
+        n_blocks, chosen = scores.numel(), []
         for b in scores.argsort(descending=True).tolist():
             if len(chosen) >= self.n_pinned:
                 break
             if b in chosen:
                 continue
             chosen.append(b)
-            side = [x for x in (b - 1, b + 1) if 0 <= x < n_blocks and x not in chosen]
-            if side and len(chosen) < self.n_pinned:
-                chosen.append(max(side, key=lambda x: float(scores[x])))
-        self.pinned = torch.tensor(sorted(chosen), dtype=torch.long)
+            if self.neighbours == "better":
+                side = [x for x in (b - 1, b + 1) if 0 <= x < n_blocks and x not in chosen]
+                if side and len(chosen) < self.n_pinned:
+                    chosen.append(max(side, key=lambda x: float(scores[x])))
+                continue
+            order = (b + 1, b - 1) if self.neighbours == "both" else ((b + 1,) if b + 1 < n_blocks else (b - 1,))
+            for x in order:
+                if 0 <= x < n_blocks and x not in chosen and len(chosen) < self.n_pinned:
+                    chosen.append(x)
+        return chosen
 
     def evidence(self) -> torch.Tensor | None:
         """[spans] the words' share of attention less the template's: positive where the question points.
 
         Subtracting the baseline takes out what every question draws (a title page, the document's
         last lines): on bench.needle the fact's span then comes first for every correctly answered question.
+        Word matches add lexical_weight times their share of the BM25 scores: with them the fact's span
+        came first for 225 of 225 questions, 220 with the vote alone (bench/results/needle-cpu.md).
         """
         if self.votes is None:
             return None
         words = self.votes / self.votes.sum()
-        return words if self.baseline is None else words - self.baseline / self.baseline.sum()
+        evidence = words if self.baseline is None else words - self.baseline / self.baseline.sum()
+        matched = {i: x for i, x in (self.lexical or {}).items() if 0 <= i < evidence.numel() and x > 0}
+        if matched and self.lexical_weight:
+            lex = torch.zeros_like(evidence)
+            lex[list(matched)] = torch.tensor(list(matched.values()), dtype=lex.dtype, device=lex.device)
+            evidence = evidence + self.lexical_weight * lex / lex.sum()
+        return evidence
 
     def near(self, layer_idx: int, blocks, rope: Rotary, position: int) -> Keys | None:
         """The pinned blocks of one layer as a key set that sits just before the question.

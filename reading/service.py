@@ -119,6 +119,7 @@ class ReadingService:
         engine = self.engine.with_config(cfg)
         messages = self.library.messages(conversation) if conversation else []
         history = [(q["content"], a["content"]) for q, a in zip(messages[::2], messages[1::2])]
+        lexical = self.library.search(doc["id"], question) if cfg.focus_lexical else None
         stop = stop or threading.Event()
         outcome: dict = {}
 
@@ -126,7 +127,7 @@ class ReadingService:
             t0 = time.perf_counter()
             memory = load_memory(self.library, engine, doc["id"])
             outcome["load_s"] = time.perf_counter() - t0
-            outcome["answer"] = answer = engine.ask(memory, question, max_new_tokens, history=history)
+            outcome["answer"] = answer = engine.ask(memory, question, max_new_tokens, history=history, lexical=lexical)
             emit("")
             for piece in answer:
                 emit(piece)

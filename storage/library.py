@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from sqlite_utils import Database
 
-from . import tensors
+from . import lexical, tensors
 from .errors import LibraryError
 from .readers import file_type
 from .schema import migrate
@@ -106,10 +106,15 @@ class Library:
         """The memory blocks, then the block-sized spans of the local window (in_memory 0): what can be cited."""
         return list(self.db.query("SELECT * FROM blocks WHERE document_id = ? ORDER BY block", [doc_id]))
 
+    def search(self, doc_id: int, question: str, limit: int = 32) -> dict[int, float]:
+        """Span number -> BM25 score of the spans (as in spans()) that share words with the question."""
+        return lexical.search(self.db, doc_id, question, limit)
+
     def delete(self, doc_id: int) -> None:
         upload = self.document(doc_id)["upload"]
         with self.db.conn:
             self.db.execute("DELETE FROM documents WHERE id = ?", [doc_id])
+            self.db.execute("DELETE FROM span_words WHERE document_id = ?", [doc_id])
         shutil.rmtree(self.memory_dir(doc_id), ignore_errors=True)
         if upload and not list(self.db.query("SELECT id FROM documents WHERE upload = ?", [upload])):
             (self.dir / "uploads" / upload).unlink(missing_ok=True)
@@ -154,6 +159,7 @@ class Library:
             self.db["documents"].update(doc_id, {"read_tokens": 0, "n_blocks": 0, "state_file": None, "bytes": 0,
                                                  "read_seconds": 0, "memory_format": memory_format})
             self.db.execute("DELETE FROM blocks WHERE document_id = ?", [doc_id])
+            self.db.execute("DELETE FROM span_words WHERE document_id = ?", [doc_id])
         folder = self.memory_dir(doc_id)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -208,6 +214,8 @@ class Library:
                 dict(document_id=doc_id, block=i, start_token=a, end_token=b, first_page=page_of(a),
                      last_page=page_of(b - 1), text=texts[i] if texts else None, in_memory=int(i < n_memory))
                 for i, (a, b) in enumerate(block_spans))
+            if texts:
+                self.db["span_words"].insert_all(dict(text=t, document_id=doc_id, span=i) for i, t in enumerate(texts))
             self.db["documents"].update(doc_id, {"status": Status.READY, "bytes": _folder_bytes(self.memory_dir(doc_id))})
 
     def load(self, doc_id: int, shapes: dict, files: dict[str, str] | None = None

@@ -93,6 +93,14 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE documents ADD COLUMN memory_format INTEGER NOT NULL DEFAULT 1;
     """,
+    # 6: a full-text index of the spans' texts (storage.lexical): the question's words find the spans
+    #    that hold them. Its own copy of the text, kept in step by Library.finish, restart and delete.
+    """
+    CREATE VIRTUAL TABLE span_words USING fts5(text, document_id UNINDEXED, span UNINDEXED,
+                                               tokenize = 'porter unicode61');
+    INSERT INTO span_words (text, document_id, span)
+        SELECT text, document_id, block FROM blocks WHERE text IS NOT NULL;
+    """,
 ]
 
 

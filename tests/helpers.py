@@ -1,4 +1,7 @@
-"""Oracles shared by the tests: explicit dense attention and HF's own forward."""
+"""Oracles shared by the tests: explicit dense attention and HF's own forward; old libraries."""
+import sqlite3
+from pathlib import Path
+
 import torch
 
 from infllm_engine import InfLLMConfig
@@ -81,3 +84,16 @@ def format1(memory) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
             blocks[f"{i}.k"], blocks[f"{i}.v"] = layer.blocks.take(torch.arange(layer.blocks.n))
             blocks[f"{i}.reprs"] = layer.blocks.blocks()["reprs"]
     return state, blocks
+
+
+def old_library(data_dir: Path, version: int, doc_id: int = 1) -> sqlite3.Connection:
+    """A library database as schema `version` left it, with one ready document: add rows, then commit."""
+    from storage.schema import MIGRATIONS
+
+    data_dir.mkdir(parents=True)
+    db = sqlite3.connect(data_dir / "library.db")
+    for number, sql in enumerate(MIGRATIONS[:version], start=1):
+        db.executescript(f"BEGIN; {sql}; PRAGMA user_version = {number}; COMMIT;")
+    db.execute("INSERT INTO documents (id, title, source_name, kind, sha256, model_fingerprint, config_hash, config, "
+               "status) VALUES (?, 't', 't.txt', 'txt', 'x', 'm', 'c', '{}', 'ready')", [doc_id])
+    return db

@@ -9,7 +9,7 @@ from storage.library import Library, LibraryError
 from storage.readers import DocumentError, read_document
 
 from .conftest import tiny_llama, tiny_tokenizer
-from .helpers import format1
+from .helpers import format1, old_library
 
 SMALL = dict(n_init=4, n_local=64, block_size=16, repr_topk=2, chunk_size=32, topk=2, cache_blocks=8)
 BOOK = "\f".join(f"Page {p}. " + " ".join(f"word{p}x{i}" for i in range(60)) for p in range(1, 6))
@@ -197,17 +197,7 @@ def test_the_window_is_kept_as_citable_spans_after_the_memory_blocks(tmp_path, e
 
 
 def test_a_library_from_before_window_spans_is_migrated_and_its_blocks_stay_in_memory(tmp_path):
-    import sqlite3
-
-    from storage.schema import MIGRATIONS
-
-    path = tmp_path / "lib" / "library.db"
-    path.parent.mkdir()
-    old = sqlite3.connect(path)
-    for number, sql in enumerate(MIGRATIONS[:2], start=1):
-        old.executescript(f"BEGIN; {sql}; PRAGMA user_version = {number}; COMMIT;")
-    old.execute("INSERT INTO documents (id, title, source_name, kind, sha256, model_fingerprint, config_hash, config, "
-                "status) VALUES (1, 't', 't.txt', 'txt', 'x', 'm', 'c', '{}', 'ready')")
+    old = old_library(tmp_path / "lib", 2)
     old.execute("INSERT INTO blocks VALUES (1, 0, 4, 20, 1, 1, 'old text')")
     old.commit()
     old.close()

@@ -1,0 +1,97 @@
+"""The question's words against the spans' texts (storage.lexical), and how the focus weighs them."""
+import pytest
+import torch
+
+from infllm_engine.focus import Focus
+from reading.ingest import ingest, load_memory
+from reading.service import Answered, ReadingService
+from storage.lexical import match_query
+from storage.library import Library
+
+from .helpers import old_library
+from .test_library import book, engine  # noqa: F401  (fixtures: a 5-page book, the tiny engine)
+
+
+@pytest.fixture
+def read(tmp_path, engine, book):  # noqa: F811
+    library = Library(tmp_path / "lib")
+    return library, ingest(library, engine, book).doc_id
+
+
+def test_a_query_keeps_the_questions_content_words_and_nothing_fts5_would_parse():
+    assert match_query("What is the pass key mentioned in the note left in this book?") == \
+        '"pass" OR "key" OR "note" OR "left"'
+    assert match_query('Who keeps "it" NEAR(x y)* -- AND OR "') == '"keeps" OR "near" OR "x" OR "y"'
+    assert match_query("What is it?") == ""
+
+
+def test_search_finds_the_spans_that_hold_a_word_numbered_as_the_library_numbers_spans(read):
+    library, doc_id = read
+    spans = library.spans(doc_id)
+    found = library.search(doc_id, "Where does word3x41 appear?")
+    assert found and all(score > 0 for score in found.values())
+    assert {i for i, s in enumerate(spans) if "word3x41" in s["text"].split()} == set(found)
+    both = library.search(doc_id, "word3x41 or word3x42 or word5x7?")
+    best = max(both, key=both.get)
+    assert {"word3x41", "word3x42"} <= set(spans[best]["text"].split())      # two matches beat one
+    assert library.search(doc_id, "what is it?") == {} and library.search(doc_id, "zebra") == {}
+
+
+def test_restarting_or_deleting_a_document_drops_its_words(read):
+    library, doc_id = read
+    count = lambda: library.db.execute("SELECT count(*) FROM span_words WHERE document_id = ?", [doc_id]).fetchone()[0]
+    assert count() == len(library.spans(doc_id))
+    library.restart(doc_id, 2)
+    assert count() == 0 and library.search(doc_id, "word3x41") == {}
+    library.delete(doc_id)
+    assert library.db.execute("SELECT count(*) FROM span_words").fetchone()[0] == 0
+
+
+def test_a_library_read_before_the_index_is_indexed_when_opened(tmp_path):
+    old = old_library(tmp_path / "lib", 5, doc_id=7)
+    old.execute("INSERT INTO blocks VALUES (7, 0, 4, 20, 1, 1, 'the lighthouse keeper', 1)")
+    old.execute("INSERT INTO blocks VALUES (7, 1, 20, 36, 1, 1, 'of Port Emberly', 0)")
+    old.commit()
+    old.close()
+    assert Library(tmp_path / "lib").search(7, "Who keeps the lighthouse at Port Emberly?").keys() == {0, 1}
+
+
+def test_word_matches_move_the_pinned_passage_only_by_their_weight(read, engine):  # noqa: F811
+    library, doc_id = read
+    memory = load_memory(library, engine, doc_id)
+    asker = engine.with_config(engine.cfg.replace(focus_blocks=2, focus_lexical=0.0))
+    plain = asker.ask(memory, "what is it?", max_new_tokens=2).wait().trace
+    target = next(b for b in range(memory.n_blocks) if abs(b - int(plain.pinned[0])) > 2)
+    lexical = {target: 3.0, target + 1: 1.0}
+    unweighted = asker.ask(memory, "what is it?", max_new_tokens=2, lexical=lexical).wait().trace
+    assert torch.equal(unweighted.votes, plain.votes) and torch.equal(unweighted.pinned, plain.pinned)
+    weighed = engine.with_config(asker.cfg.replace(focus_lexical=100.0)).ask(
+        memory, "what is it?", max_new_tokens=2, lexical=lexical).wait().trace
+    assert target in weighed.pinned.tolist() and int(weighed.votes.argmax()) == target
+    share = weighed.votes - plain.votes                                    # the matches' share, by score
+    want = torch.zeros_like(share)
+    want[target], want[target + 1] = 75.0, 25.0
+    assert torch.allclose(share, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode, pinned", [("better", [3, 4]), ("next", [4, 5]), ("both", [3, 4, 5])])
+def test_each_best_block_is_pinned_with_its_neighbours(mode, pinned):
+    focus = Focus((0, 1), 0, range(0, 1), len(pinned), neighbours=mode)
+    focus.votes = torch.tensor([0.0, 0.0, 0.1, 0.3, 1.0, 0.2, 0.0, 0.0])    # block 3 draws more than block 5
+    focus.choose(8)
+    assert focus.pinned.tolist() == pinned
+    last = Focus((0, 1), 0, range(0, 1), 2, neighbours=mode)
+    last.votes = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1, 1.0])     # the last block: its previous one
+    last.choose(8)
+    assert last.pinned.tolist() == [6, 7]
+
+
+def test_the_app_asks_with_the_documents_word_matches(read, engine):  # noqa: F811
+    library, doc_id = read
+    asker = engine.with_config(engine.cfg.replace(focus_blocks=2, focus_lexical=100.0))
+    service = ReadingService.start(asker, library)
+    *_, done = service.ask(doc_id, "Which page holds word2x30?", max_new_tokens=2)
+    assert isinstance(done, Answered) and "word2x30" in done.evidence[0]["text"].split()
+    assert done.trace["pinned"][0] <= done.evidence[0]["block"] <= done.trace["pinned"][-1]
+    positive = sum(v for v in done.trace["votes"] if v > 0)          # shown as "vote 97%", not "vote 97.31"
+    assert [p["share"] for p in done.evidence] == pytest.approx([p["weight"] / positive for p in done.evidence])
