@@ -24,14 +24,17 @@ def stored_text(span: dict) -> str:
 def passages(trace: dict, spans: list[dict], pages: list[dict], k: int = 5) -> list[dict]:
     """The k spans that hold the answer's evidence, best first (Trace.evidence), with pages and text.
 
+    share: the span's part of all the positive evidence (a vote for a vague question is a tiny number).
+
     spans: Library.spans rows, memory blocks first and then the local window's pieces.
     """
     n_blocks = sum(1 for r in spans if r.get("in_memory", 1))
     t = Trace.from_dict(trace)
     weight, by = t.evidence_weights(n_blocks)
     order = [i for i in t.evidence(n_blocks) if i < len(spans)][:k]
+    total = float(weight.clamp(min=0).sum()) or 1.0
     return [{"block": i, "pages": page_label(spans[i], pages), "weight": float(weight[i]),
-             "by": by, "in_memory": bool(spans[i].get("in_memory", 1)),
+             "share": float(weight[i]) / total, "by": by, "in_memory": bool(spans[i].get("in_memory", 1)),
              "tokens": [spans[i]["start_token"], spans[i]["end_token"]], "text": stored_text(spans[i])}
             for i in order]
 

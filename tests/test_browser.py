@@ -70,7 +70,8 @@ def chosen(page, title: str) -> None:
 
 
 WRAPPED = """() => {
-    // Cells (the title's column aside) whose text takes more than one line: "tok ens", "332. 4 MB".
+    // Visible cells (the title's column aside) whose text takes two lines ("tok ens", "332. 4 MB") or is cut
+    // off. Gradio 6 draws the rows as div.body-cell; its <td>s are a hidden table that only sizes columns.
     const lines = cell => {
         const tops = new Set(), walk = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
         for (let n = walk.nextNode(); n; n = walk.nextNode()) {
@@ -80,8 +81,11 @@ WRAPPED = """() => {
         }
         return tops.size;
     };
-    const rows = [...document.querySelectorAll('#library tbody tr')];
-    return rows.flatMap(tr => [...tr.children].filter((c, i) => i !== 1 && lines(c) > 1).map(c => c.innerText));
+    const cut = cell => [...cell.querySelectorAll('.text, .header')].some(t => t.scrollWidth > t.clientWidth + 1);
+    const rows = [document.querySelector('#library thead tr'), ...document.querySelectorAll('#library .virtual-row')];
+    const cells = rows.flatMap(r => [...r.children].filter(c => c.matches('th, .body-cell')).filter((c, i) => i !== 1));
+    if (cells.length < 12) return ['no cells found: ' + cells.length];
+    return cells.filter(c => lines(c) > 1 || cut(c)).map(c => c.innerText.trim());
 }"""
 
 

@@ -165,7 +165,7 @@ def render(trace: dict | None, timings: dict | None, spans: list[dict], pages: l
         snippet = " ".join(p["text"].split())[:220]
         where = f"block {p['block']}" if p["in_memory"] else "local window"
         parts.append(f"<li data-block='{p['block']}'><span class='where'>{html.escape(p['pages'])} · {where} · "
-                     f"{p['by']} {p['weight']:.2f}</span>{html.escape(snippet)}…</li>")
+                     f"{p['by']} {p['share']:.0%}</span>{html.escape(snippet)}…</li>")
     parts.append("</ol></div>")
     return "".join(parts)
 

@@ -77,10 +77,32 @@ def library_rows(app: App) -> list[list]:
         if status == Status.READING:
             job = app.service.reading_job(d["id"])
             share = (job.done / job.total) if job and job.total else d["read_tokens"] / max(d["tokens"], 1)
-            status = f"reading {share:.0%}" if job else f"paused at {share:.0%}"
-        rows.append([d["id"], d["title"], stored_config(d).method, status, d["pages"], f"{d['tokens']:,}",
-                     f"{d['bytes'] / 2**20:,.1f} MB"])
+            status = f"reading {share:.0%}" if job else f"paused {share:.0%}"
+        rows.append([d["id"], d["title"], stored_config(d).method, status, d["pages"], count(d["tokens"]),
+                     size(d["bytes"])])
     return rows
+
+
+def count(n: int) -> str:
+    """A count in at most five characters, for the library's narrow columns: 812, 31.5K, 221K, 1.05M."""
+    if n < 1000:
+        return str(n)
+    for unit, limit in (("K", 1e3), ("M", 1e6), ("G", 1e9)):
+        x = n / limit
+        if x < 999.5:
+            break
+    return f"{x:.2f}{unit}" if x < 9.995 else f"{x:.1f}{unit}" if x < 99.95 else f"{x:.0f}{unit}"
+
+
+def size(n_bytes: int) -> str:
+    """Bytes in at most seven characters: 850 KB, 363 MB, 2.7 GB."""
+    if n_bytes < 1000:
+        return f"{n_bytes} B"
+    for unit, limit in (("KB", 2**10), ("MB", 2**20), ("GB", 2**30), ("TB", 2**40)):
+        x = n_bytes / limit
+        if x < 999.5:
+            break
+    return f"{x:.1f} {unit}" if x < 99.95 else f"{x:.0f} {unit}"
 
 
 def document_choices(app: App) -> list[tuple[str, int]]:

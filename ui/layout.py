@@ -31,8 +31,10 @@ CSS = """
 #progress progress { width: 100%; height: 10px; }
 #progress .job-stats { color: var(--body-text-color-subdued); font-size: 0.85em; }
 #progress .failed { color: var(--error-text-color); }
-#library td, #library th { white-space: nowrap; }
-#library td:nth-child(2), #library th:nth-child(2) { white-space: normal; }
+/* Gradio 6 draws the visible rows as div.body-cell (its <td>s are a hidden sizing table). */
+#library .body-cell .text, #library th .header { white-space: nowrap; font-size: 12px; }
+#library .body-cell:nth-child(2) .text, #library th:nth-child(2) .header { white-space: normal; }
+#library .body-cell .cell-wrap, #library th .cell-wrap { padding-left: 6px; padding-right: 6px; }
 """
 
 INTRO = """# InfLLM Reader
@@ -65,28 +67,28 @@ def build(service: ReadingService, defaults: Settings = Settings()) -> gr.Blocks
     with gr.Blocks(title="InfLLM Reader") as demo:
         gr.Markdown(INTRO)
         with gr.Row(equal_height=False):
-            with gr.Column(scale=2, min_width=400):
+            with gr.Column(scale=1, min_width=400):
                 files = gr.File(label="Drop PDFs, EPUBs, text, Markdown or HTML files", file_count="multiple",
                                 file_types=h.ACCEPTED, elem_id="upload", height=140)
                 note = gr.Markdown(elem_id="note")
                 progress = gr.HTML(elem_id="progress")
                 table = gr.Dataframe(headers=h.TABLE_HEADERS, value=h.library_rows(app), interactive=False,
                                      wrap=True, elem_id="library", label="Library",
-                                     column_widths=["6%", "32%", "11%", "15%", "9%", "13%", "14%"])
-            with gr.Column(scale=3):
+                                     column_widths=["5%", "29%", "14%", "16%", "9%", "11%", "16%"])
+            with gr.Column(scale=1):
                 with gr.Row():
                     # No value here: the page's first refresh chooses one, and its change opens the conversation.
                     doc = gr.Dropdown(h.document_choices(app), value=None, label="Document", scale=4,
                                       elem_id="document")
-                    new_chat = gr.Button("New conversation", scale=1, size="sm")
-                    remove = gr.Button("Delete document", variant="stop", scale=1, size="sm")
+                    new_chat = gr.Button("New conversation", scale=1, size="sm", min_width=90)
+                    remove = gr.Button("Delete document", variant="stop", scale=1, size="sm", min_width=90)
                 chat = gr.Chatbot(elem_id="chat", height=440, label="Conversation",
                                   placeholder="Choose a document, then ask a question about it.")
                 with gr.Row():
                     question = gr.Textbox(placeholder="Ask about the document…", show_label=False, scale=6,
                                           elem_id="question", submit_btn=False)
-                    ask_btn = gr.Button("Ask", variant="primary", scale=1, elem_id="ask")
-                    stop_btn = gr.Button("Stop", scale=1, elem_id="stop")
+                    ask_btn = gr.Button("Ask", variant="primary", scale=1, elem_id="ask", min_width=70)
+                    stop_btn = gr.Button("Stop", scale=1, elem_id="stop", min_width=70)
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 gr.Markdown("### What the answer retrieved")
