@@ -1,6 +1,8 @@
 """The library's SQLite schema, as numbered migrations applied in order (PRAGMA user_version)."""
 from __future__ import annotations
 
+import sqlite3
+
 from sqlite_utils import Database
 
 from .errors import LibraryError
@@ -112,6 +114,14 @@ def migrate(db: Database) -> int:
         raise LibraryError(f"the library was written by a newer version of this app (schema {version}, this one "
                            f"knows {len(MIGRATIONS)}); update the app, or choose another --data-dir")
     for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
-        with db.conn:
-            db.conn.executescript(f"BEGIN; {sql}; PRAGMA user_version = {number}; COMMIT;")
+        try:
+            with db.conn:
+                db.conn.executescript(f"BEGIN; {sql}; PRAGMA user_version = {number}; COMMIT;")
+        except sqlite3.OperationalError as err:
+            if db.conn.in_transaction:
+                db.conn.rollback()
+            if "fts5" in str(err):
+                raise LibraryError("this Python's SQLite has no FTS5 full-text search, which the library needs "
+                                   "(Python from python.org, Debian or Ubuntu has it)") from err
+            raise
     return len(MIGRATIONS)

@@ -95,3 +95,20 @@ def test_the_app_asks_with_the_documents_word_matches(read, engine):  # noqa: F8
     assert done.trace["pinned"][0] <= done.evidence[0]["block"] <= done.trace["pinned"][-1]
     positive = sum(v for v in done.trace["votes"] if v > 0)          # shown as "vote 97%", not "vote 97.31"
     assert [p["share"] for p in done.evidence] == pytest.approx([p["weight"] / positive for p in done.evidence])
+
+
+def test_a_sqlite_without_fts5_gets_a_clear_message_and_the_library_stays_as_it_was(tmp_path, monkeypatch):
+    from storage import schema
+    from storage.library import LibraryError
+
+    old = old_library(tmp_path / "lib", 5)
+    old.commit()
+    old.close()
+    broken = [*schema.MIGRATIONS[:5], schema.MIGRATIONS[5].replace("fts5(", "fts5_missing(")]
+    monkeypatch.setattr(schema, "MIGRATIONS", broken)
+    with pytest.raises(LibraryError, match="no FTS5"):
+        Library(tmp_path / "lib")
+    monkeypatch.undo()
+    library = Library(tmp_path / "lib")                      # a SQLite with FTS5 migrates it as usual
+    assert library.db.execute("PRAGMA user_version").fetchone()[0] == len(schema.MIGRATIONS)
+    assert library.documents()[0]["title"] == "t"
