@@ -117,9 +117,7 @@ def migrate(db: Database) -> int:
         try:
             with db.conn:
                 db.conn.executescript(f"BEGIN; {sql}; PRAGMA user_version = {number}; COMMIT;")
-        except sqlite3.OperationalError as err:
-            if db.conn.in_transaction:
-                db.conn.rollback()
+        except sqlite3.OperationalError as err:       # the step rolled back: the schema is as it was
             if "fts5" in str(err):
                 raise LibraryError("this Python's SQLite has no FTS5 full-text search, which the library needs "
                                    "(Python from python.org, Debian or Ubuntu has it)") from err

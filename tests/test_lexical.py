@@ -1,4 +1,6 @@
 """The question's words against the spans' texts (storage.lexical), and how the focus weighs them."""
+import sqlite3
+
 import pytest
 import torch
 
@@ -108,6 +110,9 @@ def test_a_sqlite_without_fts5_gets_a_clear_message_and_the_library_stays_as_it_
     monkeypatch.setattr(schema, "MIGRATIONS", broken)
     with pytest.raises(LibraryError, match="no FTS5"):
         Library(tmp_path / "lib")
+    with sqlite3.connect(tmp_path / "lib" / "library.db") as db:           # the failed step left nothing
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 5 and "span_words" not in {
+            r[0] for r in db.execute("SELECT name FROM sqlite_master")}
     monkeypatch.undo()
     library = Library(tmp_path / "lib")                      # a SQLite with FTS5 migrates it as usual
     assert library.db.execute("PRAGMA user_version").fetchone()[0] == len(schema.MIGRATIONS)

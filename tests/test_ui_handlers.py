@@ -149,8 +149,9 @@ def test_the_heatmap_puts_each_retrieved_blocks_mass_in_its_layer_and_column(app
 
 def test_delete_frees_the_document_and_its_upload(app, tmp_path):
     doc_id = read(app, tmp_path)
+    freed = h.size(app.library.document(doc_id)["bytes"])
     note = h.delete(app, doc_id)
-    assert note.startswith("Deleted “book”") and app.library.documents() == []
+    assert note == f"Deleted “book” and its memory ({freed} freed)." and app.library.documents() == []
     assert not list((app.library.dir / "uploads").iterdir())
     with pytest.raises(h.UserError, match="no document"):
         h.delete(app, doc_id)

@@ -87,10 +87,7 @@ def count(n: int) -> str:
     """A count in at most five characters, for the library's narrow columns: 812, 31.5K, 221K, 1.05M."""
     if n < 1000:
         return str(n)
-    for unit, limit in (("K", 1e3), ("M", 1e6), ("G", 1e9)):
-        x = n / limit
-        if x < 999.5:
-            break
+    x, unit = _scaled(n, (("K", 1e3), ("M", 1e6), ("G", 1e9)))
     return f"{x:.2f}{unit}" if x < 9.995 else f"{x:.1f}{unit}" if x < 99.95 else f"{x:.0f}{unit}"
 
 
@@ -98,11 +95,16 @@ def size(n_bytes: int) -> str:
     """Bytes in at most seven characters: 850 KB, 363 MB, 2.7 GB."""
     if n_bytes < 1000:
         return f"{n_bytes} B"
-    for unit, limit in (("KB", 2**10), ("MB", 2**20), ("GB", 2**30), ("TB", 2**40)):
-        x = n_bytes / limit
-        if x < 999.5:
-            break
+    x, unit = _scaled(n_bytes, (("KB", 2**10), ("MB", 2**20), ("GB", 2**30), ("TB", 2**40)))
     return f"{x:.1f} {unit}" if x < 99.95 else f"{x:.0f} {unit}"
+
+
+def _scaled(n: int, units: tuple[tuple[str, float], ...]) -> tuple[float, str]:
+    """n in the first unit where it rounds below 1000 (the last unit otherwise)."""
+    for unit, limit in units:
+        if n / limit < 999.5:
+            break
+    return n / limit, unit
 
 
 def document_choices(app: App) -> list[tuple[str, int]]:
@@ -141,7 +143,7 @@ def delete(app: App, doc_id: int | None) -> str:
     doc = _document(app, doc_id)
     with _shown_as_user_error():
         app.service.delete(doc["id"])
-    return f"Deleted “{doc['title']}” and its memory ({doc['bytes'] / 2**20:,.1f} MB freed)."
+    return f"Deleted “{doc['title']}” and its memory ({size(doc['bytes'])} freed)."
 
 
 @dataclass(frozen=True)
