@@ -109,6 +109,14 @@ def test_upload_ask_inspect_restart(tmp_path):
                                         args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
             page = browser.new_page(viewport={"width": 1400, "height": 1200})
             page.goto(server.url)
+            # Asked before any document: a warning toast, and the conversation pane is not marked as failed.
+            page.locator("#question textarea").fill(QUESTION)
+            page.locator("#question textarea").press("Enter")
+            page.wait_for_function("() => document.body.innerText.includes('choose a document first')",
+                                   timeout=30_000)
+            page.wait_for_timeout(500)
+            assert "Error" not in page.locator("#chat").inner_text()
+            assert page.locator("#question textarea").input_value() == QUESTION    # nothing typed is lost
             page.locator("#upload input[type=file]").set_input_files(str(pdf))
             page.wait_for_function("() => document.querySelector('#library').innerText.includes('ready')",
                                    timeout=300_000)

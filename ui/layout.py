@@ -62,6 +62,26 @@ def _shown(fn):
     return call
 
 
+def _asked_shown(fn, n_outputs: int):
+    """As _shown, for the ask handler: a question refused before it starts (no document chosen, one still
+    being read, an empty question) is a warning toast that leaves the conversation as it is. An error
+    raised from a component's handler also marks that component, and a red "Error" over the chat
+    reads as if the conversation had broken."""
+    @functools.wraps(fn)
+    def stream(*args, **kwargs):
+        started = False
+        try:
+            for update in fn(*args, **kwargs):
+                started = True
+                yield update
+        except UserError as err:
+            if started:
+                raise gr.Error(str(err)) from err
+            gr.Warning(str(err))
+            yield tuple(gr.skip() for _ in range(n_outputs))
+    return stream
+
+
 def build(service: ReadingService, defaults: Settings = Settings()) -> gr.Blocks:
     app = App(service)
     with gr.Blocks(title="InfLLM Reader") as demo:
@@ -159,7 +179,7 @@ def build(service: ReadingService, defaults: Settings = Settings()) -> gr.Blocks
         remove.click(_shown(deleted), [doc, confirmed], note,
                      js="(d, ok) => [d, confirm('Delete this document and its memory from the library?')]"
                      ).then(lambda: None, None, doc).then(**panel)
-        ask_event = dict(fn=_shown(asked), inputs=[doc, conversation, question, *knobs],
+        ask_event = dict(fn=_asked_shown(asked, 4), inputs=[doc, conversation, question, *knobs],
                          outputs=[chat, conversation, inspector, question], concurrency_limit=1,
                          show_progress="hidden")
         ask_btn.click(**ask_event)
