@@ -1,11 +1,13 @@
 """Where the time goes: torch.profiler's operator table for one prefill chunk and for decode steps.
 
-    python -m bench.profile [--length 8192] [--decode 16] [--dtype float32] [--rows 15]
+    python -m bench.profile [--length 8192] [--decode 16] [--dtype float32] [--rows 15] [--blocks-on auto] [--kernels auto]
 
 First times the two matmul shapes that matter in fp32 and bf16 (whether bf16 pays on this CPU
 depends on AMX), and each pass of the attention twin's softmax over one tile in both. Then reads the passkey filler (bench.passkey) into an in-memory context with
 `Engine.read`, and profiles the next 512-token chunk and `--decode` greedy steps after it. The
 output is the reproducible source of the "what dominates" figures in bench/results/throughput-cpu.md.
+Last, it counts the host reads (bench.syncs: what would stall a GPU's stream) in one more chunk and
+in the decode steps, by the line that made them.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.passkey import build_prompt
+from bench.syncs import HostReads
 from infllm_engine import Engine, InfLLMConfig
 from infllm_engine.generate import decode, prefill
 
@@ -90,11 +93,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default=None)
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--blocks-on", default="auto", choices=("auto", "host", "device"),
+                        help="where block K/V live (InfLLMConfig.blocks_on)")
+    parser.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"))
     args = parser.parse_args(argv)
 
     matmul_speed(args.device)
     tile_passes(args.device)
-    cfg = InfLLMConfig(device=args.device, dtype=args.dtype, max_tokens=max(4 * args.length, 4096))
+    cfg = InfLLMConfig(device=args.device, dtype=args.dtype, max_tokens=max(4 * args.length, 4096),
+                       blocks_on=args.blocks_on, kernels=args.kernels)
     engine = Engine.load(args.model, cfg)
     ids = build_prompt(engine, args.length + cfg.chunk_size, 0.5, "48213").to(engine.device)
     head, chunk = ids[: args.length // cfg.chunk_size * cfg.chunk_size], ids[-cfg.chunk_size:]
@@ -115,6 +122,18 @@ def main(argv: list[str] | None = None) -> None:
             pass
     answer()                            # warm: the first steps fill the block slots
     _profiled(f"decode, {args.decode} steps", answer, args.decode, "token", args.rows)
+
+    for label, run, n in (("prefill chunk", read_chunk, 1), (f"decode, {args.decode} steps", answer, args.decode)):
+        with HostReads(ops=True) as reads:
+            run()
+        unit = "chunk" if n == 1 else "token"
+        print(f"\n## {label}, blocks on the {'device' if cfg.resident_blocks else 'host'}, {cfg.kernels} kernels: "
+              f"{sum(reads.ops.values()) / n:,.0f} operators dispatched per {unit} (not nested: a GPU's launches, "
+              f"Triton's aside), {sum(reads.seen.values()) / n:,.1f} host reads per {unit}")
+        for where, count in reads.seen.most_common():
+            print(f"{count / n:10,.1f}  host reads at {where}")
+        for where, count in reads.ops.most_common(args.rows):
+            print(f"{count / n:10,.1f}  operators at {where}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Memory blocks of one layer: evicted K/V, their representatives, and an accelerator cache.
 
-Block K/V live in host memory (possibly memory-mapped from disk), packed in int8 (kernels.int8):
-the form they have on disk, so a block read and a block reloaded are the same. They are unpacked into
-the compute dtype only when retrieved. Representatives live on the compute device because every
-retrieval scores all of them. On an accelerator, a bounded LRU cache holds recently retrieved
-blocks so a decode step rarely copies anything from the host.
+Block K/V are packed in int8 (kernels.int8): the form they have on disk, so a block read and a block
+reloaded are the same. They are unpacked into the compute dtype only when retrieved. Representatives
+live on the compute device because every retrieval scores all of them. The packed K/V live either
+  on the host    (RAM, or a mapping of the file on disk): an accelerator then keeps a bounded LRU
+                 cache of recently retrieved blocks, so a decode step rarely copies from the host;
+  on the device  (resident): a step gathers its blocks with one indexed copy per field and never waits
+                 for the host (no block id is read back), the accelerator's way at the speed it can go.
+                 1M tokens are about 12 GB packed (bench/results/memory-cpu.md).
 
 A store is a read-only `base` shared by forks (the document) plus an owned, growing `tail` (blocks
 formed while reading, or from a question's own tokens). Forking freezes the tail into the base, so a
@@ -55,15 +58,16 @@ class _Part:
 
 class BlockStore:
     def __init__(self, n_kv_heads: int, n_heads: int, block_size: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, cache_blocks: int):
+                 dtype: torch.dtype, device: torch.device, cache_blocks: int, resident: bool = False):
         self.shape = (n_kv_heads, block_size, head_dim)
-        self.dtype, self.device = dtype, device
-        self.host = torch.device("cpu")
+        self.dtype, self.device, self.resident = dtype, device, resident
+        self.host = device if resident else torch.device("cpu")        # where the packed K/V live
         rows = stored_rows(n_kv_heads, n_heads, block_size, head_dim)
-        self._empty = lambda: _Part({**{name: torch.empty(0, *rows[name][0], dtype=rows[name][1]) for name in HOST},
+        self._empty = lambda: _Part({**{name: torch.empty(0, *rows[name][0], dtype=rows[name][1], device=self.host)
+                                        for name in HOST},
                                      "reprs": torch.empty(0, n_heads, head_dim, dtype=dtype, device=device)}, 0)
         self.base, self.tail = self._empty(), self._empty()
-        self.cache = _DeviceCache(cache_blocks, self.shape, dtype, device) if device.type != "cpu" else None
+        self.cache = _DeviceCache(cache_blocks, self.shape, dtype, device) if self.host != device else None
         self.slot_ids: list[int] = []                   # CPU: the blocks in slot_k/slot_v, see gather
 
     @property
@@ -103,6 +107,9 @@ class BlockStore:
         whatever came before (a resumed ingest ends bit-identical to an uninterrupted one).
         """
         hkv, bs, d = self.shape
+        if self.resident:
+            k, v = self.take(ids)
+            return k.transpose(0, 1).reshape(hkv, -1, d), v.transpose(0, 1).reshape(hkv, -1, d), ids
         if self.cache is not None:
             k, v = self.cache.fetch(ids, self.take)
             return k.transpose(0, 1).reshape(hkv, -1, d), v.transpose(0, 1).reshape(hkv, -1, d), ids
@@ -136,19 +143,20 @@ class BlockStore:
                 int8.unpack_values(packed["v"], packed["v_scale"], self.dtype))
 
     def _host(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The packed fields of the given blocks, gathered on the host (one indexed copy per field)."""
+        """The packed fields of the given blocks, gathered where they live (one indexed copy per field)."""
         ids = ids.to(self.host)
         if not self.tail.n:
             return {name: self.base.fields[name][ids] for name in HOST}
         if not self.base.n:
             return {name: self.tail.fields[name][ids] for name in HOST}
-        in_base, rest = ids < self.base.n, ids[ids >= self.base.n] - self.base.n
+        # Both parts: gather from each (clamped) and pick, since selecting the ids of one part first
+        # would read their count back to the host.
+        nb, in_base = self.base.n, ids < self.base.n
+        base_ids, tail_ids = ids.clamp(max=nb - 1), (ids - nb).clamp(min=0, max=self.tail.n - 1)
         out = {}
         for name in HOST:
             b, t = self.base.fields[name], self.tail.fields[name]
-            x = b.new_empty(ids.shape[0], *b.shape[1:])
-            x[in_base], x[~in_base] = b[ids[in_base]], t[rest]
-            out[name] = x
+            out[name] = torch.where(in_base.view(-1, *[1] * (b.ndim - 1)), b[base_ids], t[tail_ids])
         return out
 
     def keys(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,9 +188,10 @@ class BlockStore:
         return other
 
     def load(self, fields: dict[str, torch.Tensor]) -> None:
-        """Adopt stored blocks as the base, without a copy of the packed K/V (they may be a file
-        mapping); fields as in _Part, reprs in any float dtype."""
-        fields = {**{name: fields[name] for name in HOST}, "reprs": fields["reprs"].to(self.device, self.dtype)}
+        """Adopt stored blocks as the base, without a copy of the packed K/V on the host (they may be a
+        file mapping; resident: copied to the device once); fields as in _Part, reprs in any float dtype."""
+        fields = {**{name: fields[name].to(self.host) for name in HOST},
+                  "reprs": fields["reprs"].to(self.device, self.dtype)}
         self.base, self.tail = _Part(fields, fields["k"].shape[0]), self._empty()
         self.slot_ids = []
 

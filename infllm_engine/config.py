@@ -17,7 +17,7 @@ from .precision import best_dtype
 METHODS = ("infllm", "streaming", "full")
 # Knobs that never shape a stored memory: where and in what precision it runs (a memory is stored
 # packed, the same in every dtype), limits, and what only questions use.
-QUESTION_ONLY = ("device", "dtype", "kernels", "cache_blocks", "max_tokens", "focus_blocks", "focus_layers", "focus_gap",
+QUESTION_ONLY = ("device", "dtype", "kernels", "cache_blocks", "blocks_on", "max_tokens", "focus_blocks", "focus_layers", "focus_gap",
                  "focus_topk", "focus_window", "focus_neighbours",
                  "focus_lexical", "repetition_penalty", "no_repeat_ngram")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,7 +38,11 @@ class InfLLMConfig:
     repr_topk: int = 4              # most-attended tokens whose keys represent a block, per head
     topk: int = 8                   # blocks retrieved per layer per step
     chunk_size: int = 512           # queries per prefill chunk
-    cache_blocks: int = 64          # blocks held on the accelerator (LRU); block K/V stay in CPU memory
+    cache_blocks: int = 64          # blocks_on="host": blocks held on the accelerator (LRU)
+    # Where the packed block K/V live (infllm_engine.blocks): "host" (RAM or the file's mapping; an accelerator
+    # caches recent blocks), "device" (all on the accelerator: no step waits for the host), "auto": device
+    # on an accelerator, host on the CPU (where they are the same memory, and decode refills only new slots).
+    blocks_on: str = "auto"
     max_tokens: int = 2_000_000     # longest input accepted
     device: str = "cpu"
     dtype: str = "float32"          # or bfloat16, float16, or "auto": what this machine runs fastest (precision.best_dtype)
@@ -94,6 +98,8 @@ class InfLLMConfig:
         w = self.focus_lexical
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 100:
             problems.append(f"focus_lexical must be a number from 0 (off) to 100, got {w!r}")
+        if self.blocks_on not in ("auto", "host", "device"):
+            problems.append(f"blocks_on must be auto, host or device, got {self.blocks_on!r}")
         if self.focus_neighbours not in ("better", "next", "both"):
             problems.append(f"focus_neighbours must be better, next or both, got {self.focus_neighbours!r}")
         if not isinstance(self.focus_window, bool):
@@ -122,6 +128,11 @@ class InfLLMConfig:
             problems.append(f"device {self.device!r} is not a torch device")
         if problems:
             raise EngineError("invalid engine config: " + "; ".join(problems))
+
+    @property
+    def resident_blocks(self) -> bool:
+        """Whether block K/V live on the compute device (blocks_on resolved)."""
+        return self.blocks_on == "device" or (self.blocks_on == "auto" and torch.device(self.device).type != "cpu")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -83,12 +83,14 @@ class Focus:
         lo, hi = max(self.doc_end, start), start + q_global.shape[1]
         if lo >= hi:
             return
-        rows = torch.arange(lo, hi)
-        words = (rows >= self.span[0]) & (rows < self.span[1])
-        for mask, name in ((words, "votes"), (~words, "baseline")):
-            if mask.any():
-                q = q_global[:, (rows[mask] - start).to(q_global.device)]
-                share = span_mass(q, blocks[0], scale, tail, block_scale=blocks[1]) * int(mask.sum())
+        # Rows are positions: the words are one range of them, the template's tokens the ranges around it
+        # (sliced with Python ints, so no step reads a mask back from the device).
+        a, b = min(max(self.span[0], lo), hi), max(min(self.span[1], hi), lo)
+        for name, ranges in (("votes", [(a, b)]), ("baseline", [(lo, a), (b, hi)])):
+            rows = [q_global[:, r0 - start: r1 - start] for r0, r1 in ranges if r0 < r1]
+            if rows:
+                q = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
+                share = span_mass(q, blocks[0], scale, tail, block_scale=blocks[1]) * q.shape[1]
                 setattr(self, name, share if getattr(self, name) is None else getattr(self, name) + share)
 
     def choose(self, n_blocks: int) -> None:
@@ -108,7 +110,9 @@ class Focus:
         if self.defer_to_window and int(self.scores.argmax()) >= n_blocks:
             self.pinned = torch.zeros(0, dtype=torch.long)
             return
-        self.pinned = torch.tensor(sorted(self._passages(self.scores[:n_blocks])), dtype=torch.long)
+        # On the scores' device: the answer's steps index with it, and a host tensor there is a copy each time.
+        self.pinned = torch.tensor(sorted(self._passages(self.scores[:n_blocks])), dtype=torch.long,
+                                   device=self.scores.device)
 
     def _passages(self, scores: torch.Tensor) -> list[int]:
         """Up to n_pinned block ids: the best ones by score, each with its neighbour(s)."""
@@ -170,10 +174,14 @@ class Focus:
         return self._near[layer_idx]
 
     def without_pinned(self, ids: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A layer's own retrieval (asked for k + pinned) less the pinned blocks, its best k kept, ids ascending."""
-        keep = ~torch.isin(ids, self.pinned.to(ids.device))
-        ids, scores = ids[keep], scores[keep]
-        if ids.numel() > k:
-            best = torch.topk(scores, k).indices.sort().values
-            ids, scores = ids[best], scores[best]
-        return ids, scores
+        """A layer's own retrieval (asked for k + pinned) less the pinned blocks, its best k kept, ids ascending.
+
+        How many are left is known without looking: retrieval returned min(k + pinned, every block), and
+        every pinned block is one of them when it returned all. So nothing is read back from the device.
+        """
+        k = min(k, ids.numel() - self.pinned.numel()) if ids.numel() < k + self.pinned.numel() else k
+        if k <= 0:
+            return ids[:0], scores[:0]
+        pinned = torch.isin(ids, self.pinned.to(ids.device))
+        best = torch.topk(scores.masked_fill(pinned, float("-inf")), k).indices.sort().values
+        return ids[best], scores[best]

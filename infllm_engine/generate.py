@@ -73,20 +73,22 @@ def decode(model, memory: ContextMemory, rope: Rotary, logits: torch.Tensor, max
     or the question's tokens would stop the model from copying a fact or a name out of them.
     """
     guard = repetition_guard(repetition_penalty, no_repeat_ngram)
-    answer: list[int] = []
+    answer = torch.zeros(1, 0, dtype=torch.long, device=logits.device)      # [1, n] the ids so far, for the guard
     for i in range(max_new_tokens):
-        if guard and answer:
-            # logits: [V] -> the processors' [batch=1, V], with the answer so far as [1, n]
-            logits = guard(torch.tensor([answer], device=logits.device), logits[None])[0]
+        if guard and answer.shape[1]:
+            logits = guard(answer, logits[None])[0]         # logits: [V] -> the processors' [batch=1, V]
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=generator))
+            next_id = torch.multinomial(probs, 1, generator=generator)
         else:
-            token = int(torch.argmax(logits))
+            next_id = torch.argmax(logits).view(1)
+        # The step's one read back to the host: the text streams, and a stop token ends the answer. The
+        # next forward takes the id where it is (no copy back to the device).
+        token = int(next_id)
         if token in stop_ids:
             return
-        answer.append(token)
+        answer = torch.cat([answer, next_id.view(1, 1)], 1)
         yield token
         if i + 1 < max_new_tokens:
-            logits = forward_chunk(model, memory, rope, torch.tensor([token], device=logits.device),
-                                   trace, "decode", want_logits=True, focus=focus, cfg=cfg)
+            logits = forward_chunk(model, memory, rope, next_id, trace, "decode", want_logits=True, focus=focus,
+                                   cfg=cfg)

@@ -70,7 +70,8 @@ class LayerMemory:
         self._k, self._v = Rows(empty), Rows(empty)
         self._score = Rows(torch.empty(n_heads, 0, dtype=torch.float32, device=dev))
         self.r0 = cfg.n_init
-        self.blocks = BlockStore(n_kv_heads, n_heads, cfg.block_size, head_dim, dt, dev, cfg.cache_blocks)
+        self.blocks = BlockStore(n_kv_heads, n_heads, cfg.block_size, head_dim, dt, dev, cfg.cache_blocks,
+                                 cfg.resident_blocks)
         # The local window's keys, rotated once at (position - base): a step rotates only its new keys.
         self._win, self._win_lo, self._win_base = Rows(empty), 0, None
         self._win_period = cfg.max_position           # positions used stay below 2 * max_position

@@ -70,7 +70,7 @@ def blocks(memory: ContextMemory, start: int = 0) -> dict[str, torch.Tensor]:
     for i, layer in enumerate(memory.layers):
         if isinstance(layer, LayerMemory):
             for name, t in layer.blocks.blocks(start).items():
-                out[f"{i}.{name}"] = t.cpu().to(int8.REPR) if name == "reprs" else t
+                out[f"{i}.{name}"] = t.cpu().to(int8.REPR) if name == "reprs" else t.cpu()     # resident: from the device
     return out
 
 

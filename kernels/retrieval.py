@@ -64,7 +64,7 @@ def span_mass(query: torch.Tensor, blocks: torch.Tensor, scale: float, tail: tor
             part = int8.unpack_keys(part.to(q.device), scales[i].to(q.device), bs, torch.float32)
         logits = torch.einsum("grd,pgjd->pgrj", q, part.to(q.device, torch.float32))  # [p, Hkv, rows, bs]
         if n_pad and i == len(parts) - 1:
-            logits[-1, :, :, bs - n_pad:] = -torch.inf
+            logits[-1, :, :, bs - n_pad:].fill_(-torch.inf)      # fill_: no scalar tensor copied to the device
         m = torch.maximum(best, logits.amax(dim=(0, 3)))
         sums.append(torch.exp(logits - m[None, :, :, None]).sum(-1))
         maxes.append(m)

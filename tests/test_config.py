@@ -18,6 +18,7 @@ def test_defaults_are_valid_and_fit_the_trained_window():
     ({"dtype": "int8"}, "dtype must be auto or one of"),
     ({"device": "warp-drive"}, "is not a torch device"),
     ({"kernels": "cuda"}, "kernels must be one of"),
+    ({"blocks_on": "gpu"}, "blocks_on must be auto, host or device"),
 ])
 def test_impossible_configs_are_refused_with_the_reason(changes, words):
     with pytest.raises(EngineError, match=words.replace("(", r"\(").replace(")", r"\)")):
@@ -26,7 +27,8 @@ def test_impossible_configs_are_refused_with_the_reason(changes, words):
 
 def test_memory_hash_ignores_where_it_runs_but_not_how_it_reads():
     base = InfLLMConfig()
-    assert base.memory_hash() == base.replace(cache_blocks=99, max_tokens=10, kernels="torch").memory_hash()
+    assert base.memory_hash() == base.replace(cache_blocks=99, max_tokens=10, kernels="torch",
+                                              blocks_on="device").memory_hash()
     # The question focus is question-time only: changing it never invalidates a stored memory.
     assert base.memory_hash() == base.replace(focus_blocks=0, focus_layers=(0.5, 1), focus_gap=8, focus_topk=3).memory_hash()
     # Memory is stored packed, the same in every dtype: one read in fp32 serves a bf16 machine.

@@ -128,6 +128,58 @@ def test_cpu_slots_copy_only_new_blocks_and_hold_the_right_ones():
     assert slots2.tolist() == [2, 3] and torch.equal(k2[:, 8:], blocks[3][0])
 
 
+def test_resident_blocks_gather_the_same_blocks_from_the_document_and_a_growing_fork():
+    host = BlockStore(2, 4, 8, 16, torch.float32, torch.device("cpu"), cache_blocks=0)
+    resident = BlockStore(2, 4, 8, 16, torch.float32, torch.device("cpu"), cache_blocks=0, resident=True)
+    for i in range(12):
+        k, v, r = torch.randn(2, 8, 16), torch.randn(2, 8, 16), torch.randn(4, 16)
+        host.append(k, v, r)
+        resident.append(k, v, r)
+        if i == 6:                                  # blocks 0-6 become the shared base, 7-11 the fork's tail
+            host, resident = host.fork(), resident.fork()
+    for ids in ([0, 3, 6], [2, 7, 11], [8, 9], [6, 7]):
+        want = host.gather(torch.tensor(ids))
+        got = resident.gather(torch.tensor(ids))
+        assert got[2].tolist() == ids
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_a_step_on_resident_blocks_never_reads_back_from_the_device():
+    """On a GPU every read back (a scalar, a tolist, a boolean mask, a list made a tensor) stalls the stream;
+    counted on the CPU (bench.syncs), a reading chunk and a decode step with blocks_on="device" have none."""
+    from bench.syncs import HostReads
+    from infllm_engine.generate import forward_chunk
+
+    engine = Engine(tiny_llama(), tiny_tokenizer(), InfLLMConfig(max_tokens=3000, blocks_on="device", **SMALL))
+    memory = engine.read(torch.arange(300) % 256)
+    assert memory.n_blocks > SMALL["topk"]
+    chunk, token = torch.arange(16) % 256, torch.tensor([5])
+    with HostReads() as reads:
+        forward_chunk(engine.model, memory, engine.rope, chunk, Trace(), "prefill", want_logits=False)
+        forward_chunk(engine.model, memory, engine.rope, token, Trace(), "decode", want_logits=True)
+    assert not reads.seen, reads.seen
+    with HostReads() as reads:          # a whole question: the focus chooses once, then one read per token
+        answer = engine.ask(memory, "what is it?", max_new_tokens=6).wait()
+    per_token = {k: n for k, n in reads.seen.items() if "generate.py" in k}
+    assert sum(per_token.values()) == len(answer.token_ids) and len(per_token) == 1
+    assert all("engine.py" in k or "focus.py" in k for k in reads.seen if k not in per_token), reads.seen
+    # the host path still reads its block ids back (it refills slots by id), which is why the device path exists
+    host = engine.with_config(engine.cfg.replace(blocks_on="host"))
+    with HostReads() as reads:
+        forward_chunk(host.model, host.read(torch.arange(300) % 256), host.rope, chunk, None, "prefill", False)
+    assert any("blocks.py" in k for k in reads.seen)
+
+
+def test_resident_and_host_blocks_give_the_same_answer(engine):
+    resident = engine.with_config(engine.cfg.replace(blocks_on="device", focus_topk=2, max_tokens=600))
+    host = engine.with_config(engine.cfg.replace(focus_topk=2, max_tokens=600))
+    ids = torch.arange(300) % 256
+    a = host.ask(host.read(ids), "what is it?", max_new_tokens=8).wait()
+    b = resident.ask(resident.read(ids), "what is it?", max_new_tokens=8).wait()
+    assert a.token_ids == b.token_ids
+    assert [r.block_ids.tolist() for r in a.trace.records] == [r.block_ids.tolist() for r in b.trace.records]
+
+
 def test_a_fork_that_grows_never_changes_its_parent():
     store = BlockStore(1, 1, 4, 8, torch.float32, torch.device("cpu"), cache_blocks=0)
     for _ in range(3):
