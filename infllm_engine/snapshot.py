@@ -81,10 +81,13 @@ def block_shapes(memory: ContextMemory) -> dict:
     return {"layers": len(memory.layers), **stored_rows(n_kv_heads, n_heads, memory.cfg.block_size, head_dim)}
 
 
-def restore(memory: ContextMemory, saved_state: dict[str, torch.Tensor], saved_blocks: list[dict[str, torch.Tensor]]) -> ContextMemory:
+def restore(memory: ContextMemory, saved_state: dict[str, torch.Tensor], saved_blocks: list[dict[str, torch.Tensor]],
+            blocks_of: ContextMemory | None = None) -> ContextMemory:
     """Fill a new, empty memory (from Engine.new_memory) with a saved state and its block ranges, in order.
 
     One block range is adopted without a copy (it may be a file mapping); several are concatenated.
+    blocks_of: instead of saved_blocks, adopt this memory's block stores, which must hold what was saved
+    (a memory just committed holds its blocks exactly as stored: packed, representatives rounded).
     """
     if memory.length:
         raise EngineError("restore needs an empty memory")
@@ -99,7 +102,9 @@ def restore(memory: ContextMemory, saved_state: dict[str, torch.Tensor], saved_b
             layer.sink_k, layer.sink_v = _unpack(saved_state, f"{i}.sink", max(1, n_sink), dtype, device)
             layer.recent_k, layer.recent_v = _unpack(saved_state, f"{i}.recent", bs, dtype, device)
             layer.recent_score = saved_state[f"{i}.recent_score"].to(device, torch.float32)
-            if layer.keep_blocks and saved_blocks:
+            if layer.keep_blocks and blocks_of is not None:
+                layer.blocks = blocks_of.layers[i].blocks
+            elif layer.keep_blocks and saved_blocks:
                 parts = [b for b in saved_blocks if b[f"{i}.k"].shape[0]]
                 if parts:
                     layer.blocks.load({name: parts[0][f"{i}.{name}"] if len(parts) == 1 else

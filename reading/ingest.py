@@ -146,8 +146,12 @@ def ingest_document(library: Library, engine: Engine, doc: Document, progress: P
             state = snapshot.state(memory)
             library.commit(doc_id, state, snapshot.blocks(memory, committed_blocks), stop, time.perf_counter() - t)
             # Read on from what was committed, as a resumed run would: the packed state (so both end
-            # bit-identical), and the blocks mapped (RAM then holds only what retrieval touches).
-            memory = snapshot.restore(engine.new_memory(), state, [library.map_blocks(doc_id, shapes)])
+            # bit-identical), and the blocks mapped (RAM then holds only what retrieval touches). Blocks
+            # resident on an accelerator stay where they are: they are what was stored, and copying the
+            # file back at every commit would move the whole memory to the device again and again.
+            blocks = [] if cfg.resident_blocks else [library.map_blocks(doc_id, shapes)]
+            memory = snapshot.restore(engine.new_memory(), state, blocks,
+                                      blocks_of=memory if cfg.resident_blocks else None)
             start = stop
     except Exception as err:        # (Ctrl-C is no Exception: the status stays 'reading', the next run resumes)
         library.fail(doc_id, str(err))

@@ -42,6 +42,20 @@ def test_a_document_is_read_once_and_its_blocks_map_to_pages(tmp_path, engine, b
     assert library.document("book")["id"] == done.doc_id          # by title too
 
 
+def test_blocks_resident_on_the_device_are_read_and_stored_as_on_the_host(tmp_path, engine, book):
+    """blocks_on="device" keeps the blocks where they are between commits instead of mapping the file again:
+    the files and the answer must be the same, byte for byte, as the host's."""
+    resident = engine.with_config(engine.cfg.replace(blocks_on="device"))
+    on_host = ingest(Library(tmp_path / "host"), engine, book, commit_every=2)
+    on_device = ingest(Library(tmp_path / "device"), resident, book, commit_every=2)
+    assert on_device.memory.layers[0].blocks.resident and not on_host.memory.layers[0].blocks.resident
+    for a, b in zip(sorted(Library(tmp_path / "host").memory_dir(on_host.doc_id).iterdir()),
+                    sorted(Library(tmp_path / "device").memory_dir(on_device.doc_id).iterdir())):
+        assert a.name == b.name and a.read_bytes() == b.read_bytes(), a.name
+    asked = [e.ask(d.memory, "which words?", max_new_tokens=8).wait() for e, d in ((engine, on_host), (resident, on_device))]
+    assert asked[0].token_ids == asked[1].token_ids
+
+
 def test_answers_are_identical_after_a_restart(tmp_path, engine, book):
     library = Library(tmp_path / "lib")
     done = ingest(library, engine, book)
