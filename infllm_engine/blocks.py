@@ -23,16 +23,16 @@ from kernels import backend_for, int8, score_blocks, top_blocks
 
 
 def representatives(keys: torch.Tensor, scores: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query head, the mean raw key of the r tokens that received the most attention.
+    """Per block and query head, the mean raw key of the r tokens that received the most attention.
 
-    keys: [Hkv, bs, d]   scores: [H, bs] (H = Hkv * G)   -> (repr [H, d], chosen token index [H, r])
+    keys: [..., Hkv, bs, d]   scores: [..., H, bs] (H = Hkv * G)   -> (repr [..., H, d], chosen index [..., H, r])
     """
-    hkv, bs, d = keys.shape
-    h = scores.shape[0]
-    idx = torch.topk(scores, r, dim=-1).indices                       # [H, r]
-    per_head_keys = keys.repeat_interleave(h // hkv, dim=0)           # [H, bs, d]
-    chosen = torch.gather(per_head_keys, 1, idx[..., None].expand(h, r, d))
-    return chosen.mean(dim=1), idx
+    *lead, hkv, bs, d = keys.shape
+    h = scores.shape[-2]
+    idx = torch.topk(scores, r, dim=-1).indices                       # [..., H, r]
+    per_head_keys = keys.repeat_interleave(h // hkv, dim=-3)          # [..., H, bs, d]
+    chosen = torch.gather(per_head_keys, -2, idx[..., None].expand(*lead, h, r, d))
+    return chosen.mean(dim=-2), idx
 
 
 HOST = ("k", "k_scale", "v", "v_scale")     # packed K/V (kernels.int8): host memory, maybe a file mapping
@@ -74,19 +74,22 @@ class BlockStore:
     def n(self) -> int:
         return self.base.n + self.tail.n
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, repr_: torch.Tensor) -> None:
-        """k, v: [Hkv, bs, d] in the compute dtype   repr_: [H, d]. Stored packed, the representative
-        rounded to 16 bits: a block in RAM is exactly what a reload gives back."""
-        t = self.tail
-        if t.n == t.fields["k"].shape[0]:
-            cap = max(16, 2 * t.n)
+    def append(self, k: torch.Tensor, v: torch.Tensor, reprs: torch.Tensor) -> None:
+        """m new blocks, k, v: [m, Hkv, bs, d] in the compute dtype   reprs: [m, H, d] (or one block without
+        the m). Stored packed, the representatives rounded to 16 bits: a block in RAM is exactly what a
+        reload gives back. All m at once: a chunk forms several blocks, and each op is a launch on a GPU."""
+        if k.ndim == 3:
+            k, v, reprs = k[None], v[None], reprs[None]
+        t, m = self.tail, k.shape[0]
+        if t.n + m > t.fields["k"].shape[0]:
+            cap = max(16, 2 * (t.n + m))
             t.fields = {name: _regrow(x, t.n, cap) for name, x in t.fields.items()}
-        k8, ks = int8.pack_keys(k, k.shape[1])
+        k8, ks = int8.pack_keys(k, k.shape[-2])
         v8, vs = int8.pack_values(v)
-        row = {"k": k8, "k_scale": ks, "v": v8, "v_scale": vs, "reprs": repr_.to(int8.REPR).to(self.dtype)}
-        for name, x in row.items():
-            t.fields[name][t.n] = x.to(t.fields[name].device)
-        t.n += 1
+        rows = {"k": k8, "k_scale": ks, "v": v8, "v_scale": vs, "reprs": reprs.to(int8.REPR).to(self.dtype)}
+        for name, x in rows.items():
+            t.fields[name][t.n: t.n + m] = x.to(t.fields[name].device)
+        t.n += m
 
     def retrieve(self, query: torch.Tensor, k: int, kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """The k blocks whose representatives best match query [H, d]: (ids, scores), ids ascending."""

@@ -139,16 +139,21 @@ class LayerMemory:
         self._score.add_(lo + skip - self.r0, mass[:, skip:])
 
     def evict(self, last_final: int) -> None:
-        """Form blocks from recent tokens at positions <= last_final (out of every future window)."""
+        """Form blocks from recent tokens at positions <= last_final (out of every future window), all at once."""
         bs = self.block_size
-        while self.r0 + bs - 1 <= last_final and self._k.n >= bs:
-            if self.keep_blocks:
-                k, v, score = self.recent_k[:, :bs], self.recent_v[:, :bs], self.recent_score[:, :bs]
-                repr_, _ = representatives(k, score, self.repr_topk)
-                self.blocks.append(k, v, repr_)
-            for rows in (self._k, self._v, self._score):
-                rows.drop(bs)
-            self.r0 += bs
+        n = min((last_final - self.r0 + 1) // bs, self._k.n // bs)
+        if n <= 0:
+            return
+        if self.keep_blocks:
+            hkv, _, d = self.recent_k.shape
+            k = self.recent_k[:, : n * bs].view(hkv, n, bs, d).transpose(0, 1)         # [n, Hkv, bs, d]
+            v = self.recent_v[:, : n * bs].view(hkv, n, bs, d).transpose(0, 1)
+            score = self.recent_score[:, : n * bs].view(-1, n, bs).transpose(0, 1)     # [n, H, bs]
+            reprs, _ = representatives(k, score, self.repr_topk)
+            self.blocks.append(k, v, reprs)
+        for rows in (self._k, self._v, self._score):
+            rows.drop(n * bs)
+        self.r0 += n * bs
 
     def fork(self) -> "LayerMemory":
         other = object.__new__(LayerMemory)
