@@ -89,6 +89,18 @@ WRAPPED = """() => {
 }"""
 
 
+BROKEN_LABELS = """() => ['#new-chat', '#delete', '#ask', '#stop'].filter(id => {
+    // a button whose label takes two lines ("New conver / sation")
+    const tops = new Set(), walk = document.createTreeWalker(document.querySelector(id), NodeFilter.SHOW_TEXT);
+    for (let n = walk.nextNode(); n; n = walk.nextNode()) {
+        const r = document.createRange();
+        r.selectNodeContents(n);
+        for (const box of r.getClientRects()) if (box.width > 0) tops.add(Math.round(box.top));
+    }
+    return tops.size !== 1;
+})"""
+
+
 def short_note(path: Path) -> Path:
     """Two pages (about 700 tokens), far shorter than the local window: nothing is evicted to memory."""
     rng = random.Random(1)
@@ -122,6 +134,7 @@ def test_upload_ask_inspect_restart(tmp_path):
                                    timeout=300_000)
             assert "Market Records" in page.locator("#library").inner_text()
             assert page.evaluate(WRAPPED) == []           # at 1,400 px every column but the title fits its line
+            assert page.evaluate(BROKEN_LABELS) == []     # and every button's label
             chosen(page, "Market Records")                # the document just read is chosen for the chat
             page.locator("#question textarea").fill(QUESTION)
             page.locator("#question textarea").press("Enter")

@@ -98,10 +98,12 @@ def build(service: ReadingService, defaults: Settings = Settings()) -> gr.Blocks
             with gr.Column(scale=1):
                 with gr.Row():
                     # No value here: the page's first refresh chooses one, and its change opens the conversation.
-                    doc = gr.Dropdown(h.document_choices(app), value=None, label="Document", scale=4,
+                    doc = gr.Dropdown(h.document_choices(app), value=None, label="Document", scale=1,
                                       elem_id="document")
-                    new_chat = gr.Button("New conversation", scale=1, size="sm", min_width=90)
-                    remove = gr.Button("Delete document", variant="stop", scale=1, size="sm", min_width=90)
+                    # scale 0: the buttons keep their width (at 90 px their labels broke in two lines).
+                    new_chat = gr.Button("New conversation", scale=0, size="sm", min_width=150, elem_id="new-chat")
+                    remove = gr.Button("Delete document", variant="stop", scale=0, size="sm", min_width=150,
+                                       elem_id="delete")
                 chat = gr.Chatbot(elem_id="chat", height=440, label="Conversation",
                                   placeholder="Choose a document, then ask a question about it.")
                 with gr.Row():
