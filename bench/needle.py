@@ -137,8 +137,9 @@ def rankings(trace: Trace, n_blocks: int, n_layers: int, layers: range) -> dict[
     if trace.votes is not None:
         out["votes"] = [int(i) for i in trace.votes.argsort(descending=True)]
         if trace.pinned is not None and trace.pinned.numel():
-            read = trace.heat(n_layers, n_blocks, decode).sum(0)[trace.pinned]
-            first = trace.pinned[read.argsort(descending=True)].tolist()
+            pinned = trace.pinned.cpu()            # on the compute device; the heat is on the host
+            read = trace.heat(n_layers, n_blocks, decode).sum(0)[pinned]
+            first = pinned[read.argsort(descending=True)].tolist()
             out["answer_pinned"] = first + [b for b in out["votes"] if b not in first]
     return out
 
