@@ -104,11 +104,9 @@ def main(argv: list[str] | None = None) -> None:
 
     matmul_speed(args.device)
     tile_passes(args.device)
-    # Read with the default kernels (Triton under the CPU interpreter would take long); profile with --kernels.
     cfg = InfLLMConfig(device=args.device, dtype=args.dtype, max_tokens=max(4 * args.length, 4096),
-                       blocks_on=args.blocks_on)
+                       blocks_on=args.blocks_on, kernels=args.kernels)
     engine = Engine.load(args.model, cfg)
-    cfg = cfg.replace(kernels=args.kernels)
     ids = build_prompt(engine, args.length + cfg.chunk_size, 0.5, "48213").to(engine.device)
     head, chunk = ids[: args.length // cfg.chunk_size * cfg.chunk_size], ids[-cfg.chunk_size:]
     t = time.perf_counter()
@@ -120,11 +118,11 @@ def main(argv: list[str] | None = None) -> None:
 
     def read_chunk() -> None:
         nonlocal logits
-        logits = prefill(engine.model, memory, engine.rope, chunk, cfg=cfg)
+        logits = prefill(engine.model, memory, engine.rope, chunk)
     _profiled("prefill, one 512-token chunk", read_chunk, 1, "chunk", args.rows)
 
     def answer() -> None:               # the engine's own decode loop: args.decode forwards after the first token
-        for _ in decode(engine.model, memory, engine.rope, logits, args.decode + 1, stop_ids=set(), cfg=cfg):
+        for _ in decode(engine.model, memory, engine.rope, logits, args.decode + 1, stop_ids=set()):
             pass
     answer()                            # warm: the first steps fill the block slots
     _profiled(f"decode, {args.decode} steps", answer, args.decode, "token", args.rows)

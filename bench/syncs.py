@@ -31,8 +31,8 @@ _FROM_PYTHON = {aten.lift_fresh.default, aten.lift_fresh_copy.default}
 
 
 def _has_mask(args) -> bool:
-    """An index argument (aten.index / index_put_) that holds a boolean mask."""
-    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []) or [])
+    """aten.index / index_put_'s indices (args[1], a list with None for sliced dims) hold a boolean mask."""
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
 
 
 def _where() -> str:

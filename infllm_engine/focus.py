@@ -179,7 +179,7 @@ class Focus:
         How many are left is known without looking: retrieval returned min(k + pinned, every block), and
         every pinned block is one of them when it returned all. So nothing is read back from the device.
         """
-        k = min(k, ids.numel() - self.pinned.numel()) if ids.numel() < k + self.pinned.numel() else k
+        k = min(k, ids.numel() - self.pinned.numel())
         if k <= 0:
             return ids[:0], scores[:0]
         pinned = torch.isin(ids, self.pinned.to(ids.device))

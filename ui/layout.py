@@ -42,15 +42,27 @@ Drop a book or paper on the left. It is read once into a persistent InfLLM memor
 For every answer, the heatmap shows which memory blocks (which pages) each layer's attention retrieved."""
 
 
-def _shown(fn):
-    """Turn a UserError into a message on the page (gr.Error), for plain and generator handlers."""
+def _shown(fn, n_outputs: int = 1):
+    """Turn a UserError into a message on the page, for plain and generator handlers.
+
+    A plain handler's is an error (gr.Error). A generator's (the ask) refused before its first update (no
+    document chosen, one still being read, an empty question) is a warning toast that leaves its
+    n_outputs as they are: an error also marks the handler's components, and a red "Error" over the chat
+    reads as if the conversation had broken.
+    """
     if py_inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def stream(*args, **kwargs):
+            started = False
             try:
-                yield from fn(*args, **kwargs)
+                for update in fn(*args, **kwargs):
+                    started = True
+                    yield update
             except UserError as err:
-                raise gr.Error(str(err)) from err
+                if started:
+                    raise gr.Error(str(err)) from err
+                gr.Warning(str(err))
+                yield tuple(gr.skip() for _ in range(n_outputs))
         return stream
 
     @functools.wraps(fn)
@@ -60,26 +72,6 @@ def _shown(fn):
         except UserError as err:
             raise gr.Error(str(err)) from err
     return call
-
-
-def _asked_shown(fn, n_outputs: int):
-    """As _shown, for the ask handler: a question refused before it starts (no document chosen, one still
-    being read, an empty question) is a warning toast that leaves the conversation as it is. An error
-    raised from a component's handler also marks that component, and a red "Error" over the chat
-    reads as if the conversation had broken."""
-    @functools.wraps(fn)
-    def stream(*args, **kwargs):
-        started = False
-        try:
-            for update in fn(*args, **kwargs):
-                started = True
-                yield update
-        except UserError as err:
-            if started:
-                raise gr.Error(str(err)) from err
-            gr.Warning(str(err))
-            yield tuple(gr.skip() for _ in range(n_outputs))
-    return stream
 
 
 def build(service: ReadingService, defaults: Settings = Settings()) -> gr.Blocks:
@@ -181,7 +173,7 @@ def build(service: ReadingService, defaults: Settings = Settings()) -> gr.Blocks
         remove.click(_shown(deleted), [doc, confirmed], note,
                      js="(d, ok) => [d, confirm('Delete this document and its memory from the library?')]"
                      ).then(lambda: None, None, doc).then(**panel)
-        ask_event = dict(fn=_asked_shown(asked, 4), inputs=[doc, conversation, question, *knobs],
+        ask_event = dict(fn=_shown(asked, 4), inputs=[doc, conversation, question, *knobs],
                          outputs=[chat, conversation, inspector, question], concurrency_limit=1,
                          show_progress="hidden")
         ask_btn.click(**ask_event)
