@@ -77,20 +77,23 @@ def _infllm(layer: LayerMemory, layer_idx: int, q, k, v, state: ForwardState, sc
     keep_mass = cfg.method == "infllm"            # representatives need what each window token received
     tracing = keep_mass and state.trace is not None
 
-    # Window [lo, e) at real relative positions; memory at the fixed distance n_local, keys raw (position 0).
-    lo = max(0, s - n_local + 1)
-    k_win, v_win, base = layer.window(lo, e, rope)
-    q_local = rope.apply(q, s - base).view(-1, g, c, d)
     q_global = rope.apply_at(q, n_local)
-    memory = layer.memory(e - n_local)
     focus, ids, near = state.focus, None, None
     if focus is not None and keep_mass and layer.blocks.n > 0:
         if focus.probing:
             tail = layer.recent_k[:, : max(0, focus.doc_end - layer.r0)]
             focus.vote(layer_idx, q_global, s, layer.blocks.keys(), tail, scale)
-        near = focus.near(layer_idx, layer.blocks, rope, n_local)
-    # The focus replaces most per-layer retrieval, also when it pinned nothing (its evidence is in the window).
-    topk = cfg.focus_topk if focus is not None and not focus.probing else cfg.topk
+        near = focus.near(layer_idx, layer, rope, n_local)
+    # Window [lo, e) at real relative positions; memory at the fixed distance n_local, keys raw (position 0).
+    # When the evidence is read alone, the document's recent tokens (but the evidence) are left out.
+    alone = near is not None and (focus.alone is not None or focus.blocks_alone)
+    lo = max(0, s - n_local + 1, focus.doc_end if alone else 0)
+    k_win, v_win, base = layer.window(lo, e, rope)
+    q_local = rope.apply(q, s - base).view(-1, g, c, d)
+    memory = layer.memory(layer.r0 if alone else e - n_local)
+    # The focus replaces most per-layer retrieval, also when it pinned nothing (its evidence is in the
+    # window), and all of it when its evidence is read alone.
+    topk = 0 if alone else cfg.focus_topk if focus is not None and not focus.probing else cfg.topk
     if keep_mass and topk > 0 and layer.blocks.n > 0:
         extra = focus.pinned.numel() if near is not None else 0
         ids, scores = layer.blocks.retrieve(q_global.mean(dim=1), topk + extra, cfg.kernels)
@@ -123,10 +126,14 @@ def _record(state: ForwardState, layer_idx: int, res, lo: int, own, focus: Focus
     h, c, bs = res.out.shape[0] * res.out.shape[1], res.out.shape[2], cfg.block_size
     per_key = res.window_mass.sum(dim=(0, 1)) / (h * c)          # [N] share of each window key, lo ..
     first, window = _window_spans(per_key, lo, state.trace.doc_end, cfg.n_init, bs)
+    masses = list(res.memory_mass)
+    if focus is not None and focus.alone:              # the window's evidence, re-read alone: its spans' mass
+        near = masses.pop().sum(dim=(0, 1)) / (h * c)
+        first, window = _window_spans(near, focus.alone[0], state.trace.doc_end, cfg.n_init, bs)
+        focus = None
     if own is None and focus is None and window is None:
         return
     per_block = lambda mass: mass.sum(dim=(0, 1)).view(-1, bs).sum(-1) / (h * c)
-    masses = list(res.memory_mass)
     dev = res.out.device
     all_ids = [torch.zeros(0, dtype=torch.long, device=dev)]
     all_scores, all_mass = [torch.zeros(0, device=dev)], [torch.zeros(0, device=dev)]

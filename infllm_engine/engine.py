@@ -143,10 +143,10 @@ class Engine:
             return None
         focus = Focus.for_question(span, memory.length, self.n_layers, self.cfg.focus_layers,
                                    self.cfg.focus_blocks, self.cfg.focus_gap, self.cfg.focus_window,
-                                   self.cfg.focus_neighbours, lexical, self.cfg.focus_lexical)
+                                   self.cfg.focus_neighbours, lexical, self.cfg.focus_lexical, self.cfg.focus_alone)
         prefill(self.model, memory.fork(), self.rope, ids.to(self.device), None, None, want_logits=False, focus=focus,
                 cfg=self.cfg)
-        focus.choose(memory.n_blocks)
+        focus.choose(memory.n_blocks, memory.block_span)
         return focus
 
     def question_ids(self, question: str, history: Sequence[tuple[str, str]] = ()) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -26,6 +26,7 @@ layers' block keys. Measured in bench/results/needle-cpu.md.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -42,14 +43,16 @@ class Focus:
     layers: range                  # the voting layers
     n_pinned: int                  # blocks to pin
     gap: int = 64                  # tokens between the re-read blocks' end and the fixed query position
-    defer_to_window: bool = True   # pin nothing when the best evidence span is in the local window
+    window: str = "alone"          # best evidence in the local window: alone | window | pin (InfLLMConfig.focus_window)
     neighbours: str = "next"       # next | better | both: which blocks beside each best one are pinned with it
     lexical: dict[int, float] | None = None   # span -> word-match score from the caller (storage.lexical)
     lexical_weight: float = 0.0    # its share beside the attention vote; 0: the vote alone
+    blocks_alone: bool = False     # pinned blocks, too, are read without the window (InfLLMConfig.focus_alone)
     votes: torch.Tensor | None = None    # [spans]: summed attention share of each block (then window span)
     baseline: torch.Tensor | None = None  # [spans]: the same from the template's tokens around the question
     pinned: torch.Tensor | None = None   # [k] block ids every layer attends, ascending; None while probing
     scores: torch.Tensor | None = None   # [spans] evidence(), set with pinned
+    alone: tuple[int, int] | None = None  # positions [a, b): the window's evidence, re-read alone
     _near: dict[int, Keys] = field(default_factory=dict)   # per layer, the pinned blocks' rotated keys
 
     @staticmethod
@@ -60,10 +63,11 @@ class Focus:
 
     @classmethod
     def for_question(cls, span: tuple[int, int], doc_end: int, n_layers: int, layers: tuple[float, float],
-                     n_pinned: int, gap: int = 64, defer_to_window: bool = True, neighbours: str = "next",
-                     lexical: dict[int, float] | None = None, lexical_weight: float = 0.0) -> "Focus":
-        return cls(span, doc_end, cls.voting_layers(n_layers, layers), n_pinned, gap, defer_to_window, neighbours,
-                   lexical, lexical_weight)
+                     n_pinned: int, gap: int = 64, window: str = "alone", neighbours: str = "next",
+                     lexical: dict[int, float] | None = None, lexical_weight: float = 0.0,
+                     blocks_alone: bool = False) -> "Focus":
+        return cls(span, doc_end, cls.voting_layers(n_layers, layers), n_pinned, gap, window, neighbours,
+                   lexical, lexical_weight, blocks_alone)
 
     @property
     def probing(self) -> bool:
@@ -93,22 +97,30 @@ class Focus:
                 share = span_mass(q, blocks[0], scale, tail, block_scale=blocks[1]) * q.shape[1]
                 setattr(self, name, share if getattr(self, name) is None else getattr(self, name) + share)
 
-    def choose(self, n_blocks: int) -> None:
+    def choose(self, n_blocks: int, span_of: Callable[[int], tuple[int, int]]) -> None:
         """After the probe: pin the memory blocks the question's words draw beyond the template's baseline.
 
         Blocks come in pairs, since a sentence can straddle a block boundary (a name cut after "M." was
         read as "M.A.T.E."): the best-scored one and the one after it (the last block: the one before),
         because the words a question shares with a sentence come before the answer it asks for. Pairing
         with the better-scored neighbour instead picked the block before in 3 of 3 straddles that went
-        wrong on bench.needle. Window spans are scored too, for citations, but never pinned: they are
-        attended anyway.
+        wrong on bench.needle.
+
+        Window spans are scored too (for citations). When one is the best, no block is pinned. With
+        window="alone" that span and the next are re-read just before the question, and the rest of the
+        window is left out. A fact 1.4K tokens back in the window was then read right in 14 of 15
+        questions, 11 with the whole window (bench/results/needle-cpu.md).
+        span_of: a span's token positions [start, stop) (ContextMemory.block_span).
         """
         self.scores = self.evidence()
         if self.scores is None or n_blocks == 0:
             self.pinned = torch.zeros(0, dtype=torch.long)
             return
-        if self.defer_to_window and int(self.scores.argmax()) >= n_blocks:
+        best = int(self.scores.argmax())
+        if self.window != "pin" and best >= n_blocks:
             self.pinned = torch.zeros(0, dtype=torch.long)
+            if self.window == "alone":
+                self.alone = (span_of(best)[0], min(span_of(best + 1)[1], self.doc_end))
             return
         # On the scores' device: the answer's steps index with it, and a host tensor there is a copy each time.
         self.pinned = torch.tensor(sorted(self._passages(self.scores[:n_blocks])), dtype=torch.long,
@@ -153,8 +165,9 @@ class Focus:
             evidence = evidence + self.lexical_weight * lex / lex.sum()
         return evidence
 
-    def near(self, layer_idx: int, blocks, rope: Rotary, position: int) -> Keys | None:
-        """The pinned blocks of one layer as a key set that sits just before the question.
+    def near(self, layer_idx: int, layer, rope: Rotary, position: int) -> Keys | None:
+        """The pinned blocks of one layer (a LayerMemory), or the window's evidence read alone, as a key
+        set that sits just before the question.
 
         The query is rotated at `position` (the fixed memory distance); the blocks follow each other in
         document order, with their tokens at consecutive positions ending `gap` before it. So the
@@ -162,15 +175,18 @@ class Focus:
         135M model needs to copy a name or a number out of it (bench/results/needle-cpu.md). Built once
         per layer and answer: the pinned set does not change while the answer is written.
         """
-        if self.probing or not self.pinned.numel():
+        if self.probing or not (self.pinned.numel() or self.alone):
             return None
         if layer_idx not in self._near:
-            k, v = blocks.take(self.pinned)                     # [P, Hkv, bs, d]
-            p, hkv, bs, d = k.shape
-            k = k.transpose(0, 1).reshape(hkv, p * bs, d)
-            v = v.transpose(0, 1).reshape(hkv, p * bs, d)
+            if self.alone:
+                k, v = layer.span(*self.alone)                  # [Hkv, n, d]
+            else:
+                k, v = layer.blocks.take(self.pinned)           # [P, Hkv, bs, d]
+                p, hkv, bs, d = k.shape
+                k = k.transpose(0, 1).reshape(hkv, p * bs, d)
+                v = v.transpose(0, 1).reshape(hkv, p * bs, d)
             # With a short window the gap gives way: positions never go below 0.
-            self._near[layer_idx] = Keys(rope.apply(k, max(0, position - self.gap - p * bs)), v, None)
+            self._near[layer_idx] = Keys(rope.apply(k, max(0, position - self.gap - k.shape[1])), v, None)
         return self._near[layer_idx]
 
     def without_pinned(self, ids: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,10 +19,17 @@ def test_defaults_are_valid_and_fit_the_trained_window():
     ({"device": "warp-drive"}, "is not a torch device"),
     ({"kernels": "cuda"}, "kernels must be one of"),
     ({"blocks_on": "gpu"}, "blocks_on must be auto, host or device"),
+    ({"focus_window": "ignore"}, "focus_window must be alone, window or pin"),
 ])
 def test_impossible_configs_are_refused_with_the_reason(changes, words):
     with pytest.raises(EngineError, match=words.replace("(", r"\(").replace(")", r"\)")):
         InfLLMConfig(**changes)
+
+
+def test_a_document_stored_when_focus_window_was_true_or_false_still_loads():
+    assert InfLLMConfig(focus_window=True).focus_window == "window"      # pin nothing, read the window
+    assert InfLLMConfig(focus_window=False).focus_window == "pin"
+    assert InfLLMConfig().focus_window == "alone"
 
 
 def test_memory_hash_ignores_where_it_runs_but_not_how_it_reads():

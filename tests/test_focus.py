@@ -4,6 +4,8 @@ import torch
 
 from infllm_engine import Engine, InfLLMConfig
 from infllm_engine.focus import Focus
+from infllm_engine.generate import prefill
+from infllm_engine.trace import Trace
 from kernels import span_mass
 
 from .conftest import tiny_llama, tiny_tokenizer
@@ -74,12 +76,12 @@ def test_pinned_blocks_are_reread_in_document_order_just_before_the_question(eng
     memory = engine.read(torch.arange(300) % 256)
     layer = memory.layers[1]
     focus = Focus((0, 1), 0, range(0, 1), 2, gap=4, pinned=torch.tensor([3, 7]))
-    near = focus.near(1, layer.blocks, engine.rope, 48)
+    near = focus.near(1, layer, engine.rope, 48)
     (k3, k7), (v3, v7) = layer.blocks.take(torch.tensor([3, 7]))           # [Hkv, bs, d] raw, unpacked
     raw = torch.cat([k3, k7], 1)
     assert near.start is None and torch.allclose(near.k, engine.rope.apply(raw, 48 - 4 - 16))
     assert torch.equal(near.v, torch.cat([v3, v7], 1))
-    assert focus.near(1, layer.blocks, engine.rope, 48) is near                 # built once per answer
+    assert focus.near(1, layer, engine.rope, 48) is near                 # built once per answer
 
 
 def test_the_focus_never_touches_the_documents_memory(engine):
@@ -90,3 +92,70 @@ def test_the_focus_never_touches_the_documents_memory(engine):
     assert first.token_ids == again.token_ids and torch.equal(first.trace.pinned, again.trace.pinned)
     assert (memory.length, memory.n_blocks) == before[:2] and torch.equal(memory.layers[0].recent_k, before[2])
 
+
+
+def _window_focus(engine, memory, span: int, window: str) -> Focus:
+    """A focus whose evidence is window span `span`, as the probe would leave it."""
+    _, (a, b) = engine.question_ids("what is it?")
+    focus = Focus((memory.length + a, memory.length + b), memory.length, range(1, 2), 2, gap=4, window=window)
+    spans = memory.n_blocks + -(-(memory.length - memory.layers[0].r0) // 8)
+    focus.votes = torch.zeros(spans)
+    focus.votes[span] = 1.0
+    focus.choose(memory.n_blocks, memory.block_span)
+    return focus
+
+
+def test_window_evidence_is_reread_alone_and_the_rest_of_the_window_left_out(engine):
+    memory = engine.read(torch.arange(300) % 256)
+    ids = engine.question_ids("what is it?")[0]
+    span = memory.n_blocks                                       # the oldest span still in the window
+    a, b = memory.block_span(span)[0], memory.block_span(span + 1)[1]
+
+    def answer_logits(window: str, changed: range = range(0)) -> torch.Tensor:
+        fork, focus = memory.fork(), _window_focus(engine, memory, span, window)
+        for layer in fork.layers:                                # other K/V at those document positions
+            k, v = layer.recent_k.clone(), layer.recent_v.clone()
+            rows = [p - layer.r0 for p in changed]
+            k[:, rows], v[:, rows] = torch.randn_like(k[:, rows]), torch.randn_like(v[:, rows])
+            layer.recent_k, layer.recent_v = k, v
+        return prefill(engine.model, fork, engine.rope, ids, focus=focus, cfg=engine.cfg)
+
+    focus = _window_focus(engine, memory, span, "alone")
+    assert focus.alone == (a, b) and focus.pinned.numel() == 0
+    assert _window_focus(engine, memory, span, "window").alone is None
+    alone = answer_logits("alone")
+    torch.manual_seed(0)
+    assert torch.allclose(answer_logits("alone", range(b, memory.length)), alone, atol=1e-5)   # the rest: unread
+    assert not torch.allclose(answer_logits("alone", range(a, b)), alone, atol=1e-3)          # the evidence: read
+    assert not torch.allclose(answer_logits("window"), alone, atol=1e-3)
+    window = answer_logits("window")
+    assert not torch.allclose(answer_logits("window", range(b, memory.length)), window, atol=1e-3)
+
+
+def test_window_evidence_read_alone_is_what_the_trace_shows(engine):
+    memory = engine.read(torch.arange(300) % 256)
+    span = memory.n_blocks + 1
+    focus, trace = _window_focus(engine, memory, span, "alone"), Trace()
+    prefill(engine.model, memory.fork(), engine.rope, engine.question_ids("what is it?")[0], trace, focus=focus,
+            cfg=engine.cfg)
+    assert trace.records and all(r.block_ids.numel() == 0 for r in trace.records)
+    assert {r.window_first for r in trace.records} == {span}
+    assert all(r.window_mass.shape == (2,) and float(r.window_mass.sum()) > 0 for r in trace.records)
+
+
+@pytest.mark.parametrize("blocks_alone", [False, True])
+def test_pinned_blocks_read_alone_leave_the_window_out(engine, blocks_alone):
+    memory = engine.read(torch.arange(300) % 256)
+    ids, (a, b) = engine.question_ids("what is it?")
+
+    def answer_logits(perturb: bool) -> torch.Tensor:
+        fork = memory.fork()
+        focus = Focus((memory.length + a, memory.length + b), memory.length, range(1, 2), 2, gap=4,
+                      pinned=torch.tensor([3, 4]), scores=torch.ones(memory.n_blocks), blocks_alone=blocks_alone)
+        if perturb:                                              # other K/V in the document's window
+            for layer in fork.layers:
+                layer.recent_k, layer.recent_v = torch.randn_like(layer.recent_k), torch.randn_like(layer.recent_v)
+        return prefill(engine.model, fork, engine.rope, ids, focus=focus, cfg=engine.cfg.replace(focus_topk=0))
+
+    same = torch.allclose(answer_logits(True), answer_logits(False), atol=1e-5)
+    assert same == blocks_alone

@@ -80,11 +80,11 @@ def test_word_matches_move_the_pinned_passage_only_by_their_weight(read, engine)
 def test_each_best_block_is_pinned_with_its_neighbours(mode, pinned):
     focus = Focus((0, 1), 0, range(0, 1), len(pinned), neighbours=mode)
     focus.votes = torch.tensor([0.0, 0.0, 0.1, 0.3, 1.0, 0.2, 0.0, 0.0])    # block 3 draws more than block 5
-    focus.choose(8)
+    focus.choose(8, lambda i: (i * 8, i * 8 + 8))
     assert focus.pinned.tolist() == pinned
     last = Focus((0, 1), 0, range(0, 1), 2, neighbours=mode)
     last.votes = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1, 1.0])     # the last block: its previous one
-    last.choose(8)
+    last.choose(8, lambda i: (i * 8, i * 8 + 8))
     assert last.pinned.tolist() == [6, 7]
 
 
