@@ -58,7 +58,7 @@ class InfLLMConfig:
     # is read as it is; "pin" pins the best memory blocks all the same.
     focus_window: str = "alone"
     # Read the pinned blocks alone as well: the answer attends sinks, the re-read blocks and the question,
-    # not the window. Off: on bench.needle it lifted 64K (67/75 against 55/75, 2 blocks) and lost at 32K.
+    # not the window. Off: on bench.needle it lifted 64K (67/75 against 55/75, 2 blocks), lost at 16K and 32K.
     focus_alone: bool = False
     focus_neighbours: str = "next"  # pinned with each best block: the next one | the better-scored neighbour | both
     # Weight of the question's word matches (Engine.ask's `lexical`, from storage.lexical) beside the
