@@ -6,6 +6,7 @@ import pytest
 
 from infllm_engine import Engine, InfLLMConfig
 from reading.service import ReadingService
+from reading.worker import Job
 from storage.library import Library
 from ui import handlers as h
 from ui import evidence
@@ -177,6 +178,10 @@ def test_bad_questions_say_what_is_wrong(app, tmp_path):
         list(h.ask(app, doc_id, None, "q", h.Settings(max_new_tokens=0)))
     app.library.resume(doc_id)          # as if it were still being read: it cannot be chosen yet
     with pytest.raises(h.UserError, match="'book' is not read to the end yet"):
+        list(h.ask(app, None, None, "q", SETTINGS))
+    # Dropped a moment ago: queued behind another reading, so not in the library yet.
+    app.service.worker.jobs.append(Job("notes.pdf", tmp_path / "notes.pdf", app.service.engine))
+    with pytest.raises(h.UserError, match="'notes.pdf' is not read to the end yet"):
         list(h.ask(app, None, None, "q", SETTINGS))
 
 

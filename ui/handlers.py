@@ -265,8 +265,10 @@ def ask(app: App, doc_id: int | None, conversation: int | None, question: str, s
 # -- helpers ---------------------------------------------------------------------------------------
 def _document(app: App, doc_id: int | None) -> dict:
     if doc_id is None or doc_id == "":
-        # Only ready documents can be chosen: someone who drops a file and asks at once meets this.
+        # Only ready documents can be chosen: someone who drops a file and asks at once meets this,
+        # before its reading has started (a queued job, no library row yet) or during it.
         unread = [d["title"] for d in app.library.documents() if d["status"] == Status.READING]
+        unread += [j.name for j in app.service.worker.active() if j.doc_id is None]
         if unread:
             raise UserError(f"{unread[-1]!r} is not read to the end yet; ask about it once the library "
                             "shows it ready")
