@@ -64,9 +64,10 @@ class DocumentError(ValueError):
 @dataclass(slots=True)
 class Page:
     number: int  # 1-based: physical page for PDFs, position for chapters and sections
-    label: str
+    label: str   # what a citation shows: "p. 56" (the printed number where the PDF has one), a chapter's title
     start: int  # [start, end) into Document.text
     end: int
+    printed: str | None = None  # a PDF page's printed number ("56", "xii"), where the PDF says or shows it
 
 
 @dataclass
@@ -97,28 +98,97 @@ def clean_text(text: str) -> str:
     return text.strip()
 
 
-def strip_running_lines(pages: Sequence[str]) -> list[str]:
-    """Drop a page's first/last line when it repeats (digits ignored) on >= half and >= 3 pages."""
-    split = [page.split("\n") for page in pages]
+EDGE_LINES = 3   # a page's running lines sit among its first and last three lines
+
+
+def running_offsets(pages: Sequence[str]) -> list[int]:
+    """Offsets d (physical page - printed number) that the pages' edge lines show, most pages first.
+
+    A running head or foot prints the page's number first or last ("56 Concepts \\ §4", "Descriptions
+    of the commands 3", "- 12 -"). Where one offset recurs on >= a quarter of the pages with text (and on
+    >= 3), the numbers are the book's own page numbers, d pages after the PDF's. Draft marks with the
+    PDF's own number ("TeX for the Impatient No 77") give offset 0.
+    """
+    counts: Counter[int] = Counter()
+    texts = 0
+    for i, page in enumerate(pages):
+        lines = [line for line in page.split("\n") if line.strip()]
+        texts += bool(lines)
+        edge = lines[:EDGE_LINES] + lines[-EDGE_LINES:] if len(lines) > 2 * EDGE_LINES else lines
+        counts.update({i + 1 - n for line in edge for n in _edge_numbers(line)})
+    need = max(3, texts // 4)
+    return [d for d, c in counts.most_common() if c >= need]
+
+
+def _edge_numbers(line: str) -> set[int]:
+    """The integers a line starts or ends with (what a running head's page number looks like)."""
+    words = line.replace("\u2013", " ").replace("-", " ").split()
+    return {int(w) for w in (words[:1] + words[-1:]) if w.isdigit() and len(w) <= 5}
+
+
+def strip_running_lines(pages: Sequence[str], offsets: Sequence[int] | None = None) -> list[str]:
+    """Drop running heads and feet: the lines at a page's top and bottom (up to EDGE_LINES each, from the
+    edge inwards) that repeat on many pages with only their digits changed, or that carry the page's number.
+
+    Repeated: on >= 3 pages and >= half of all pages, or of the odd or the even pages (a book's verso and
+    recto heads differ). Numbered: the line starts or ends with the page's number under one of `offsets`
+    (running_offsets, computed when not given), so a head that names the chapter goes too.
+    """
+    offsets = running_offsets(pages) if offsets is None else offsets
+    split = [[line for line in page.split("\n")] for page in pages]
     for lines in split:  # blank edge lines would hide the real header/footer
         while lines and not lines[0].strip():
             lines.pop(0)
         while lines and not lines[-1].strip():
             lines.pop()
-    with_text = [lines for lines in split if lines]
-    need = max(3, (len(with_text) + 1) // 2)
 
     def key(line: str) -> str:
         return re.sub(r"\d+", "#", " ".join(line.split()))
 
-    firsts = Counter(key(lines[0]) for lines in with_text)
-    lasts = Counter(key(lines[-1]) for lines in with_text)
-    for lines in with_text:
-        if lines and firsts[key(lines[0])] >= need:
-            lines.pop(0)
-        if lines and lasts[key(lines[-1])] >= need:
-            lines.pop()
+    with_text = [i for i, lines in enumerate(split) if lines]
+    seen: Counter[tuple[str, int]] = Counter()          # (key, parity) -> pages whose edge lines hold it
+    for i in with_text:
+        lines = split[i]
+        for k in {key(line) for line in lines[:EDGE_LINES] + lines[-EDGE_LINES:]}:
+            seen[k, i % 2] += 1
+    halves = [sum(1 for i in with_text if i % 2 == parity) for parity in (0, 1)]
+
+    def repeated(k: str) -> bool:
+        both = seen[k, 0] + seen[k, 1]
+        return both >= 3 and (2 * both >= len(with_text) or any(
+            seen[k, parity] >= 3 and 2 * seen[k, parity] >= halves[parity] for parity in (0, 1)))
+
+    def running(line: str, physical: int) -> bool:
+        return repeated(key(line)) or any(physical - n in offsets for n in _edge_numbers(line))
+
+    for i in with_text:
+        lines = split[i]
+        for end in (0, -1):
+            for _ in range(EDGE_LINES):
+                if lines and running(lines[end], i + 1):
+                    lines.pop(end)
+                else:
+                    break
     return ["\n".join(lines) for lines in split]
+
+
+def printed_numbers(count: int, offsets: Sequence[int], labels: Sequence[str] | None = None) -> list[str | None]:
+    """Each page's printed number: the PDF's /PageLabels where it has them, else the number its running
+    heads show (the most common offset but 0, which is the PDF's own numbering), else None."""
+    if labels is not None:
+        return [str(label) for label in labels]
+    shift = next((d for d in offsets if d != 0), None)
+    if shift is None:
+        return [None] * count
+    return [str(i + 1 - shift) if i + 1 > shift else None for i in range(count)]
+
+
+def page_label(physical: int, printed: str | None, numbered: bool) -> str:
+    """A PDF page's citation label: "p. 56" with its printed number, "PDF p. 5" for a page without one in a
+    book whose other pages have one (front matter), "p. 5" where the book prints none."""
+    if printed:
+        return f"p. {printed}"
+    return f"PDF p. {physical}" if numbered else f"p. {physical}"
 
 
 def file_type(name: str) -> str:
@@ -172,15 +242,16 @@ def read_document(path: Path, max_bytes: int = MAX_BYTES, name: str | None = Non
                     sha256=hashlib.sha256(data).hexdigest(), log=_dedupe(log))
 
 
-# A section is (number, label, raw text); text is cleaned in _assemble.
-Section = tuple[int, str, str]
+# A section is (number, label, raw text) or, for a PDF page, (number, label, raw text, printed number);
+# text is cleaned in _assemble.
+Section = tuple[int, str, str] | tuple[int, str, str, str | None]
 
 
 def _assemble(sections: Sequence[Section]) -> tuple[str, list[Page]]:
     parts: list[str] = []
     pages: list[Page] = []
     pos = 0
-    for number, label, raw in sections:
+    for number, label, raw, *printed in sections:
         body = clean_text(raw)
         if not body:
             continue
@@ -188,7 +259,8 @@ def _assemble(sections: Sequence[Section]) -> tuple[str, list[Page]]:
             parts.append("\n\n")  # the gap between pages; page_at maps it to the page before
             pos += 2
         parts.append(body)
-        pages.append(Page(number=number, label=label, start=pos, end=pos + len(body)))
+        pages.append(Page(number=number, label=label, start=pos, end=pos + len(body),
+                          printed=printed[0] if printed else None))
         pos += len(body)
     return "".join(parts), pages
 
@@ -225,12 +297,28 @@ def _read_pdf(name: str, data: bytes, log: list[str]) -> tuple[str, list[Section
                             "(the file is damaged).")
     if not any(t.strip() for t in texts):
         raise DocumentError(f"{name} has no text layer; it looks scanned. Run OCR on it first.")
-    texts = strip_running_lines([t.replace("\r\n", "\n").replace("\r", "\n") for t in texts])
+    texts = [t.replace("\r\n", "\n").replace("\r", "\n") for t in texts]
+    offsets = running_offsets(texts)
+    texts = strip_running_lines(texts, offsets)
     try:
         title = str((reader.metadata or {}).get("/Title") or "").strip()
     except Exception:  # broken metadata is not worth refusing the book for
         title = ""
-    return title, [(i + 1, f"p. {i + 1}", t) for i, t in enumerate(texts)]
+    printed = printed_numbers(count, offsets, _page_labels(reader, log))
+    numbered = any(printed)
+    return title, [(i + 1, page_label(i + 1, printed[i], numbered), t, printed[i]) for i, t in enumerate(texts)]
+
+
+def _page_labels(reader: PdfReader, log: list[str]) -> list[str] | None:
+    """The PDF's own page labels (/PageLabels: "i", "ii", ..., "1"), or None where it has none."""
+    try:
+        if "/PageLabels" not in reader.trailer["/Root"]:
+            return None
+        labels = list(reader.page_labels)
+        return labels if len(labels) == len(reader.pages) and all(labels) else None
+    except Exception as exc:  # a broken label tree costs the printed numbers, not the book
+        log.append(f"page labels: {_short(exc)}")
+        return None
 
 
 def _pdf_problem(data: bytes) -> str:

@@ -18,8 +18,8 @@ import pypdf
 import pytest
 
 from storage import readers
-from storage.readers import SUPPORTED, Document, DocumentError, Page, clean_text, read_document, \
-    strip_running_lines
+from storage.readers import (SUPPORTED, Document, DocumentError, Page, clean_text, page_label, printed_numbers,
+                             read_document, running_offsets, strip_running_lines)
 
 
 # ---------------------------------------------------------------- fixture builders
@@ -188,8 +188,67 @@ def test_clean_text_keeps_hyphen_before_capitalised_word_and_paragraph_breaks():
 
 
 def test_strip_running_lines_ignores_digits_and_keeps_body():
-    pages = [f"Header\nbody {n}\nPage {n}" for n in range(1, 5)]
-    assert strip_running_lines(pages) == [f"body {n}" for n in range(1, 5)]
+    words = ["ant", "bee", "cat", "dog"]
+    pages = [f"Header\nthe {w} ran\nPage {n}" for n, w in enumerate(words, 1)]
+    assert strip_running_lines(pages) == [f"the {w} ran" for w in words]
+
+
+def running_head_pages(n: int = 12, skip: int = 4) -> tuple[list[str], list[str]]:
+    """Pages laid out as TeX for the Impatient's are: a draft mark with the PDF's page number, a timestamp,
+    then a running head with the printed number (skip pages before page 1) and a chapter name that
+    changes; verso heads put the number first, recto heads last. Returns (pages, their body lines)."""
+    words = "ant bee cat dog eel fox gnu hen ibis jay kiwi lark mole newt owl".split()
+    pages, bodies = [], []
+    for i in range(n):
+        chapter = "Concepts \\ §4" if i < n // 2 else "Descriptions of the commands"
+        printed = i + 1 - skip
+        head = f"{printed} {chapter}" if i % 2 else f"{chapter} {printed}"
+        body = [f"The {words[i]} sat on the {words[-1 - i]} for {3 * i + 7} minutes.", f"Then {words[i]} left."]
+        pages.append("\n".join([f"TeX for the Impatient No {i + 1}", "3 Jan 2020 2:18 p.m."]
+                               + ([head] if printed > 0 else []) + body))
+        bodies.append("\n".join(body))
+    return pages, bodies
+
+
+def test_strip_running_lines_drops_heads_that_carry_the_page_number_and_repeated_stamps():
+    pages, bodies = running_head_pages()
+    assert running_offsets(pages)[:2] == [0, 4]          # the draft mark's PDF numbers, then the printed ones
+    assert strip_running_lines(pages) == bodies
+
+
+def test_printed_numbers_follow_the_running_heads_or_the_pdfs_labels():
+    pages, _ = running_head_pages(skip=4)
+    printed = printed_numbers(len(pages), running_offsets(pages))
+    assert printed == [None] * 4 + [str(n) for n in range(1, 9)]
+    assert printed_numbers(3, [0]) == [None, None, None]                  # only the PDF's own numbers: none
+    assert printed_numbers(3, [2], ["i", "ii", "1"]) == ["i", "ii", "1"]  # /PageLabels win
+    assert [page_label(5, p, True) for p in ("56", None)] == ["p. 56", "PDF p. 5"]
+    assert page_label(5, None, False) == "p. 5"
+
+
+def test_pdf_cites_the_printed_page_of_its_running_heads(tmp_path: Path):
+    pages, bodies = running_head_pages()
+    doc = read_document(write(tmp_path / "impatient.pdf", make_pdf([p.split("\n") for p in pages])))
+    assert [p.label for p in doc.pages] == [f"PDF p. {n}" for n in range(1, 5)] + [f"p. {n}" for n in range(1, 9)]
+    assert [p.number for p in doc.pages] == list(range(1, 13))            # the physical number stays
+    assert "Impatient" not in doc.text and "p.m." not in doc.text and "Concepts" not in doc.text
+    assert all(body in doc.text for body in bodies)
+
+
+def test_pdf_cites_its_page_labels(tmp_path: Path, book_pdf: Path):
+    writer = pypdf.PdfWriter(clone_from=book_pdf)
+    writer.set_page_label(0, 1, "/r")                   # i, ii
+    writer.set_page_label(2, 4, "/D", start=1)          # 1, 2, 3
+    writer.write(tmp_path / "labelled.pdf")
+    doc = read_document(tmp_path / "labelled.pdf")
+    assert [(p.number, p.label, p.printed) for p in doc.pages] == [
+        (1, "p. i", "i"), (2, "p. ii", "ii"), (3, "p. 1", "1"), (4, "p. 2", "2"), (5, "p. 3", "3")]
+
+
+def test_strip_running_lines_keeps_a_number_that_does_not_follow_the_pages():
+    pages = [f"Chapter text {w}\n{n} apples were sold\nthe end of {w}" for n, w in zip((7, 3, 12, 5), "abcd")]
+    assert running_offsets(pages) == []
+    assert strip_running_lines(pages) == pages
 
 
 def test_strip_running_lines_needs_three_pages():
