@@ -17,7 +17,10 @@ import hashlib
 import json
 import shutil
 import sqlite3
+import sys
 import threading
+from array import array
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 
@@ -81,22 +84,58 @@ class Library:
         return rows[0] if rows else None
 
     def add(self, *, title: str, source_name: str, kind: str, sha256: str, fingerprint: str, config_hash: str,
-            config: dict, tokens: int, pages: list[tuple[str, int, int]], memory_format: int,
-            upload: str | None = None) -> int:
-        """A new document in status 'reading', with its pages as (label, start_token, end_token)."""
+            config: dict, tokens: int, pages: list[dict], memory_format: int, upload: str | None = None,
+            text: str | None = None, token_starts: Sequence[int] | None = None) -> int:
+        """A new document in status 'reading', with its pages (rows of the pages table: label, start_token,
+        end_token, physical, printed, start_char, end_char) and its text with where each token starts."""
         with self.db.conn:
             doc_id = self.db["documents"].insert(dict(
                 title=title, source_name=source_name, kind=kind, sha256=sha256, model_fingerprint=fingerprint,
                 config_hash=config_hash, config=json.dumps(config), status=Status.READING, pages=len(pages), tokens=tokens,
                 upload=upload, memory_format=memory_format)).last_pk
-            self.db["pages"].insert_all(
-                dict(document_id=doc_id, number=i + 1, label=label, start_token=a, end_token=b)
-                for i, (label, a, b) in enumerate(pages))
+            self.db["pages"].insert_all(dict(page, document_id=doc_id, number=i + 1) for i, page in enumerate(pages))
+            if text is not None:
+                self._insert_text(doc_id, text, token_starts)
         self.memory_dir(doc_id).mkdir(parents=True, exist_ok=True)
         return doc_id
 
     def pages(self, doc_id: int) -> list[dict]:
         return list(self.db.query("SELECT * FROM pages WHERE document_id = ? ORDER BY number", [doc_id]))
+
+    def text(self, doc_id: int) -> tuple[str, array] | None:
+        """The document's text and where each token starts in it (int32), or None (read before they were kept)."""
+        row = next(self.db.query("SELECT text, token_starts FROM texts WHERE document_id = ?", [doc_id]), None)
+        if row is None:
+            return None
+        starts = array("i")
+        starts.frombytes(row["token_starts"])
+        if sys.byteorder != "little":
+            starts.byteswap()
+        return row["text"], starts
+
+    def set_text(self, doc_id: int, text: str, token_starts: Sequence[int], pages: list[dict]) -> None:
+        """Give a document read before texts were kept its text, and its pages their columns (reading.ingest.backfill).
+
+        pages: the columns to set on each stored page, in order (as Library.add takes them)."""
+        with self.db.conn:
+            self._insert_text(doc_id, text, token_starts)
+            self._update_pages(doc_id, pages)
+
+    def set_pages(self, doc_id: int, pages: list[dict]) -> None:
+        """Set columns of a document's stored pages, in order (an empty dict leaves a page as it is)."""
+        with self.db.conn:
+            self._update_pages(doc_id, pages)
+
+    def _update_pages(self, doc_id: int, pages: list[dict]) -> None:
+        for number, page in enumerate(pages, 1):
+            if page:
+                self.db["pages"].update((doc_id, number), page)
+
+    def _insert_text(self, doc_id: int, text: str, token_starts: Sequence[int]) -> None:
+        starts = array("i", token_starts)
+        if sys.byteorder != "little":
+            starts.byteswap()
+        self.db["texts"].insert({"document_id": doc_id, "text": text, "token_starts": starts.tobytes()}, replace=True)
 
     def blocks(self, doc_id: int) -> list[dict]:
         """The memory blocks: row i is block i of every layer."""
@@ -284,18 +323,30 @@ class Library:
     def conversations(self, doc_id: int) -> list[dict]:
         return list(self.db.query("SELECT * FROM conversations WHERE document_id = ? ORDER BY id", [doc_id]))
 
-    def add_message(self, conversation_id: int, role: str, content: str, method: str | None = None,
-                    trace: dict | None = None, timings: dict | None = None) -> int:
+    def conversation(self, conversation_id: int, doc_id: int) -> dict:
+        """A conversation of the given document; LibraryError when there is none, or it is another document's."""
+        row = next(self.db.query("SELECT * FROM conversations WHERE id = ?", [conversation_id]), None)
+        if row is None:
+            raise LibraryError(f"there is no conversation {conversation_id}; start a new one")
+        if row["document_id"] != doc_id:
+            raise LibraryError(f"conversation {conversation_id} is about another document; start a new one to ask "
+                               "this one")
+        return row
+
+    def add_message(self, conversation_id: int, doc_id: int, role: str, content: str, method: str | None = None,
+                    trace: dict | None = None, timings: dict | None = None, quote: dict | None = None) -> int:
+        """A message of a conversation about doc_id: one about another document is refused (LibraryError)."""
+        self.conversation(conversation_id, doc_id)
         with self.db.conn:
             return self.db["messages"].insert(dict(
                 conversation_id=conversation_id, role=role, content=content, method=method,
-                trace=json.dumps(trace) if trace is not None else None,
-                timings=json.dumps(timings) if timings is not None else None)).last_pk
+                **{name: json.dumps(value) if value is not None else None
+                   for name, value in (("trace", trace), ("timings", timings), ("quote", quote))})).last_pk
 
     def messages(self, conversation_id: int) -> list[dict]:
         rows = self.db.query("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", [conversation_id])
-        return [{**r, "trace": json.loads(r["trace"]) if r["trace"] else None,
-                 "timings": json.loads(r["timings"]) if r["timings"] else None} for r in rows]
+        return [{**r, **{name: json.loads(r[name]) if r[name] else None for name in ("trace", "timings", "quote")}}
+                for r in rows]
 
 
 def _by_field(blocks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

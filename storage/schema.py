@@ -103,6 +103,21 @@ MIGRATIONS: list[str] = [
     INSERT INTO span_words (text, document_id, span)
         SELECT text, document_id, block FROM blocks WHERE text IS NOT NULL;
     """,
+    # 7: what an answer's quote and the page view need: the document's text and where each token starts in
+    #    it; each page's number in the file, the number printed on it and its characters; the quote shown.
+    #    Documents read before have none of them until reading.backfill fills them from the kept file.
+    """
+    CREATE TABLE IF NOT EXISTS texts (
+        document_id INTEGER PRIMARY KEY REFERENCES documents(id) ON DELETE CASCADE,
+        text TEXT NOT NULL,              -- the document's text as read (storage.readers.Document.text)
+        token_starts BLOB NOT NULL       -- int32 little-endian, one per token: where it starts in text
+    );
+    ALTER TABLE pages ADD COLUMN physical INTEGER;     -- the PDF's page number, or a chapter's position
+    ALTER TABLE pages ADD COLUMN printed TEXT;         -- the number printed on the page ("56", "xii"), if known
+    ALTER TABLE pages ADD COLUMN start_char INTEGER;   -- [start_char, end_char) of texts.text
+    ALTER TABLE pages ADD COLUMN end_char INTEGER;
+    ALTER TABLE messages ADD COLUMN quote TEXT;        -- JSON: the document's sentence shown with an answer
+    """,
 ]
 
 
