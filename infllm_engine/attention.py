@@ -79,11 +79,13 @@ def _infllm(layer: LayerMemory, layer_idx: int, q, k, v, state: ForwardState, sc
 
     q_global = rope.apply_at(q, n_local)
     focus, ids, near = state.focus, None, None
-    if focus is not None and keep_mass and layer.blocks.n > 0:
-        if focus.probing:
+    if focus is not None and keep_mass:
+        # A document shorter than the window has no blocks, but its window is voted on all the same (quotes).
+        if focus.probing and (layer.blocks.n > 0 or focus.doc_end > layer.r0):
             tail = layer.recent_k[:, : max(0, focus.doc_end - layer.r0)]
             focus.vote(layer_idx, q_global, s, layer.blocks.keys(), tail, scale)
-        near = focus.near(layer_idx, layer, rope, n_local)
+        if layer.blocks.n > 0:
+            near = focus.near(layer_idx, layer, rope, n_local)
     # Window [lo, e) at real relative positions; memory at the fixed distance n_local, keys raw (position 0).
     # When the evidence is read alone, the document's recent tokens (but the evidence) are left out.
     alone = near is not None and (focus.alone is not None or focus.blocks_alone)

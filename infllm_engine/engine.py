@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from . import stopping
 from .config import InfLLMConfig
 from .errors import EngineError
 from .focus import Focus
@@ -29,6 +30,12 @@ class Answer:
     token_ids: list[int] = field(default_factory=list)
     trace: Trace = field(default_factory=Trace)
     timings: dict[str, float] = field(default_factory=dict)
+    # span -> [2, n]: how much attention the question's words (row 0) and the template (row 1) gave each
+    # token of the best evidence spans (Focus.weigh_tokens); set before the first piece. For quotes.
+    token_votes: dict[int, torch.Tensor] = field(default_factory=dict)
+    # What the model went on to say after the point where it began to loop (stopping.loop_start), cut off
+    # there; None when the answer ended otherwise.
+    cut: str | None = None
 
     def __iter__(self) -> Iterator[str]:
         for piece in self.pieces:
@@ -134,12 +141,13 @@ class Engine:
         answer = self.generate(memory.fork(), ids, max_new_tokens, temperature, focus=focus)
         if focus is not None:
             answer.trace.votes, answer.trace.pinned = focus.scores, focus.pinned
+            answer.token_votes = focus.token_votes
         return answer
 
     def focus(self, memory: ContextMemory, ids: torch.Tensor, span: tuple[int, int],
               lexical: dict[int, float] | None = None) -> Focus | None:
         """Let the question's words [span) vote for blocks (see focus.py): a probe over a throwaway fork."""
-        if self.cfg.method != "infllm" or not self.cfg.focus_blocks or not memory.n_blocks:
+        if self.cfg.method != "infllm" or not self.cfg.focus_blocks or memory.length <= self.cfg.n_init:
             return None
         focus = Focus.for_question(span, memory.length, self.n_layers, self.cfg.focus_layers,
                                    self.cfg.focus_blocks, self.cfg.focus_gap, self.cfg.focus_window,
@@ -147,6 +155,7 @@ class Engine:
         prefill(self.model, memory.fork(), self.rope, ids.to(self.device), None, None, want_logits=False, focus=focus,
                 cfg=self.cfg)
         focus.choose(memory.n_blocks, memory.block_span)
+        focus.weigh_tokens(memory)
         return focus
 
     def question_ids(self, question: str, history: Sequence[tuple[str, str]] = ()) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -192,7 +201,7 @@ class Engine:
         t0 = time.perf_counter()
         logits = prefill(self.model, memory, self.rope, ids, answer.trace, progress, focus=focus, cfg=self.cfg)
         answer.timings["prefill_s"] = time.perf_counter() - t0
-        shown, t_first = "", time.perf_counter()
+        shown, looped, t_first = "", None, time.perf_counter()
         for token in decode(self.model, memory, self.rope, logits, max_new_tokens, self.stop_ids, answer.trace,
                             temperature, focus=focus, repetition_penalty=self.cfg.repetition_penalty,
                             no_repeat_ngram=self.cfg.no_repeat_ngram, cfg=self.cfg):
@@ -201,12 +210,21 @@ class Engine:
                 answer.timings["first_token_s"] = t_first - t0
             answer.token_ids.append(token)
             text = self.tokenizer.decode(answer.token_ids, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):   # wait for the rest of a multi-byte character
-                yield text[len(shown):]
-                shown = text
+            if text.endswith("\ufffd"):       # wait for the rest of a multi-byte character
+                continue
+            if (looped := stopping.loop_start(text)) is not None:
+                break
+            # The last few words wait: a loop found with the next token may take them back.
+            ready = text[: stopping.settled(text)]
+            if len(ready) > len(shown):
+                yield ready[len(shown):]
+                shown = ready
         # The first token comes from the prefill's logits; the rate counts the ones decoded after it.
         elapsed = time.perf_counter() - t_first
         answer.timings["decode_tokens_per_s"] = (len(answer.token_ids) - 1) / elapsed if elapsed > 0 else 0.0
         text = self.tokenizer.decode(answer.token_ids, skip_special_tokens=True)
+        if looped is not None:
+            answer.cut = text[max(looped, len(shown)):]
+            text = text[: max(looped, len(shown))].rstrip()
         if len(text) > len(shown):
             yield text[len(shown):]

@@ -5,6 +5,8 @@ block's representative keys: one list per layer, shared by every head, as in Inf
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import int8
@@ -32,17 +34,23 @@ def topk_blocks(query: torch.Tensor, reprs: torch.Tensor, k: int) -> tuple[torch
     return top_blocks(score_blocks(query, reprs), k)
 
 
+class SpanMass(NamedTuple):
+    spans: torch.Tensor     # [spans] fp32 shares summing to 1
+    lse: torch.Tensor       # [Hkv, rows] each row's log-normaliser: log sum_j exp(q . k_j * scale) over every key
+
+
 def span_mass(query: torch.Tensor, blocks: torch.Tensor, scale: float, tail: torch.Tensor | None = None,
-              chunk: int = 256, block_scale: torch.Tensor | None = None) -> torch.Tensor:
+              chunk: int = 256, block_scale: torch.Tensor | None = None) -> SpanMass:
     """Exact attention share of every block: what a full softmax over all these keys would give each.
 
     query: [H, n, d] (rotated as attention rotates it)   blocks: [nb, Hkv, bs, d] raw keys (may be mapped)
     tail: [Hkv, m, d] keys after the last block, scored as ceil(m / bs) more spans.
     block_scale: [nb, Hkv, 1, d] when blocks are int8 (kernels.int8.pack_keys per block): unpacked a
     chunk at a time, so a long document's keys are never all unpacked at once.
-    Returns [nb + ceil(m / bs)] fp32 shares summing to 1: each (head, query) row's softmax over every key,
-    summed per span, averaged over rows. Blocks are read once, `chunk` at a time, with the softmax kept
-    online (flash-attention style), so memory stays bounded at any length.
+    Returns the [nb + ceil(m / bs)] fp32 shares summing to 1 (each (head, query) row's softmax over every
+    key, summed per span, averaged over rows) and each row's log-normaliser, with which key_shares weighs
+    single tokens later. Blocks are read once, `chunk` at a time, with the softmax kept online
+    (flash-attention style), so memory stays bounded at any length.
     """
     h, n, d = query.shape
     nb, hkv, bs, _ = blocks.shape
@@ -70,4 +78,23 @@ def span_mass(query: torch.Tensor, blocks: torch.Tensor, scale: float, tail: tor
         maxes.append(m)
         best = m
     scaled = torch.cat([s * torch.exp(m - best)[None] for s, m in zip(sums, maxes)])    # [spans, Hkv, rows]
-    return (scaled / scaled.sum(0, keepdim=True)).mean(dim=(1, 2))
+    total = scaled.sum(0)
+    return SpanMass((scaled / total[None]).mean(dim=(1, 2)), best + total.log())
+
+
+def key_shares(query: torch.Tensor, keys: torch.Tensor, scale: float, lse: torch.Tensor) -> torch.Tensor:
+    """Each key's share of the rows' attention, under softmaxes whose normalisers are already known.
+
+    query: [H, n, d] as span_mass took it   keys: [Hkv, m, d] raw, some of the keys span_mass saw
+    lse: [Hkv, H / Hkv * n] span_mass's.   Returns [m]: exp(q . k * scale - lse) averaged over the rows, so
+    a span's tokens add up to its span_mass share. The question focus weighs the tokens of its best spans
+    with it, for the sentence an answer quotes.
+    """
+    h, n, d = query.shape
+    hkv = keys.shape[0]
+    if keys.shape[2] != d or h % hkv or lse.shape != (hkv, h // hkv * n):
+        raise ValueError(f"key_shares: query {tuple(query.shape)}, keys {tuple(keys.shape)} and lse "
+                         f"{tuple(lse.shape)} do not fit")
+    q = query.float().reshape(hkv, h // hkv * n, d) * scale
+    logits = torch.einsum("grd,gjd->grj", q, keys.to(q.device, torch.float32))        # [Hkv, rows, m]
+    return torch.exp(logits - lse[:, :, None]).mean(dim=(0, 1))

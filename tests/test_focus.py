@@ -6,7 +6,7 @@ from infllm_engine import Engine, InfLLMConfig
 from infllm_engine.focus import Focus
 from infllm_engine.generate import prefill
 from infllm_engine.trace import Trace
-from kernels import span_mass
+from kernels import key_shares, span_mass
 
 from .conftest import tiny_llama, tiny_tokenizer
 
@@ -19,7 +19,9 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 def engine():
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = CHATML
-    return Engine(tiny_llama(), tokenizer, InfLLMConfig(focus_blocks=2, focus_gap=4, focus_topk=2, **SMALL))
+    # focus_alone off: the window and the layers' own top-k are read beside the pinned blocks, so both show.
+    return Engine(tiny_llama(), tokenizer, InfLLMConfig(focus_blocks=2, focus_gap=4, focus_topk=2, focus_alone=False,
+                                                        **SMALL))
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64])
@@ -28,12 +30,24 @@ def test_span_mass_is_each_spans_share_of_one_softmax_over_every_key(chunk, head
     torch.manual_seed(chunk + tail)
     q, blocks = torch.randn(heads, 5, 16), torch.randn(7, kv_heads, 8, 16)
     rest = torch.randn(kv_heads, tail, 16)
-    got = span_mass(q, blocks, 0.3, rest, chunk=chunk)
+    got = span_mass(q, blocks, 0.3, rest, chunk=chunk).spans
     keys = torch.cat([blocks.transpose(0, 1).reshape(kv_heads, -1, 16), rest], 1)
     probs = torch.softmax(torch.einsum("hnd,hkd->hnk", q, keys.repeat_interleave(heads // kv_heads, 0)) * 0.3, -1)
     per_key = probs.sum((0, 1)) / (heads * 5)
     want = torch.stack([per_key[i: i + 8].sum() for i in range(0, keys.shape[1], 8)])
     assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("heads, kv_heads, tail", [(4, 2, 0), (6, 3, 5)])
+def test_key_shares_are_each_keys_share_of_the_same_softmax(heads, kv_heads, tail):
+    torch.manual_seed(tail)
+    q, blocks, rest = torch.randn(heads, 5, 16), torch.randn(7, kv_heads, 8, 16), torch.randn(kv_heads, tail, 16)
+    mass = span_mass(q, blocks, 0.3, rest, chunk=3)
+    keys = torch.cat([blocks.transpose(0, 1).reshape(kv_heads, -1, 16), rest], 1)
+    probs = torch.softmax(torch.einsum("hnd,hkd->hnk", q, keys.repeat_interleave(heads // kv_heads, 0)) * 0.3, -1)
+    got = key_shares(q, blocks[2], 0.3, mass.lse)                     # one block's 8 keys
+    assert torch.allclose(got, probs.mean((0, 1))[16:24], atol=1e-6)
+    assert torch.allclose(got.sum(), mass.spans[2], atol=1e-6)
 
 
 def test_the_question_span_covers_exactly_the_users_words(engine):
@@ -69,6 +83,8 @@ def test_voted_blocks_join_every_layer_and_every_step_and_are_recorded(engine):
     assert {r.block_ids.numel() for r in plain.trace.records} == {2}
     only = engine.with_config(engine.cfg.replace(focus_topk=0)).ask(memory, "what is it?", max_new_tokens=4).wait()
     assert all(r.block_ids.tolist() == only.trace.pinned.tolist() for r in only.trace.records)   # the focus alone
+    alone = engine.with_config(engine.cfg.replace(focus_alone=True)).ask(memory, "what is it?", max_new_tokens=4).wait()
+    assert all(r.block_ids.tolist() == alone.trace.pinned.tolist() for r in alone.trace.records)  # no own top-k
     assert answer.trace.evidence(memory.n_blocks)[0] == int(trace.votes.argmax())
 
 
@@ -158,3 +174,25 @@ def test_pinned_blocks_read_alone_leave_the_window_out(engine, blocks_alone):
 
     same = torch.allclose(answer_logits(True), answer_logits(False), atol=1e-5)
     assert same == blocks_alone
+
+
+def test_a_document_shorter_than_the_window_is_voted_on_and_weighed_for_quotes(engine):
+    memory = engine.read(torch.arange(30) % 256)          # 30 tokens: sinks and window only, no block
+    assert memory.n_blocks == 0
+    answer = engine.ask(memory, "what is it?", max_new_tokens=2).wait()
+    spans = -(-(memory.length - engine.cfg.n_init) // engine.cfg.block_size)
+    assert answer.trace.votes.shape == (spans,) and answer.trace.pinned.numel() == 0
+    assert answer.token_votes and all(v.shape[0] == 2 for v in answer.token_votes.values())
+    # each token's share of the words' attention: the shares of a span's tokens add up to its vote
+    words = next(iter(answer.token_votes.values()))[0]
+    assert torch.all(words >= 0) and float(words.sum()) <= 1.0
+
+
+def test_the_tokens_of_the_best_spans_add_up_to_their_share_of_the_words_attention(engine):
+    memory = engine.read(torch.arange(300) % 256)
+    ids, (a, b) = engine.question_ids("what is it?")
+    focus = engine.focus(memory, ids, (memory.length + a, memory.length + b))
+    words = focus.votes / focus.votes.sum()
+    assert focus.token_votes and len(focus.token_votes) <= 8
+    for span, votes in focus.token_votes.items():
+        assert torch.allclose(votes[0].sum(), words[span], atol=1e-5)

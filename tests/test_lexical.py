@@ -58,7 +58,7 @@ def test_a_library_read_before_the_index_is_indexed_when_opened(tmp_path):
     assert Library(tmp_path / "lib").search(7, "Who keeps the lighthouse at Port Emberly?").keys() == {0, 1}
 
 
-def test_word_matches_move_the_pinned_passage_only_by_their_weight(read, engine):  # noqa: F811
+def test_word_matches_join_the_vote_by_rank_and_weight(read, engine):  # noqa: F811
     library, doc_id = read
     memory = load_memory(library, engine, doc_id)
     asker = engine.with_config(engine.cfg.replace(focus_blocks=2, focus_lexical=0.0))
@@ -70,10 +70,14 @@ def test_word_matches_move_the_pinned_passage_only_by_their_weight(read, engine)
     weighed = engine.with_config(asker.cfg.replace(focus_lexical=100.0)).ask(
         memory, "what is it?", max_new_tokens=2, lexical=lexical).wait().trace
     assert target in weighed.pinned.tolist() and int(weighed.votes.argmax()) == target
-    share = weighed.votes - plain.votes                                    # the matches' share, by score
-    want = torch.zeros_like(share)
-    want[target], want[target + 1] = 75.0, 25.0
-    assert torch.allclose(share, want, atol=1e-4)
+    # Reciprocal ranks (k = 5): the positive votes by their order, plus the weight over the matches' order.
+    order = sorted(range(plain.votes.numel()), key=lambda i: -float(plain.votes[i]))
+    want = torch.zeros_like(plain.votes)
+    for rank, i in enumerate(order, 1):
+        want[i] = 1 / (5 + rank) if plain.votes[i] > 0 else 0.0
+    want[target] += 100 / (5 + 1)
+    want[target + 1] += 100 / (5 + 2)
+    assert torch.allclose(weighed.votes, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode, pinned", [("better", [3, 4]), ("next", [4, 5]), ("both", [3, 4, 5])])

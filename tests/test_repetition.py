@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from infllm_engine import Engine, EngineError, InfLLMConfig
+from infllm_engine.stopping import loop_start, settled
 
 from .conftest import tiny_llama, tiny_tokenizer
 
@@ -49,6 +50,22 @@ def test_the_helpers_find_a_repeated_sentence_or_long_run_and_nothing_else():
     text = "The pass key is 51061. Remember it: 51061 is the pass key."
     assert repeated_sentence(text) is None and repeated_run(text, 4) is None
     assert first_repeat([1, 2, 3, 1, 2, 3], 3) == 5 and first_repeat([1, 2, 3, 1, 2], 3) == 5
+
+
+def test_a_loop_is_found_where_a_four_word_phrase_comes_back_the_third_time():
+    text = "TeX has commands that produce commands that produce commands that produce commands that"
+    at = loop_start(text)
+    assert text[:at] == "TeX has commands that produce commands that produce "
+    assert loop_start("The pass key is 51061. The pass key is 51061.") is None          # twice is an answer
+    assert loop_start("go on and on and on and on and o") == loop_start("go on and on and on and on and on ")
+    assert loop_start("A b c d. a B c D; A b C d") is None          # the last word may still grow: not yet
+    assert loop_start("A b c d. a B c D; A b C d.") == 18           # case is ignored
+
+
+def test_the_last_words_wait_until_no_loop_can_take_them_back():
+    text = "one two three four five six seven"
+    assert text[: settled(text)] == "one two "
+    assert settled("one two three") == 0
 
 
 @pytest.mark.parametrize("changes, words", [
@@ -134,13 +151,17 @@ def test_without_the_guard_a_greedy_answer_repeats_a_sentence(engine, memory, qu
         if repeated_sentence(answer.text):               # stop as soon as one comes twice
             break
     print(repr(answer.text))
-    assert repeated_sentence(answer.text)
+    # Either a sentence came twice, or the engine's loop stop (stopping.loop_start, not a config knob) cut
+    # the answer where a phrase came a third time.
+    assert repeated_sentence(answer.text) or loop_start(answer.text + (answer.cut or "")) is not None
 
 
 @pytest.mark.parametrize("question", LOOPING)
 def test_with_the_default_guard_no_sentence_repeats(engine, memory, question):
-    answer = engine.ask(memory, question, max_new_tokens=150).wait()
+    answer = engine.ask(memory, question, max_new_tokens=150)
+    pieces = list(answer)
     print(repr(answer.text))
+    assert "".join(pieces) == answer.text and loop_start(answer.text) is None     # what streamed is what stays
     # A sentence never comes twice. A run of words may, with another capital or end ("The license
     # also requires that the work must ..."): the n-gram block sees tokens, not words.
     assert repeated_sentence(answer.text) is None
