@@ -25,7 +25,7 @@ from infllm_engine import Engine, InfLLMConfig
 from infllm_engine.config import DTYPES, METHODS
 from infllm_engine.loading import default_data_dir
 from reading.ingest import Outcome
-from reading.service import USER_ERRORS, Answered, ReadingService
+from reading.service import ANSWER_TOKENS, USER_ERRORS, Answered, ReadingService
 from storage.library import Library
 from storage.readers import MAX_BYTES
 
@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ask = sub.add_parser("ask", parents=[common], help="ask a question about a document")
     ask.add_argument("doc")
     ask.add_argument("question")
-    ask.add_argument("--max-new-tokens", type=int, default=200)
+    ask.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=ANSWER_TOKENS,
+                     help=f"the longest answer, in tokens (default {ANSWER_TOKENS}: the quote comes first)")
     sub.add_parser("delete", parents=[common], help="delete a document and its memory").add_argument("doc")
     args = parser.parse_args(argv)
     defaults = {"data_dir": default_data_dir(), "model": None, "method": "infllm", "topk": InfLLMConfig().topk,
@@ -82,6 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      f"{', cuda' if torch.cuda.is_available() else ''})")
     if not 1 <= args.port <= 65535:
         parser.error(f"--port must be between 1 and 65535, got {args.port}")
+    if getattr(args, "max_tokens", 1) < 1:
+        parser.error(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if args.max_upload_mb < 1:
         parser.error(f"--max-upload-mb must be at least 1, got {args.max_upload_mb}")
     return args
@@ -144,16 +147,20 @@ def cmd_ask(args, library: Library) -> int:
     doc = library.document(args.doc)            # a wrong name fails before the model loads
     service = make_service(args, library)
     answered = None         # --topk is the engine's; the mode and window are the document's own
-    for piece in service.ask(doc["id"], args.question, max_new_tokens=args.max_new_tokens):
+    for piece in service.ask(doc["id"], args.question, max_new_tokens=args.max_tokens):
         if isinstance(piece, Answered):
             answered = piece
-        elif not args.json:
+        elif args.json:
+            continue
+        elif isinstance(piece, dict):           # the quote comes first: the document's own words
+            print(f"“{piece['text']}” ({piece['page']})\n", flush=True)
+        else:
             print(piece, end="", flush=True)
     timings = {k: round(v, 3) for k, v in answered.timings.items()}
     evidence = [{"block": p["block"], "tokens": p["tokens"], "pages": p["pages"], "in_memory": p["in_memory"],
                  p["by"]: round(p["weight"], 4)} for p in answered.evidence]
     if args.json:
-        print(json.dumps({"document": doc["id"], "answer": answered.text,
+        print(json.dumps({"document": doc["id"], "answer": answered.text, "quote": answered.quote,
                           "citation": answered.citation, "timings": timings, "evidence": evidence}))
     else:
         print(f" {answered.citation}" if answered.citation else "")

@@ -44,7 +44,9 @@ def citation(trace: dict | None, spans: list[dict], pages: list[dict]) -> str:
     if not trace or not spans:
         return ""
     best = passages(trace, spans, pages, k=1)
-    if not best:
-        return ""
-    where = best[0]["pages"]
-    return f"({where})" if where.startswith("p.") else f"(see {where})"
+    return cite(best[0]["pages"]) if best else ""
+
+
+def cite(where: str) -> str:
+    """A page label as an inline citation: "(p. 61)", "(PDF p. 5)", "(see Chapter 3)"."""
+    return f"({where})" if where.startswith(("p.", "PDF p.")) else f"(see {where})"

@@ -7,6 +7,7 @@ with the same memory as one that never stopped. A document is 'ready' only after
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import torch
 from infllm_engine import ContextMemory, Engine, InfLLMConfig, snapshot
 from infllm_engine.engine import Progress
 from storage.library import Library, LibraryError, Status
-from storage.readers import MAX_BYTES, Document, read_document
+from storage.readers import MAX_BYTES, Document, DocumentError, Page, read_document
 
 
 WORD_REACH = 24     # characters a span's text may widen by at each end to show whole words
@@ -43,9 +44,14 @@ class Ingested:
 
 class Tokens(NamedTuple):
     ids: torch.Tensor                       # [n] token ids of the document as the engine reads it
-    pages: list[tuple[str, int, int]]       # each page's (label, start, end) token span
+    pages: list[dict]                       # each page's row (Library.add): label, token and character spans...
     text: str                               # what the engine reads: the document prompt, then the document
     starts: list[int]                       # [n] where each token starts in text
+    prompt: int                             # characters of the prompt before the document
+
+    def document_starts(self) -> list[int]:
+        """[n] where each token starts in the document's own text (the prompt's tokens at 0)."""
+        return [max(0, a - self.prompt) for a in self.starts]
 
 
 def stored_config(doc: dict) -> InfLLMConfig:
@@ -63,8 +69,14 @@ def tokenize(engine: Engine, doc: Document) -> Tokens:
     spans: dict[int, list[int]] = {}
     for t, p in enumerate(doc.page_at([max(0, a - len(prefix)) for a in starts])):
         spans.setdefault(p, [t, t + 1])[1] = t + 1
-    pages = [(doc.pages[p].label, a, b) for p, (a, b) in sorted(spans.items())]
-    return Tokens(ids, pages, text, starts)
+    pages = [page_row(doc.pages[p], a, b) for p, (a, b) in sorted(spans.items())]
+    return Tokens(ids, pages, text, starts, len(prefix))
+
+
+def page_row(page: Page, start_token: int, end_token: int) -> dict:
+    """A page as the library's pages table holds it."""
+    return dict(label=page.label, start_token=start_token, end_token=end_token, physical=page.number,
+                printed=page.printed, start_char=page.start, end_char=page.end)
 
 
 def span_text(text: str, starts: list[int], a: int, b: int) -> str:
@@ -97,8 +109,10 @@ def ingest(library: Library, engine: Engine, path: Path, progress: Progress | No
     """
     path = Path(path)
     doc = read_document(path, max_bytes, name)
-    kept = path.name if path.parent.resolve() == (library.dir / "uploads").resolve() else None
-    return ingest_document(library, engine, doc, progress, commit_every, kept, started)
+    # The library keeps its own copy (an upload is one already): the page view shows its pages, and it can be
+    # read again in another mode.
+    kept = library.keep_upload(path, doc.source_name)
+    return ingest_document(library, engine, doc, progress, commit_every, kept.name, started)
 
 
 def ingest_document(library: Library, engine: Engine, doc: Document, progress: Progress | None = None,
@@ -122,7 +136,7 @@ def ingest_document(library: Library, engine: Engine, doc: Document, progress: P
         doc_id = library.add(title=doc.title, source_name=doc.source_name, kind=doc.kind, sha256=doc.sha256,
                              fingerprint=engine.fingerprint, config_hash=cfg.memory_hash(), config=cfg.to_dict(),
                              tokens=ids.numel(), pages=tokens.pages, memory_format=snapshot.FORMAT,
-                             upload=upload)
+                             upload=upload, text=doc.text, token_starts=tokens.document_starts())
     else:
         doc_id = row["id"]
         if row["memory_format"] != snapshot.FORMAT:      # left half-read by an older version: start over
@@ -162,6 +176,36 @@ def ingest_document(library: Library, engine: Engine, doc: Document, progress: P
     texts = [span_text(tokens.text, tokens.starts, a, b) for a, b in spans]
     library.finish(doc_id, spans, texts, memory.n_blocks)
     return Ingested(doc_id, doc.title, Outcome.READ, ids.numel(), time.perf_counter() - t0, resumed, memory)
+
+
+def backfill(library: Library, engine: Engine, doc_id: int) -> bool:
+    """Give a document read before quotes (library schema 7) its text and its pages' numbers, from its kept file.
+
+    The text is kept only where today's reader gives the very tokens the memory was read from (as many, on
+    the same pages): a PDF whose running heads the reader now drops was read with them, and gets its pages'
+    printed numbers but no text (its answers have no quote until it is read again). Returns whether the
+    text was kept.
+    """
+    row = library.document(doc_id)
+    path = library.upload_path(doc_id)
+    if path is None:
+        return False
+    try:
+        doc = read_document(path, name=row["source_name"])
+    except DocumentError:
+        return False
+    tokens = tokenize(engine, doc)
+    stored = library.pages(doc_id)
+    spans = lambda pages: [(p["start_token"], p["end_token"]) for p in pages]     # noqa: E731
+    if tokens.ids.numel() == row["tokens"] and spans(tokens.pages) == spans(stored):
+        library.set_text(doc_id, doc.text, tokens.document_starts(), tokens.pages)
+        return True
+    if doc.kind == "pdf":               # its pages were labelled "p. N", N the physical number
+        by_number = {p.number: p for p in doc.pages}
+        numbers = [int(m.group(1)) if (m := re.fullmatch(r"p\. (\d+)", p["label"])) else None for p in stored]
+        library.set_pages(doc_id, [dict(physical=n, printed=by_number[n].printed, label=by_number[n].label)
+                                   if n in by_number else {} for n in numbers])
+    return False
 
 
 def load_memory(library: Library, engine: Engine, doc_id: int) -> ContextMemory:

@@ -5,20 +5,23 @@ trace), keep the conversation, delete. Neither front end loads a memory, asks or
 """
 from __future__ import annotations
 
+import bisect
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from infllm_engine import Engine, EngineError, InfLLMConfig
 from infllm_engine.config import QUESTION_ONLY
 from infllm_engine.engine import Progress
+from storage import page_images
 from storage.library import Library, LibraryError, Status
 from storage.readers import MAX_BYTES, DocumentError
 
-from .citations import citation, passages
-from .ingest import Ingested, ingest, load_memory, stored_config
+from . import quotes
+from .citations import citation, cite, passages, stored_text
+from .ingest import Ingested, backfill, ingest, load_memory, stored_config
 from .worker import Job, Worker
 
 
@@ -27,6 +30,9 @@ class ReadingError(ValueError):
 
 
 USER_ERRORS = (ReadingError, LibraryError, DocumentError, EngineError)   # shown as messages, never as tracebacks
+# Tokens an answer may take by default. The quote carries the evidence; the 135M model's prose is right less
+# often the longer it runs (bench/results/questions-cpu.md).
+ANSWER_TOKENS = 64
 
 
 @dataclass
@@ -34,13 +40,28 @@ class Answered:
     """An answer once it has ended (or was stopped), as saved in the conversation."""
 
     text: str                 # the answer, its citation appended
-    citation: str             # e.g. "(p. 61)"; "" without evidence
+    citation: str             # e.g. "(p. 61)": the quote's page, else the first evidence span's; "" without either
     conversation: int
     method: str
     trace: dict
     timings: dict
     evidence: list[dict]      # citations.passages: the evidence spans, best first
+    quote: dict | None = None  # the document's sentence shown before the answer (Quote.to_dict, with its document)
     stopped: bool = False
+
+
+@dataclass
+class Source:
+    """A quote's or a passage's place in its document, to show beside the answer."""
+
+    title: str                        # the document's
+    page: dict                        # its pages row (label, physical, ...)
+    passage: str                      # the text shown highlighted
+    image: page_images.PageImage | None = None         # the PDF page, the passage highlighted
+    excerpt: tuple[str, str, str] | None = None        # else the page's text: before, the passage, after
+
+
+CONTEXT = 1500      # characters of the page's text shown around a passage where there is no page picture
 
 
 class ReadingService:
@@ -49,6 +70,7 @@ class ReadingService:
             raise ReadingError(f"the upload limit must be at least 1 byte, got {max_upload_bytes}")
         self.engine, self.library, self.max_upload_bytes = engine, library, max_upload_bytes
         self.worker = Worker(library, max_upload_bytes)
+        self._backfilled: set[int] = set()
 
     @classmethod
     def start(cls, engine: Engine, library: Library, max_upload_bytes: int = MAX_BYTES) -> "ReadingService":
@@ -103,11 +125,12 @@ class ReadingService:
         return stored_config(doc).replace(topk=own.topk if topk is None else int(topk), **changes)
 
     def ask(self, doc_ref: int | str, question: str, conversation: int | None = None, topk: int | None = None,
-            max_new_tokens: int = 200, stop: threading.Event | None = None) -> Iterator[str | Answered]:
-        """Stream an answer on the model's thread: "" when the model starts, then text pieces, then Answered.
+            max_new_tokens: int = ANSWER_TOKENS, stop: threading.Event | None = None) -> Iterator[str | dict | Answered]:
+        """Stream an answer on the model's thread: "" when the model starts, then the quote (a dict, when the
+        document has a sentence to quote), then text pieces, then Answered.
 
-        The question and the answer (with its citation, trace and timings) are saved when the answer ends,
-        also when `stop` is set. conversation: the one to continue (its turns are re-read), or None for a new one.
+        The question and the answer (with its quote, citation, trace and timings) are saved when the answer
+        ends, also when `stop` is set. conversation: the one to continue (its turns are re-read), or None.
         """
         question = (question or "").strip()
         if not question:
@@ -117,11 +140,18 @@ class ReadingService:
             raise ReadingError(f"“{doc['title']}” is not ready yet ({doc['status']})")
         cfg = self.question_config(doc, topk)
         engine = self.engine.with_config(cfg)
+        if conversation is not None:
+            self.library.conversation(conversation, doc["id"])        # another document's turns are never re-read
         messages = self.library.messages(conversation) if conversation else []
         history = [(q["content"], a["content"]) for q, a in zip(messages[::2], messages[1::2])]
         lexical = self.library.search(doc["id"], question) if cfg.focus_lexical else None
         stop = stop or threading.Event()
         outcome: dict = {}
+        if doc["id"] not in self._backfilled and self.library.text(doc["id"]) is None:
+            self._backfilled.add(doc["id"])         # read before quotes: once per run, whatever it finds
+            backfill(self.library, self.engine, doc["id"])
+
+        spans, pages = self.library.spans(doc["id"]), self.library.pages(doc["id"])
 
         def produce(emit) -> None:          # runs on the model thread
             t0 = time.perf_counter()
@@ -129,6 +159,9 @@ class ReadingService:
             outcome["load_s"] = time.perf_counter() - t0
             outcome["answer"] = answer = engine.ask(memory, question, max_new_tokens, history=history, lexical=lexical)
             emit("")
+            outcome["quote"] = quote = self.quote(doc, question, answer.token_votes, spans, pages)
+            if quote is not None:
+                emit(quote)
             for piece in answer:
                 emit(piece)
                 if stop.is_set():
@@ -136,20 +169,60 @@ class ReadingService:
 
         text = ""
         for piece in self.worker.stream(produce):
-            text += piece
+            if isinstance(piece, str):
+                text += piece
             yield piece
-        answer = outcome["answer"]
+        answer, quote = outcome["answer"], outcome.get("quote")
         trace = answer.trace.to_dict()
-        spans, pages = self.library.spans(doc["id"]), self.library.pages(doc["id"])
-        cited = "" if stop.is_set() else citation(trace, spans, pages)
+        cited = "" if stop.is_set() else cite(quote["page"]) if quote else citation(trace, spans, pages)
         text = f"{text} …(stopped)" if stop.is_set() else f"{text.rstrip()} {cited}" if cited else text
         if conversation is None:
             conversation = self.library.new_conversation(doc["id"], question)
         timings = {"memory_load_s": outcome["load_s"], **answer.timings}
-        self.library.add_message(conversation, "user", question)
-        self.library.add_message(conversation, "assistant", text, cfg.method, trace, timings)
-        yield Answered(text, cited, conversation, cfg.method, trace, timings, passages(trace, spans, pages),
+        self.library.add_message(conversation, doc["id"], "user", question)
+        self.library.add_message(conversation, doc["id"], "assistant", text, cfg.method, trace, timings, quote)
+        yield Answered(text, cited, conversation, cfg.method, trace, timings, passages(trace, spans, pages), quote,
                        stop.is_set())
+
+    def quote(self, doc: dict, question: str, token_votes: dict, spans: list[dict], pages: list[dict]) -> dict | None:
+        """The document's sentence that the question points to (reading.quotes), with its document."""
+        stored = self.library.text(doc["id"]) if token_votes else None
+        if stored is None:
+            return None
+        found = quotes.choose(token_votes, spans, *stored, pages, question)
+        return None if found is None else {**found.to_dict(), "document": doc["id"], "title": doc["title"]}
+
+    # -- the source, to check -----------------------------------------------------------------------
+    def source(self, doc_ref: int | str, chars: Sequence[int] | None = None, span: int | None = None) -> Source:
+        """Where a quote (its characters in the document's text) or an evidence span is: its page, as a
+        picture with the passage highlighted (a PDF whose file is kept), or as text around it."""
+        doc = self.library.document(doc_ref)
+        pages, stored = self.library.pages(doc["id"]), self.library.text(doc["id"])
+        if chars is not None and stored is not None:
+            text, starts = stored
+            a, b = chars
+            if not 0 <= a < b <= len(text):
+                raise ReadingError(f"“{doc['title']}” has no characters {a}–{b}")
+            page = quotes.page_of(pages, bisect.bisect_right(starts, a) - 1)
+            passage = text[a:b]
+        elif span is not None:
+            spans = self.library.spans(doc["id"])
+            if not 0 <= span < len(spans):
+                raise ReadingError(f"“{doc['title']}” has no passage {span}")
+            page, passage = pages[spans[span]["first_page"] - 1], stored_text(spans[span])
+            if stored is not None:
+                text, starts = stored
+                a = starts[min(spans[span]["start_token"], len(starts) - 1)]
+                b = starts[spans[span]["end_token"]] if spans[span]["end_token"] < len(starts) else len(text)
+        else:
+            raise ReadingError("say which quote or passage to show")
+        upload = self.library.upload_path(doc["id"])
+        if doc["kind"] == "pdf" and upload is not None and page.get("physical"):
+            return Source(doc["title"], page, passage, page_images.render(upload, page["physical"], passage))
+        if stored is None or page.get("start_char") is None:
+            return Source(doc["title"], page, passage)
+        lo, hi = max(page["start_char"], a - CONTEXT), min(page["end_char"], b + CONTEXT)
+        return Source(doc["title"], page, passage, excerpt=(text[lo:a], text[a:b], text[b:hi]))
 
     # -- conversations ----------------------------------------------------------------------------
     def latest_conversation(self, doc_ref: int | str) -> tuple[int | None, list[dict]]:

@@ -101,6 +101,20 @@ BROKEN_LABELS = """() => ['#new-chat', '#delete', '#ask', '#stop'].filter(id => 
 })"""
 
 
+LOADED_PAGE = "() => { const img = document.querySelector('#passage img.page'); return img && img.complete && img.naturalWidth > 0; }"
+HIGHLIGHTED = """() => {
+    // Pixels of the page picture in the highlight's yellow (text on white never is).
+    const img = document.querySelector('#passage img.page'), canvas = document.createElement('canvas');
+    canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+    const ctx = canvas.getContext('2d');
+    ctx.drawImage(img, 0, 0);
+    const data = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+    let n = 0;
+    for (let i = 0; i < data.length; i += 4) if (data[i] > 230 && data[i + 1] > 200 && data[i + 2] < 170) n++;
+    return n;
+}"""
+
+
 def short_note(path: Path) -> Path:
     """Two pages (about 700 tokens), far shorter than the local window: nothing is evicted to memory."""
     rng = random.Random(1)
@@ -146,11 +160,25 @@ def test_upload_ask_inspect_restart(tmp_path):
             answer = page.locator("#chat").inner_text()
             assert QUESTION in answer and "Mirela Vance" in answer
             assert "(p. 3)" in answer                       # the answer cites the page its evidence is on
+            # The book's own sentence comes first, with its page, above the model's words.
+            quote = page.locator("#chat blockquote").first.inner_text()
+            assert "The lighthouse keeper of Port Emberly is named Mirela Vance." in quote and "p. 3" in quote
             figures = page.locator("#inspector .figures").inner_text()
             assert "blocks retrieved" in figures and "tok/s" in figures
-            page.locator("#inspector ol.passages li").first.click()
-            page.wait_for_function("() => document.querySelector('#passage').innerText.includes('block')")
-            assert "Mirela Vance" in page.locator("#passage").inner_text()     # the first passage is the evidence
+            # Clicking the quote shows its page, the sentence highlighted, within a second.
+            started = time.perf_counter()
+            page.locator("#inspector blockquote.quote").click()
+            page.wait_for_function(LOADED_PAGE, timeout=10_000)
+            opened_s = time.perf_counter() - started
+            assert "p. 3" in page.locator("#passage .source-head").inner_text()
+            assert page.evaluate(HIGHLIGHTED) > 200                  # yellow pixels: the sentence is marked
+            print(f"quote's page shown in {opened_s:.2f} s")
+            assert opened_s <= 1.0
+            shown = page.locator("#passage img.page").get_attribute("src")
+            page.locator("#inspector ol.passages li").first.click()    # the first passage: its block, same page
+            page.wait_for_function("s => document.querySelector('#passage img.page').src !== s", arg=shown,
+                                   timeout=10_000)
+            assert "p. 3" in page.locator("#passage .source-head").inner_text()
             shot = os.environ.get("INFLLM_SCREENSHOT")
             page.screenshot(path=str(ROOT / shot) if shot else str(tmp_path / "page.png"), full_page=True)
             server.stop()

@@ -151,3 +151,21 @@ def test_ask_uses_the_mode_and_window_the_document_was_read_with(tmp_path, model
     asked = app("--model", model_dir, "ask", "notes", "Where is the key?", "--json", "--max-new-tokens", "3",
                 "--data-dir", data)                  # no --method, no --n-local: the stored ones apply
     assert json.loads(asked.stdout)["answer"]
+
+
+def test_ask_json_carries_the_quote_with_its_page_document_and_characters(tmp_path, model_dir):
+    book = tmp_path / "notes.txt"
+    book.write_text(" ".join(f"Crate {i} of rope was loaded on day {i % 30}." for i in range(200))
+                    + " The key to the shed is under the blue pot.")
+    data = tmp_path / "data"
+    doc = json.loads(app("ingest", book, "--json", "--data-dir", data, "--model", model_dir).stdout)["id"]
+    asked = json.loads(app("--model", model_dir, "ask", "notes", "Where is the key to the shed?", "--json",
+                           "--max-tokens", "3", "--data-dir", data).stdout)
+    quote = asked["quote"]
+    assert {"text", "page", "physical", "chars", "document", "title"} <= quote.keys()
+    assert quote["document"] == doc and quote["title"] == "notes" and quote["page"] == "text"
+    a, b = quote["chars"]
+    assert " ".join(book.read_text()[a:b].split()) == quote["text"]
+    assert asked["citation"] == "(see text)" and asked["answer"].endswith("(see text)")
+    refused = app("--model", model_dir, "ask", "notes", "Where?", "--max-tokens", "0", "--data-dir", data, check=False)
+    assert refused.returncode == 2 and "--max-tokens must be at least 1" in refused.stderr

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from infllm_engine import Engine, InfLLMConfig, snapshot
-from reading.ingest import Outcome, ingest, load_memory, tokenize
+from reading.ingest import Outcome, backfill, ingest, load_memory, tokenize
 from storage import tensors
 from storage.library import Library, LibraryError
 from storage.readers import DocumentError, read_document
@@ -80,7 +80,7 @@ def test_deleting_frees_the_disk_and_rows(tmp_path, engine, book):
     library = Library(tmp_path / "lib")
     doc_id = ingest(library, engine, book).doc_id
     conversation = library.new_conversation(doc_id, "q")
-    library.add_message(conversation, "user", "q")
+    library.add_message(conversation, doc_id, "user", "q")
     assert library.memory_dir(doc_id).exists()
     library.delete(doc_id)
     assert not library.memory_dir(doc_id).exists() and library.documents() == []
@@ -92,11 +92,41 @@ def test_conversations_round_trip_with_their_traces(tmp_path, engine, book):
     doc_id = ingest(library, engine, book).doc_id
     answer = engine.ask(load_memory(library, engine, doc_id), "what?", max_new_tokens=4).wait()
     conversation = library.new_conversation(doc_id, "what?")
-    library.add_message(conversation, "user", "what?")
-    library.add_message(conversation, "assistant", answer.text, "infllm", answer.trace.to_dict(), answer.timings)
+    library.add_message(conversation, doc_id, "user", "what?")
+    library.add_message(conversation, doc_id, "assistant", answer.text, "infllm", answer.trace.to_dict(), answer.timings)
     saved = Library(tmp_path / "lib").messages(conversation)
     assert [m["role"] for m in saved] == ["user", "assistant"]
     assert saved[1]["trace"] == answer.trace.to_dict() and saved[1]["content"] == answer.text
+
+
+def test_a_conversation_takes_messages_about_its_own_document_only(tmp_path, engine, book):
+    library = Library(tmp_path / "lib")
+    doc_id = ingest(library, engine, book).doc_id
+    other = ingest(library, engine.with_config(engine.cfg.replace(method="streaming")), book).doc_id
+    conversation = library.new_conversation(doc_id, "q")
+    quote = {"text": "Gamma text on page three.", "page": "p. 3", "chars": [5, 30]}
+    library.add_message(conversation, doc_id, "assistant", "a", quote=quote)
+    with pytest.raises(LibraryError, match="about another document"):
+        library.add_message(conversation, other, "user", "q")
+    with pytest.raises(LibraryError, match="no conversation 99"):
+        library.conversation(99, doc_id)
+    assert [m["quote"] for m in library.messages(conversation)] == [quote]        # the quote round-trips
+
+
+def test_a_document_keeps_its_text_and_where_each_token_starts(tmp_path, engine, book):
+    library = Library(tmp_path / "lib")
+    doc = read_document(book)
+    doc_id = ingest(library, engine, book).doc_id
+    text, starts = library.text(doc_id)
+    tokens = tokenize(engine, doc)
+    assert text == doc.text and list(starts) == tokens.document_starts() and len(starts) == tokens.ids.numel()
+    pages = library.pages(doc_id)
+    assert [(p["physical"], p["start_char"], p["end_char"]) for p in pages] == [(p.number, p.start, p.end)
+                                                                                for p in doc.pages]
+    page = pages[2]                     # its characters hold its tokens' text
+    assert text[page["start_char"]: page["end_char"]].startswith("Page 3. word3x0 ")
+    assert text[starts[page["start_token"]]: starts[page["end_token"]]].strip() == \
+        text[page["start_char"]: page["end_char"]]
 
 
 @pytest.mark.parametrize("name, data, words", [
@@ -307,3 +337,38 @@ def test_a_memory_read_in_fp32_is_asked_by_a_bf16_engine(tmp_path, engine, book)
     assert layer.recent_k.dtype == torch.bfloat16 and layer.blocks.blocks()["reprs"].dtype == torch.bfloat16
     assert torch.equal(layer.blocks.blocks()["k"], done.memory.layers[0].blocks.blocks()["k"])   # the same bytes
     assert bf16.ask(memory, "which word?", max_new_tokens=4).wait().token_ids
+
+
+def forget_text(library: Library, doc_id: int) -> None:
+    """The document as a library of schema 6 left it: no text, pages labelled by their PDF number only."""
+    with library.db.conn:
+        library.db.execute("DELETE FROM texts WHERE document_id = ?", [doc_id])
+        library.db.execute("UPDATE pages SET label = 'p. ' || physical, physical = NULL, printed = NULL, "
+                           "start_char = NULL, end_char = NULL WHERE document_id = ?", [doc_id])
+
+
+def test_a_document_read_before_texts_were_kept_gets_them_from_its_kept_file(tmp_path, engine, book):
+    library = Library(tmp_path / "lib")
+    doc_id = ingest(library, engine, book).doc_id
+    pages, (text, starts) = library.pages(doc_id), library.text(doc_id)
+    forget_text(library, doc_id)
+    assert library.text(doc_id) is None
+    assert backfill(library, engine, doc_id)                         # today's reader gives the same tokens
+    assert library.text(doc_id) == (text, starts) and library.pages(doc_id) == pages
+
+
+def test_a_pdf_read_with_its_running_heads_gets_its_printed_numbers_but_no_text(tmp_path, engine):
+    from .test_readers import make_pdf, running_head_pages
+
+    heads, _ = running_head_pages()
+    pdf = tmp_path / "impatient.pdf"
+    pdf.write_bytes(make_pdf([p.split("\n") for p in heads]))
+    library = Library(tmp_path / "lib")
+    doc_id = ingest(library, engine, pdf).doc_id
+    forget_text(library, doc_id)
+    with library.db.conn:       # read with the heads in its text: its pages' tokens lie elsewhere
+        library.db.execute("UPDATE pages SET end_token = end_token + 3 WHERE document_id = ?", [doc_id])
+    assert not backfill(library, engine, doc_id) and library.text(doc_id) is None
+    pages = library.pages(doc_id)
+    assert [p["label"] for p in pages] == [f"PDF p. {n}" for n in range(1, 5)] + [f"p. {n}" for n in range(1, 9)]
+    assert [p["physical"] for p in pages] == list(range(1, 13)) and pages[4]["printed"] == "1"

@@ -7,15 +7,18 @@ import pytest
 from infllm_engine import Engine, InfLLMConfig
 from reading.service import ReadingService
 from reading.worker import Job
-from storage.library import Library
+from storage.library import Library, LibraryError
 from ui import handlers as h
 from ui import evidence
 
 from .conftest import tiny_llama, tiny_tokenizer
+from .test_readers import make_pdf
 
 SMALL = dict(n_init=4, n_local=64, block_size=16, repr_topk=2, chunk_size=32, topk=2, cache_blocks=8)
 BOOK = "\f".join(f"Page {p}. " + " ".join(f"word{p}x{i}" for i in range(60)) for p in range(1, 6))
 SETTINGS = h.Settings("infllm", topk=2, n_local=64, max_new_tokens=6)
+QUOTABLE = ("\f".join(f"Page {p}. " + " ".join(f"Word {p} {i} is here." for i in range(40)) for p in range(1, 4))
+            + "\fThe lighthouse keeper of Port Emberly is named Mirela Vance. It is a quiet post.")
 
 
 @pytest.fixture
@@ -95,12 +98,13 @@ def test_an_answer_streams_is_saved_and_comes_back_with_its_heatmap(app, tmp_pat
     assert [m["role"] for m in chat] == ["user", "assistant"] and chat[1]["content"]
     assert len(steps) >= 2 and "class='heatmap'" in html and "data-block=" in html
     saved = app.library.messages(conversation)
-    assert [m["content"] for m in saved] == [m["content"] for m in chat]
+    assert saved[0]["content"] == chat[0]["content"]
+    assert chat[1]["content"] == h.quote_markdown(saved[1]["quote"]) + saved[1]["content"]   # the quote first
     assert saved[1]["trace"]["records"] and saved[1]["timings"]["decode_tokens_per_s"] > 0
     # After a restart (a new App on the same library), the conversation and its inspector are back.
     again = h.App(ReadingService.start(app.service.engine, Library(app.library.dir)))
     chat2, conversation2, html2 = h.open_document(again, doc_id)
-    assert (chat2, conversation2) == ([{k: m[k] for k in ("role", "content")} for m in saved], conversation)
+    assert (chat2, conversation2) == (chat, conversation)
     assert html2 == html
 
 
@@ -120,16 +124,69 @@ def test_stop_ends_the_answer_early_and_keeps_what_was_said(app, tmp_path):
     h.stop(app, "s1")
     chat, conversation, _ = list(steps)[-1]
     assert chat[-1]["content"].endswith("…(stopped)")
-    assert app.library.messages(conversation)[-1]["content"] == chat[-1]["content"]
+    assert chat[-1]["content"].endswith(app.library.messages(conversation)[-1]["content"])
     assert len(app.library.messages(conversation)[-1]["trace"]["steps"]) < 200
 
 
-def test_a_click_on_a_cell_or_passage_shows_that_blocks_text_and_pages(app, tmp_path):
+def test_a_click_on_a_cell_or_passage_shows_that_blocks_text_on_its_page(app, tmp_path):
     doc_id = read(app, tmp_path)
     block = app.library.blocks(doc_id)[7]
-    text = h.show_block(app, doc_id, 7)
-    assert f"block 7 · tokens {block['start_token']:,}" in text and " ".join(block["text"].split()) in text
-    assert "not part of this document" in h.show_block(app, doc_id, 10_000)
+    page = app.library.pages(doc_id)[block["first_page"] - 1]
+    html = h.show_source(app, doc_id, 7, "7")
+    assert f"<b>{page['label']}</b> · book" in html
+    marked = re.search(r"<mark>(.*?)</mark>", html, re.S).group(1)
+    assert block["text"].split()[1] in marked and "…" in html            # the page's text around it
+    with pytest.raises(h.UserError, match="has no passage 10000"):
+        h.show_source(app, doc_id, 10_000, "10000")
+
+
+def test_an_answer_shows_the_documents_sentence_first_and_clicking_it_shows_its_page(app, tmp_path):
+    doc_id = read(app, tmp_path, "book.txt", QUOTABLE)
+    chat, conversation, html = list(h.ask(app, doc_id, None, "Who keeps the lighthouse at Port Emberly?",
+                                          SETTINGS))[-1]
+    saved = app.library.messages(conversation)[-1]
+    quote = saved["quote"]
+    text, _ = app.library.text(doc_id)
+    assert quote["text"] == " ".join(text[slice(*quote["chars"])].split()) and quote["document"] == doc_id
+    assert chat[-1]["content"].startswith("> “") and chat[-1]["content"].endswith(saved["content"])
+    assert saved["content"].endswith(f"({quote['page']})")                   # the answer cites the quote's page
+    assert f"data-chars='{quote['chars'][0]},{quote['chars'][1]}'" in html   # the inspector's quote is clickable
+    page = h.answer_source(app, doc_id, conversation, 1)
+    assert "<mark>" in page and h.show_source(app, doc_id, -1, "chars:{},{}".format(*quote["chars"])) == page
+    # after a restart the chat shows the quote above the answer again
+    again = h.App(ReadingService.start(app.service.engine, Library(app.library.dir)))
+    assert h.open_document(again, doc_id)[0][-1]["content"] == chat[-1]["content"]
+
+
+def test_a_quote_in_a_pdf_opens_its_page_as_a_picture_highlighted_within_a_second(app, tmp_path):
+    pdf = make_pdf([[f"Line {i} of page {p} has nothing to say." for i in range(30)] for p in range(1, 4)]
+                   + [["The lighthouse keeper of Port Emberly is named Mirela Vance."]
+                      + [f"Line {i} of page 4 has nothing to say." for i in range(29)]], title="Keepers")
+    doc_id = read(app, tmp_path, "keepers.pdf", pdf)
+    page = app.library.pages(doc_id)[3]
+    text, _ = app.library.text(doc_id)
+    sentence = "The lighthouse keeper of Port Emberly is named Mirela Vance."
+    a, b = text.index(sentence), text.index(sentence) + len(sentence)
+    started = time.perf_counter()
+    html = h.show_source(app, doc_id, -1, f"chars:{a},{b}")
+    assert time.perf_counter() - started < 1.0
+    assert "<img class='page'" in html and "data:image/png;base64," in html and page["label"] == "p. 4"
+    assert "could not be found" not in html                                   # the sentence is highlighted
+    shown = app.service.source(doc_id, chars=(a, b))
+    assert shown.image.boxes and shown.page["physical"] == 4
+
+
+def test_a_conversation_is_only_ever_continued_with_its_own_document(app, tmp_path):
+    first = read(app, tmp_path)
+    second = read(app, tmp_path, "other.txt", BOOK.replace("word", "term"))
+    _, conversation, _ = list(h.ask(app, first, None, "first?", SETTINGS))[-1]
+    # A client that sends the first document's conversation with a question about the second (the API does):
+    chat, other, _ = list(h.ask(app, second, conversation, "second?", SETTINGS))[-1]
+    assert other != conversation and [m["content"] for m in chat][::2] == ["second?"]
+    assert [m["content"] for m in app.library.messages(conversation)][::2] == ["first?"]
+    assert h.inspect_answer(app, second, conversation, 1) == evidence.NOTHING_YET
+    with pytest.raises(LibraryError, match="about another document"):        # the service refuses the pair
+        list(app.service.ask(second, "third?", conversation))
 
 
 def test_the_heatmap_puts_each_retrieved_blocks_mass_in_its_layer_and_column(app, tmp_path):

@@ -13,16 +13,18 @@ from dataclasses import dataclass
 import torch
 
 from infllm_engine import Trace
-from reading.citations import page_label, passages, stored_text
+from reading.citations import page_label, passages
 
 MAX_COLUMNS = 240      # wider documents are binned: one column covers several neighbouring blocks
 PALETTE = [(247, 251, 255), (198, 219, 239), (107, 174, 214), (33, 113, 181), (8, 48, 107)]
 
 # Runs once in the browser (gr.HTML js_on_load): a click on anything carrying data-block selects it.
+# The quote carries its characters instead: "chars:a,b" (index -1).
 CLICKS = """
 element.addEventListener('click', (event) => {
-  const hit = event.target.closest('[data-block]');
-  if (hit) trigger('select', {index: Number(hit.dataset.block), value: hit.dataset.block});
+  const hit = event.target.closest('[data-block], [data-chars]');
+  if (hit && hit.dataset.chars) trigger('select', {index: -1, value: 'chars:' + hit.dataset.chars});
+  else if (hit) trigger('select', {index: Number(hit.dataset.block), value: hit.dataset.block});
 });
 """
 
@@ -143,10 +145,14 @@ NOTHING_YET = "<div class='inspector muted'>Ask a question: the blocks each laye
 
 
 def render(trace: dict | None, timings: dict | None, spans: list[dict], pages: list[dict], n_layers: int,
-           method: str = "infllm") -> str:
+           method: str = "infllm", quote: dict | None = None) -> str:
     """The whole inspector for one answer as HTML; spans: Library.spans rows (memory blocks first)."""
     if trace is None:
         return NOTHING_YET
+    quoted = "" if not quote else (
+        f"<blockquote class='quote' data-chars='{quote['chars'][0]},{quote['chars'][1]}' title='show the page'>"
+        f"“{html.escape(quote['text'])}” <span class='where'>{html.escape(quote['page'])} · show the page</span>"
+        "</blockquote>")
     if method != "infllm":
         return (f"<div class='inspector muted'>This answer used {html.escape(method)} attention, which retrieves "
                 "nothing from memory: there is no heatmap. Read the document in infllm mode to see retrieval.</div>")
@@ -158,7 +164,7 @@ def render(trace: dict | None, timings: dict | None, spans: list[dict], pages: l
     cards = [("blocks retrieved", f"{f.blocks_retrieved} of {f.n_blocks}"),
              ("attention on memory", f"{f.memory_share:.0%}"), ("on the local window", f"{f.window_share:.0%}"),
              ("decode", f"{f.tokens_per_s:.1f} tok/s"), ("first token", f"{f.first_token_s:.2f} s")]
-    parts = ["<div class='inspector'><div class='figures'>"]
+    parts = [f"<div class='inspector'>{quoted}<div class='figures'>"]
     parts += [f"<div class='figure'><b>{html.escape(v)}</b><span>{html.escape(k)}</span></div>" for k, v in cards]
     parts.append(f"</div>{heatmap_svg(heat_map, spans, pages, len(blocks))}<ol class='passages'>")
     for p in passages(trace, spans, pages):
@@ -168,13 +174,3 @@ def render(trace: dict | None, timings: dict | None, spans: list[dict], pages: l
                      f"{p['by']} {p['share']:.0%}</span>{html.escape(snippet)}…</li>")
     parts.append("</ol></div>")
     return "".join(parts)
-
-
-def passage(block: int, spans: list[dict], pages: list[dict]) -> str:
-    """Markdown for the full text of one span (a memory block or a piece of the local window)."""
-    if not 0 <= block < len(spans):
-        return "That block is not part of this document."
-    row = spans[block]
-    text = stored_text(row) or "(the text of this block was not stored; read the document again to see it)"
-    return (f"**{page_label(row, pages)}** · block {block} · tokens {row['start_token']:,}–{row['end_token']:,}"
-            f"\n\n> {' '.join(text.split())}")

@@ -7,6 +7,7 @@ with a readable message.
 from __future__ import annotations
 
 import html
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -17,12 +18,12 @@ from pathlib import Path
 from infllm_engine import EngineError, InfLLMConfig
 from infllm_engine.config import METHODS
 from reading.ingest import stored_config
-from reading.service import USER_ERRORS, Answered, ReadingService
+from reading.service import ANSWER_TOKENS, USER_ERRORS, Answered, ReadingService
 from reading.worker import Job, JobState
 from storage.library import Status
 from storage.readers import SUPPORTED
 
-from . import evidence
+from . import evidence, source
 
 ACCEPTED = list(SUPPORTED)          # file types the upload box offers
 STREAM_INTERVAL_S = 0.5
@@ -40,7 +41,7 @@ class Settings:
     method: str = "infllm"
     topk: int = InfLLMConfig().topk
     n_local: int = InfLLMConfig().n_local
-    max_new_tokens: int = 200
+    max_new_tokens: int = ANSWER_TOKENS
 
     def config(self, base: InfLLMConfig) -> InfLLMConfig:
         if self.method not in METHODS:
@@ -209,7 +210,7 @@ def open_document(app: App, doc_id: int | None) -> tuple[list[dict], int | None,
 
 def inspect_answer(app: App, doc_id: int | None, conversation: int | None, index: int) -> str:
     """Inspector HTML of the answer at chat index `index` (a question's index shows its answer)."""
-    if doc_id is None or conversation is None:
+    if doc_id is None or _own(app, _document(app, doc_id)["id"], conversation) is None:
         return evidence.NOTHING_YET
     messages = app.library.messages(conversation)
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= index]
@@ -217,13 +218,29 @@ def inspect_answer(app: App, doc_id: int | None, conversation: int | None, index
         return evidence.NOTHING_YET
     m = messages[answers[0]]
     return evidence.render(m["trace"], m["timings"], app.library.spans(doc_id), app.library.pages(doc_id),
-                          app.service.engine.n_layers, m["method"] or "infllm")
+                          app.service.engine.n_layers, m["method"] or "infllm", m["quote"])
 
 
-def show_block(app: App, doc_id: int | None, block: int) -> str:
-    if doc_id is None:
-        return ""
-    return evidence.passage(int(block), app.library.spans(doc_id), app.library.pages(doc_id))
+def show_source(app: App, doc_id: int | None, index: int, value: str | None = None) -> str:
+    """The page of what was clicked in the inspector: a passage (index: its span) or the quote ("chars:a,b")."""
+    doc = _document(app, doc_id)
+    with _shown_as_user_error():
+        if isinstance(value, str) and value.startswith("chars:"):
+            a, b = (int(x) for x in value.removeprefix("chars:").split(","))
+            return source.render(app.service.source(doc["id"], chars=(a, b)))
+        return source.render(app.service.source(doc["id"], span=int(index)))
+
+
+def answer_source(app: App, doc_id: int | None, conversation: int | None, index: int) -> str:
+    """The page of the quote of the answer at chat index `index` (a question's index: its answer's)."""
+    if doc_id is None or _own(app, _document(app, doc_id)["id"], conversation) is None:
+        return source.NOTHING_YET
+    messages = app.library.messages(conversation)
+    answers = [m for i, m in enumerate(messages) if m["role"] == "assistant" and i >= index]
+    if not answers or not answers[0]["quote"]:
+        return "<div class='source muted'>This answer has no quote: the question's words matched no sentence.</div>"
+    with _shown_as_user_error():
+        return source.render(app.service.source(_document(app, doc_id)["id"], chars=answers[0]["quote"]["chars"]))
 
 
 def stop(app: App, session: str) -> None:
@@ -240,22 +257,27 @@ def ask(app: App, doc_id: int | None, conversation: int | None, question: str, s
         raise UserError("type a question first")
     doc = _document(app, doc_id)
     settings.config(app.service.engine.cfg)         # the page's knobs are checked before anything runs
+    conversation = _own(app, doc["id"], conversation)       # another document's: this question starts a new one
     messages = app.library.messages(conversation) if conversation else []
     chat = _chat(messages) + [{"role": "user", "content": question.strip()}, {"role": "assistant", "content": ""}]
     stopped = app.stops.setdefault(session, threading.Event())
     stopped.clear()
     yield chat, conversation, "<div class='inspector muted'>waiting for the model…</div>"
-    shown = 0.0
+    shown, quoted, text = 0.0, "", ""
     with _shown_as_user_error():
         for piece in app.service.ask(doc["id"], question, conversation, settings.topk, settings.max_new_tokens,
                                      stopped):
             if isinstance(piece, Answered):
-                chat[-1]["content"] = piece.text
+                chat[-1]["content"] = quoted + piece.text
                 spans, pages = app.library.spans(doc["id"]), app.library.pages(doc["id"])
                 yield chat, piece.conversation, evidence.render(piece.trace, piece.timings, spans, pages,
-                                                               app.service.engine.n_layers, piece.method)
+                                                               app.service.engine.n_layers, piece.method, piece.quote)
                 return
-            chat[-1]["content"] += piece
+            if isinstance(piece, dict):         # the quote: shown at once, before the model's words
+                quoted = quote_markdown(piece)
+            else:
+                text += piece
+            chat[-1]["content"] = quoted + text
             # Each update re-sends the chat; many a second would take the cores from decoding.
             if not piece or time.perf_counter() - shown > STREAM_INTERVAL_S:
                 yield chat, conversation, "<div class='inspector muted'>answering…</div>"
@@ -279,6 +301,17 @@ def _document(app: App, doc_id: int | None) -> dict:
         raise UserError(f"no document {doc_id!r} in the library; it may have been deleted") from err
 
 
+def _own(app: App, doc_id: int, conversation: int | None) -> int | None:
+    """The conversation if it is about this document, else None: a session's conversation id travels with
+    whatever document a client (the page, or its API) asks next."""
+    if conversation is None or conversation == "":
+        return None
+    try:
+        return app.library.conversation(int(conversation), doc_id)["id"]
+    except (*USER_ERRORS, ValueError, TypeError):
+        return None
+
+
 @contextmanager
 def _shown_as_user_error():
     try:
@@ -288,7 +321,18 @@ def _shown_as_user_error():
 
 
 def _chat(messages: list[dict]) -> list[dict]:
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return [{"role": m["role"], "content": (quote_markdown(m["quote"]) if m.get("quote") else "") + m["content"]}
+            for m in messages]
+
+
+def quote_markdown(quote: dict) -> str:
+    """The quote as the chat shows it above the answer: the document's words, verbatim, and their page."""
+    return f"> “{_markdown_text(quote['text'])}”  \n> — {_markdown_text(quote['page'])}\n\n"
+
+
+def _markdown_text(text: str) -> str:
+    """Text shown as itself in Markdown: a book about LaTeX is full of backslashes, braces and dollars."""
+    return re.sub(r"([\\`*_{}\[\]<>()#+!|$~])", r"\\\1", text)
 
 
 def _duration(seconds: float) -> str:

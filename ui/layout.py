@@ -9,7 +9,7 @@ import gradio as gr
 from reading.service import ReadingService
 
 from . import handlers as h
-from . import evidence
+from . import evidence, source
 from .handlers import App, Settings, UserError
 
 CSS = """
@@ -26,6 +26,11 @@ CSS = """
 .inspector ol.passages li { cursor: pointer; margin-bottom: 6px; font-size: 0.92em; }
 .inspector ol.passages li:hover { background: var(--background-fill-secondary); }
 .inspector .where { display: block; font-weight: 600; font-size: 0.85em; color: var(--color-accent); }
+.inspector blockquote.quote { cursor: pointer; margin: 0 0 10px 0; padding: 6px 10px; border-left: 4px solid #f5c400;
+  background: var(--background-fill-secondary); }
+.source img.page { width: 100%; height: auto; border: 1px solid var(--border-color-primary); }
+.source .page-text { white-space: pre-wrap; max-height: 640px; overflow-y: auto; font-size: 0.9em; }
+.source mark { background: #ffe066; }
 .muted { color: var(--body-text-color-subdued); }
 #progress .job { margin: 6px 0; font-size: 0.9em; }
 #progress progress { width: 100%; height: 10px; }
@@ -109,8 +114,8 @@ def build(service: ReadingService, defaults: Settings = Settings()) -> gr.Blocks
                 inspector = gr.HTML(evidence.NOTHING_YET, js_on_load=evidence.CLICKS,
                                     elem_id="inspector")
             with gr.Column(scale=2):
-                gr.Markdown("### Passage")
-                passage = gr.Markdown("Click a heatmap cell or a passage to read its text.", elem_id="passage")
+                gr.Markdown("### The page")
+                passage = gr.HTML(source.NOTHING_YET, elem_id="passage")
         with gr.Accordion("Settings", open=False):
             with gr.Row():
                 method = gr.Radio(list(h.METHODS), value=defaults.method, label="Mode for reading",
@@ -157,10 +162,10 @@ def build(service: ReadingService, defaults: Settings = Settings()) -> gr.Blocks
             h.stop(app, request.session_hash)
 
         def clicked(d, event: gr.SelectData):
-            return h.show_block(app, d, event.index)
+            return h.show_source(app, d, event.index, event.value)
 
         def picked(d, c, event: gr.SelectData):
-            return h.inspect_answer(app, d, c, event.index)
+            return h.inspect_answer(app, d, c, event.index), h.answer_source(app, d, c, event.index)
 
         panel = dict(fn=refresh, inputs=[seen, shown, doc], outputs=[progress, table, doc, seen, shown, timer],
                      show_progress="hidden")
@@ -180,7 +185,7 @@ def build(service: ReadingService, defaults: Settings = Settings()) -> gr.Blocks
         question.submit(**ask_event)
         stop_btn.click(stop, None, None)
         inspector.select(_shown(clicked), doc, passage)
-        chat.select(_shown(picked), [doc, conversation], inspector)
+        chat.select(_shown(picked), [doc, conversation], [inspector, passage])
         again.click(_shown(lambda d, *k: (h.read_again(app, d, settings(*k)), gr.Timer(active=True))),
                     [doc, *knobs], [note, timer])
     return demo
