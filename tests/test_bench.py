@@ -57,3 +57,33 @@ def test_the_needle_bench_plants_every_fact_once_and_records_each_question(tmp_p
     assert all(s["read_seconds"] < 1 for s in again["samples"])
     assert [s["answer"] for s in again["samples"]] == [s["answer"] for s in samples]
     assert "| focus | 5K (" in needle_table.tables(json.loads(out.read_text()))
+
+
+def test_the_question_bench_asks_every_fact_both_ways_of_every_system_and_scores_it(tmp_path, tiny_model_dir):
+    from bench import questions
+
+    assert questions.holds("It is the  Seventeenth\nedition.", ["seventeenth edition"])
+    assert questions.first_sentence("Donald E. Knuth wrote it. Then more.") == "Donald E. Knuth wrote it."
+    assert questions.repeats("a b c d, a b c d and a b c d") and not questions.repeats("a b c d a b c d")
+    lines = [f"Line {i} of a long and rather dull manual about typesetting." for i in range(60)]
+    lines[30] = "The lighthouse keeper of Port Emberly is Mirela Vance."
+    book = tmp_path / "book.txt"
+    book.write_text("\n".join(lines))
+    fact = {"id": "keeper", "label": "1", "physical": 1, "sentence": lines[30], "expect": ["Mirela Vance"],
+            "book": "Who is the lighthouse keeper of Port Emberly?", "paraphrase": "Who tends the light?"}
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps({"book": "book.txt", "facts": [fact]}))
+    out = tmp_path / "questions.json"
+    result = questions.main(["--facts", str(facts), "--book", str(book), "--model", str(tiny_model_dir),
+                             "--data-dir", str(tmp_path / "lib"), "--max-new-tokens", "4", "--vague",
+                             "--json", str(out)])
+    samples = result["samples"]
+    assert [(s["system"], s["wording"]) for s in samples] == [
+        (system, wording) for wording in questions.WORDINGS for system in questions.SYSTEMS]
+    app, bm25 = samples[0], samples[1]
+    assert app["cited_right"] == (app["citation"] == "(p. 1)") and "quote_holds" in app
+    assert bm25["passages_hold"]                    # the rare words find the fact's passage
+    assert [v["question"] for v in result["vague"]] == list(questions.VAGUE)
+    table = questions.table(json.loads(out.read_text()))
+    assert "| app | book | " in table and "| oracle | paraphrase | " in table
+    assert f"{len(questions.VAGUE)} vague questions" in table
