@@ -224,7 +224,9 @@ class Engine:
         answer.timings["decode_tokens_per_s"] = (len(answer.token_ids) - 1) / elapsed if elapsed > 0 else 0.0
         text = self.tokenizer.decode(answer.token_ids, skip_special_tokens=True)
         if looped is not None:
-            answer.cut = text[max(looped, len(shown)):]
-            text = text[: max(looped, len(shown))].rstrip()
+            keep = max(looped, len(shown))
+            answer.cut, text = text[keep:], text[:keep].rstrip()
+            if text and text[-1] not in ".!?:":
+                text += " …"            # cut mid-sentence: the reader sees that it was cut
         if len(text) > len(shown):
             yield text[len(shown):]

@@ -156,7 +156,9 @@ def test_upload_ask_inspect_restart(tmp_path):
             page.wait_for_function("() => document.querySelector('#inspector').innerText.includes('answering')",
                                    timeout=120_000)
             page.wait_for_selector("#inspector svg.heatmap rect.cell", timeout=300_000)
-            page.wait_for_selector("#inspector svg.heatmap rect.cell.window")     # the window, by page, too
+            # The re-read blocks are read alone (focus_alone): the answer attended no window key, and the
+            # heatmap says so by having no window cells.
+            assert page.locator("#inspector svg.heatmap rect.cell.window").count() == 0
             answer = page.locator("#chat").inner_text()
             assert QUESTION in answer and "Mirela Vance" in answer
             assert "(p. 3)" in answer                       # the answer cites the page its evidence is on
@@ -174,13 +176,13 @@ def test_upload_ask_inspect_restart(tmp_path):
             assert page.evaluate(HIGHLIGHTED) > 200                  # yellow pixels: the sentence is marked
             print(f"quote's page shown in {opened_s:.2f} s")
             assert opened_s <= 1.0
+            shot = os.environ.get("INFLLM_SCREENSHOT")     # the README's picture: the quote's page, highlighted
+            page.screenshot(path=str(ROOT / shot) if shot else str(tmp_path / "page.png"), full_page=True)
             shown = page.locator("#passage img.page").get_attribute("src")
             page.locator("#inspector ol.passages li").first.click()    # the first passage: its block, same page
             page.wait_for_function("s => document.querySelector('#passage img.page').src !== s", arg=shown,
                                    timeout=10_000)
             assert "p. 3" in page.locator("#passage .source-head").inner_text()
-            shot = os.environ.get("INFLLM_SCREENSHOT")
-            page.screenshot(path=str(ROOT / shot) if shot else str(tmp_path / "page.png"), full_page=True)
             server.stop()
 
             server = Server(data_dir)

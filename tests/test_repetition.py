@@ -154,6 +154,8 @@ def test_without_the_guard_a_greedy_answer_repeats_a_sentence(engine, memory, qu
     # Either a sentence came twice, or the engine's loop stop (stopping.loop_start, not a config knob) cut
     # the answer where a phrase came a third time.
     assert repeated_sentence(answer.text) or loop_start(answer.text + (answer.cut or "")) is not None
+    if answer.cut is not None:
+        assert answer.text.endswith((".", "!", "?", ":", " …"))     # cut mid-sentence: it says so
 
 
 @pytest.mark.parametrize("question", LOOPING)
