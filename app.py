@@ -2,7 +2,7 @@
 
     python app.py ingest FILE... [--json]      read documents into the library (resumes if interrupted)
     python app.py list [--json]                the library
-    python app.py ask DOC "question" [--json]  stream an answer; DOC is an id or a title
+    python app.py ask DOC "question" [--json]  stream an answer; DOC is an id, a title, "all", or ids as 1,3
     python app.py delete DOC
     python app.py [serve] [--host H] [--port P] [--auth USER:PASSWORD]   the browser app (the default)
 Global options (before or after the subcommand): --data-dir DIR, --model DIR, --method, --topk, --n-local.
@@ -24,6 +24,7 @@ import torch
 from infllm_engine import Engine, InfLLMConfig
 from infllm_engine.config import DTYPES, METHODS
 from infllm_engine.loading import default_data_dir
+from reading.citations import short_title
 from reading.ingest import Outcome
 from reading.service import ANSWER_TOKENS, USER_ERRORS, Answered, ReadingService
 from storage.library import Library
@@ -144,30 +145,45 @@ def cmd_list(args, library: Library) -> int:
 
 
 def cmd_ask(args, library: Library) -> int:
-    doc = library.document(args.doc)            # a wrong name fails before the model loads
+    target = asked_documents(args.doc, library)     # a wrong name fails before the model loads
     service = make_service(args, library)
     answered = None         # --topk is the engine's; the mode and window are the document's own
-    for piece in service.ask(doc["id"], args.question, max_new_tokens=args.max_tokens):
+    for piece in service.ask(target, args.question, max_new_tokens=args.max_tokens):
         if isinstance(piece, Answered):
             answered = piece
         elif args.json:
             continue
         elif isinstance(piece, dict):           # the quote comes first: the document's own words
-            print(f"“{piece['text']}” ({piece['page']})\n", flush=True)
+            where = piece["page"] if isinstance(target, int) else f"{short_title(piece['title'])}, {piece['page']}"
+            print(f"“{piece['text']}” ({where})\n", flush=True)
         else:
             print(piece, end="", flush=True)
     timings = {k: round(v, 3) for k, v in answered.timings.items()}
     evidence = [{"block": p["block"], "tokens": p["tokens"], "pages": p["pages"], "in_memory": p["in_memory"],
-                 p["by"]: round(p["weight"], 4)} for p in answered.evidence]
+                 p["by"]: round(p["weight"], 4), **({"document": p["document"]} if "document" in p else {})}
+                for p in answered.evidence]
     if args.json:
-        print(json.dumps({"document": doc["id"], "answer": answered.text, "quote": answered.quote,
-                          "citation": answered.citation, "timings": timings, "evidence": evidence}))
+        print(json.dumps({"document": target if isinstance(target, int) else answered.quote["document"]
+                          if answered.quote else None, "documents": target, "answer": answered.text,
+                          "quote": answered.quote, "citation": answered.citation, "timings": timings,
+                          "evidence": evidence}))
     else:
         print(f" {answered.citation}" if answered.citation else "")
+        if answered.note:
+            print(answered.note)
         where = ", ".join(e["pages"] for e in evidence)
         print(f"[memory {timings['memory_load_s']:.1f} s, first token {timings.get('first_token_s', 0):.1f} s, "
               f"{timings.get('decode_tokens_per_s', 0):.1f} tok/s; evidence: {where or 'none'}]", file=sys.stderr)
     return 0
+
+
+def asked_documents(ref: str, library: Library) -> int | str | list[int]:
+    """ask's DOC: "all", ids as "1,3" (a question across them), or one document's id or title."""
+    if ref.strip().lower() == "all":
+        return "all"
+    if "," in ref and all(p.strip().isdigit() for p in ref.split(",")):
+        return [library.document(int(p))["id"] for p in ref.split(",")]
+    return library.document(ref)["id"]
 
 
 def cmd_delete(args, library: Library) -> int:

@@ -84,7 +84,7 @@ def _infllm(layer: LayerMemory, layer_idx: int, q, k, v, state: ForwardState, sc
         if focus.probing and (layer.blocks.n > 0 or focus.doc_end > layer.r0):
             tail = layer.recent_k[:, : max(0, focus.doc_end - layer.r0)]
             focus.vote(layer_idx, q_global, s, layer.blocks.keys(), tail, scale)
-        if layer.blocks.n > 0:
+        if layer.blocks.n > 0 or focus.reads is not None:
             near = focus.near(layer_idx, layer, rope, n_local)
     # Window [lo, e) at real relative positions; memory at the fixed distance n_local, keys raw (position 0).
     # When the evidence is read alone, the document's recent tokens (but the evidence) are left out.
@@ -141,7 +141,12 @@ def _record(state: ForwardState, layer_idx: int, res, lo: int, own, focus: Focus
     all_scores, all_mass = [torch.zeros(0, device=dev)], [torch.zeros(0, device=dev)]
     if focus is not None:
         all_ids.append(focus.pinned.to(dev))
-        all_mass.append(per_block(masses.pop()))
+        mass = masses.pop()
+        if focus.reads is None:
+            all_mass.append(per_block(mass))
+        else:                                   # spans of several memories, the last ones maybe short
+            lengths = [b - a for _, a, b in focus.reads]
+            all_mass.append(torch.stack([m.sum() for m in mass.sum(dim=(0, 1)).split(lengths)]) / (h * c))
         all_scores.append(focus.scores[focus.pinned].to(dev))
     if own is not None:
         ids, scores, slot_ids = own

@@ -16,6 +16,7 @@ from .generate import decode, prefill
 from .loading import default_data_dir, load_model, prepare
 from .memory import ContextMemory
 from .rope import Rotary
+from .shelf import Shelf
 from .trace import Trace
 
 Progress = Callable[[int, int], None]
@@ -36,6 +37,9 @@ class Answer:
     # What the model went on to say after the point where it began to loop (stopping.loop_start), cut off
     # there; None when the answer ended otherwise.
     cut: str | None = None
+    # Asked of several memories (Engine.ask_shelf): which of them token_votes belong to, and the shelf.
+    document: int = 0
+    shelf: Shelf | None = None
 
     def __iter__(self) -> Iterator[str]:
         for piece in self.pieces:
@@ -142,6 +146,38 @@ class Engine:
         if focus is not None:
             answer.trace.votes, answer.trace.pinned = focus.scores, focus.pinned
             answer.token_votes = focus.token_votes
+        return answer
+
+    def ask_shelf(self, memories: Sequence[ContextMemory], question: str, max_new_tokens: int = 256,
+                  temperature: float = 0.0, history: Sequence[tuple[str, str]] = (),
+                  lexical: Sequence[dict[int, float] | None] = ()) -> Answer:
+        """Answer a question about several memories at once (infllm_engine.shelf): each is probed, the best
+        spans of all of them are re-read before the question, and the answer is written after the best one's
+        sinks. lexical: each memory's span -> word-match score, from one index over all of them.
+        """
+        if not question.strip():
+            raise EngineError("the question is empty")
+        if self.cfg.method != "infllm" or not self.cfg.focus_blocks:
+            raise EngineError("a question across documents needs the infllm method with a question focus")
+        if not memories:
+            raise EngineError("no document to ask")
+        ids, span = self.question_ids(question, history)
+        for memory in memories:
+            self._check_input(memory, ids)
+        lexical = list(lexical) or [None] * len(memories)
+        focuses = [self.focus(m, ids, (m.length + span[0], m.length + span[1]), lex) for m, lex in zip(memories, lexical)]
+        shelf = Shelf.choose(focuses, self.cfg.focus_blocks, self.cfg.focus_lexical, lexical)
+        host = memories[shelf.best]
+        focus = Focus.for_question((host.length + span[0], host.length + span[1]), host.length, self.n_layers,
+                                   self.cfg.focus_layers, self.cfg.focus_blocks, self.cfg.focus_gap, blocks_alone=True)
+        focus.reads, focus.pinned, focus.scores = shelf.ranges(memories), shelf.global_ids(), shelf.scores
+        if not focus.reads:             # no evidence anywhere: the best document as it is
+            focus = focuses[shelf.best]
+        answer = self.generate(host.fork(), ids, max_new_tokens, temperature, focus=focus)
+        answer.trace.votes, answer.trace.pinned, answer.trace.parts = shelf.scores, focus.pinned, shelf.sizes
+        answer.document, answer.shelf = shelf.best, shelf
+        if focuses[shelf.best] is not None:
+            answer.token_votes = focuses[shelf.best].token_votes
         return answer
 
     def focus(self, memory: ContextMemory, ids: torch.Tensor, span: tuple[int, int],

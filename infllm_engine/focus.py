@@ -28,12 +28,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from kernels import Keys, key_shares, span_mass
 
 from .rope import Rotary
+
+if TYPE_CHECKING:
+    from .memory import ContextMemory
 
 
 @dataclass
@@ -55,6 +59,9 @@ class Focus:
     alone: tuple[int, int] | None = None  # positions [a, b): the window's evidence, re-read alone
     # span -> [2, n]: each of its tokens' share of the words' attention and of the template's (weigh_tokens)
     token_votes: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Across documents (infllm_engine.shelf): the spans to re-read, in reading order, each a token range
+    # [a, b) of its own memory; pinned then numbers them as the shelf numbers spans. None: pinned blocks.
+    reads: list[tuple["ContextMemory", int, int]] | None = None
     _near: dict[int, Keys] = field(default_factory=dict)   # per layer, the pinned blocks' rotated keys
     # per voting layer, "votes"/"baseline" -> (rows' queries [H, n, d], their log-normalisers) of each chunk
     _rows: dict[int, dict[str, list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=dict)
@@ -201,16 +208,15 @@ class Focus:
         span came first for 79 questions in the book's words and 10 paraphrased, against 79 and 5 when the
         BM25 shares were added to the vote (bench/results/questions-cpu.md).
         """
+        attention = self.attention()
+        return None if attention is None else fuse(attention, self.lexical, self.lexical_weight)
+
+    def attention(self) -> torch.Tensor | None:
+        """[spans] the words' share of attention less the template's: the vote before word matches join it."""
         if self.votes is None:
             return None
         words = self.votes / self.votes.sum()
-        evidence = words if self.baseline is None else words - self.baseline / self.baseline.sum()
-        matched = {i: x for i, x in (self.lexical or {}).items() if 0 <= i < evidence.numel() and x > 0}
-        if matched and self.lexical_weight:
-            lex = torch.zeros_like(evidence)
-            lex[list(matched)] = torch.tensor(list(matched.values()), dtype=lex.dtype, device=lex.device)
-            evidence = _reciprocal_ranks(evidence) + self.lexical_weight * _reciprocal_ranks(lex)
-        return evidence
+        return words if self.baseline is None else words - self.baseline / self.baseline.sum()
 
     def near(self, layer_idx: int, layer, rope: Rotary, position: int) -> Keys | None:
         """The pinned blocks of one layer (a LayerMemory), or the window's evidence read alone, as a key
@@ -225,7 +231,10 @@ class Focus:
         if self.probing or not (self.pinned.numel() or self.alone):
             return None
         if layer_idx not in self._near:
-            if self.alone:
+            if self.reads is not None:
+                parts = [memory.read_span(layer_idx, a, b) for memory, a, b in self.reads]    # [Hkv, n, d] each
+                k, v = torch.cat([k for k, _ in parts], 1), torch.cat([v for _, v in parts], 1)
+            elif self.alone:
                 k, v = layer.span(*self.alone)                  # [Hkv, n, d]
             else:
                 k, v = layer.blocks.take(self.pinned)           # [P, Hkv, bs, d]
@@ -251,6 +260,17 @@ class Focus:
 
 
 RANK_K = 5      # the rank fusion's damping: 1 to 10 made no difference on bench.questions
+
+
+def fuse(attention: torch.Tensor, lexical: dict[int, float] | None, weight: float) -> torch.Tensor:
+    """The evidence of spans (Focus.evidence): the attention vote fused by reciprocal rank with the word matches
+    (span -> score); the vote alone without matches or weight."""
+    matched = {i: x for i, x in (lexical or {}).items() if 0 <= i < attention.numel() and x > 0}
+    if not matched or not weight:
+        return attention
+    lex = torch.zeros_like(attention)
+    lex[list(matched)] = torch.tensor(list(matched.values()), dtype=lex.dtype, device=lex.device)
+    return _reciprocal_ranks(attention) + weight * _reciprocal_ranks(lex)
 
 
 def _reciprocal_ranks(scores: torch.Tensor) -> torch.Tensor:

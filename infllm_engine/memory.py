@@ -210,6 +210,18 @@ class ContextMemory:
         start = self.cfg.n_init + block_id * self.cfg.block_size
         return start, start + self.cfg.block_size
 
+    def read_span(self, layer_idx: int, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V [Hkv, n, d] (raw keys) of one layer's positions [a, b): whole memory blocks, or tokens that are
+        still recent (the local window's spans, the sinks)."""
+        layer = self.layers[layer_idx]
+        if a >= layer.r0 or b <= self.cfg.n_init:
+            return layer.span(a, b)
+        bs, n_init = self.cfg.block_size, self.cfg.n_init
+        if (a - n_init) % bs or (b - n_init) % bs or b > layer.r0:
+            raise ValueError(f"positions {a}..{b} are neither whole memory blocks nor recent tokens")
+        k, v = layer.blocks.take(torch.arange((a - n_init) // bs, (b - n_init) // bs))     # [P, Hkv, bs, d]
+        return k.transpose(0, 1).flatten(1, 2), v.transpose(0, 1).flatten(1, 2)
+
     def fork(self) -> "ContextMemory":
         """A copy to ask a question with; the blocks are shared read-only, the small parts copied."""
         other = object.__new__(ContextMemory)

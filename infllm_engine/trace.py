@@ -42,6 +42,9 @@ class Trace:
     # Positions before doc_end are the document: what memory held when the traced call began (the first
     # step's start, unless set). Window spans end there; the question and the answer are no evidence.
     doc_end: int | None = None
+    # Asked across documents (infllm_engine.shelf): each document's number of spans. Columns, votes and
+    # pinned ids then number the documents' spans one document after another; None: one document.
+    parts: list[int] | None = None
 
     def begin(self, kind: str, start: int, n_tokens: int) -> int:
         if self.doc_end is None:
@@ -77,11 +80,13 @@ class Trace:
         }
         if self.doc_end is not None:
             data["doc_end"] = self.doc_end
+        if self.parts is not None:
+            data["parts"] = list(self.parts)
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Trace":
-        trace = cls([Step(**s) for s in data["steps"]], doc_end=data.get("doc_end"))
+        trace = cls([Step(**s) for s in data["steps"]], doc_end=data.get("doc_end"), parts=data.get("parts"))
         if data.get("votes") is not None:
             trace.votes = torch.tensor(data["votes"])
         if data.get("pinned") is not None:

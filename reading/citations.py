@@ -47,6 +47,40 @@ def citation(trace: dict | None, spans: list[dict], pages: list[dict]) -> str:
     return cite(best[0]["pages"]) if best else ""
 
 
-def cite(where: str) -> str:
-    """A page label as an inline citation: "(p. 61)", "(PDF p. 5)", "(see Chapter 3)"."""
+def cite(where: str, title: str | None = None) -> str:
+    """A page label as an inline citation: "(p. 61)", "(PDF p. 5)", "(see Chapter 3)"; with a document's
+    title, for a question across documents: "(lshort, p. 61)"."""
+    if title:
+        return f"({short_title(title)}, {where})"
     return f"({where})" if where.startswith(("p.", "PDF p.")) else f"(see {where})"
+
+
+def short_title(title: str, limit: int = 40) -> str:
+    return title if len(title) <= limit else title[: limit - 1].rstrip() + "…"
+
+
+def shelf_passages(trace: dict, documents: list[tuple[dict, list[dict], list[dict]]], k: int = 5) -> list[dict]:
+    """passages() of a question across documents: trace columns number the documents' spans one document
+    after another (Trace.parts); each passage names its document ("document", "title").
+
+    documents: (document row, its spans, its pages), in the trace's order.
+    """
+    parts = trace.get("parts") or [len(s) for _, s, _ in documents]
+    offsets = [sum(parts[:i]) for i in range(len(parts))]
+    t = Trace.from_dict(trace)
+    weight, by = t.evidence_weights(sum(parts))
+    total = float(weight.clamp(min=0).sum()) or 1.0
+    found = []
+    for g in t.evidence(sum(parts)):
+        i = max(j for j, o in enumerate(offsets) if o <= g and parts[j])
+        doc, spans, pages = documents[i]
+        span = g - offsets[i]
+        if span >= len(spans):
+            continue
+        found.append({"document": doc["id"], "title": doc["title"], "block": span, "pages": page_label(spans[span], pages),
+                      "weight": float(weight[g]), "share": float(weight[g]) / total, "by": by,
+                      "in_memory": bool(spans[span].get("in_memory", 1)),
+                      "tokens": [spans[span]["start_token"], spans[span]["end_token"]], "text": stored_text(spans[span])})
+        if len(found) == k:
+            break
+    return found

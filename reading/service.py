@@ -20,7 +20,7 @@ from storage.library import Library, LibraryError, Status
 from storage.readers import MAX_BYTES, DocumentError
 
 from . import quotes
-from .citations import citation, cite, passages, stored_text
+from .citations import citation, cite, passages, shelf_passages, stored_text
 from .ingest import Ingested, backfill, ingest, load_memory, stored_config
 from .worker import Job, Worker
 
@@ -33,6 +33,9 @@ USER_ERRORS = (ReadingError, LibraryError, DocumentError, EngineError)   # shown
 # Tokens an answer may take by default. The quote carries the evidence; the 135M model's prose is right less
 # often the longer it runs (bench/results/questions-cpu.md).
 ANSWER_TOKENS = 64
+# Documents probed by attention for a question across the library: those with the best word matches.
+# Probing loads a memory's window and runs the question over it, about a second each on 2 CPU cores.
+PROBED = 4
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Answered:
     evidence: list[dict]      # citations.passages: the evidence spans, best first
     quote: dict | None = None  # the document's sentence shown before the answer (Quote.to_dict, with its document)
     stopped: bool = False
+    note: str = ""            # across documents: those left out (still being read, read in another mode)
 
 
 @dataclass
@@ -61,6 +65,7 @@ class Source:
     excerpt: tuple[str, str, str] | None = None        # else the page's text: before, the passage, after
 
 
+ALL = "all"         # every document of the library, as ask() takes it
 CONTEXT = 1500      # characters of the page's text shown around a passage where there is no page picture
 
 
@@ -124,17 +129,22 @@ class ReadingService:
         changes = {k: getattr(own, k) for k in QUESTION_ONLY}
         return stored_config(doc).replace(topk=own.topk if topk is None else int(topk), **changes)
 
-    def ask(self, doc_ref: int | str, question: str, conversation: int | None = None, topk: int | None = None,
-            max_new_tokens: int = ANSWER_TOKENS, stop: threading.Event | None = None) -> Iterator[str | dict | Answered]:
+    def ask(self, doc_ref: int | str | Sequence[int], question: str, conversation: int | None = None,
+            topk: int | None = None, max_new_tokens: int = ANSWER_TOKENS,
+            stop: threading.Event | None = None) -> Iterator[str | dict | Answered]:
         """Stream an answer on the model's thread: "" when the model starts, then the quote (a dict, when the
         document has a sentence to quote), then text pieces, then Answered.
 
+        doc_ref: a document (id or title), or several: "all" or a list of ids (ask_shelf).
         The question and the answer (with its quote, citation, trace and timings) are saved when the answer
         ends, also when `stop` is set. conversation: the one to continue (its turns are re-read), or None.
         """
         question = (question or "").strip()
         if not question:
             raise ReadingError("type a question first")
+        if doc_ref == ALL or not isinstance(doc_ref, (int, str)):
+            yield from self.ask_shelf(doc_ref, question, conversation, topk, max_new_tokens, stop)
+            return
         doc = self.library.document(doc_ref)
         if doc["status"] != Status.READY:
             raise ReadingError(f"“{doc['title']}” is not ready yet ({doc['status']})")
@@ -191,6 +201,96 @@ class ReadingService:
             return None
         found = quotes.choose(token_votes, spans, *stored, pages, question)
         return None if found is None else {**found.to_dict(), "document": doc["id"], "title": doc["title"]}
+
+    def ask_shelf(self, docs: str | Sequence[int], question: str, conversation: int | None = None,
+                  topk: int | None = None, max_new_tokens: int = ANSWER_TOKENS, stop: threading.Event | None = None,
+                  probed: int | None = PROBED) -> Iterator[str | dict | Answered]:
+        """Ask several documents at once ("all", or ids): streamed and saved as ask() does.
+
+        The library's word index ranks every document; the `probed` best (None: all) are probed by attention
+        (Engine.ask_shelf), and the best spans of any of them are re-read before the question. The quote and
+        the citation name the document. Documents still being read are left out, and the answer says so.
+        """
+        question = (question or "").strip()
+        if not question:
+            raise ReadingError("type a question first")
+        key, chosen, waiting = self.shelf(docs)
+        # Spans of memories laid out alike sit at compatible positions; others are named, not searched.
+        ref = next((d for d in chosen if stored_config(d).layout() == self.engine.cfg.layout()), chosen[0])
+        cfg = self.question_config(ref, topk)
+        other = [d for d in chosen if stored_config(d).layout() != cfg.layout() or stored_config(d).method != "infllm"]
+        chosen = [d for d in chosen if d not in other]
+        if not chosen:
+            raise ReadingError("none of these documents was read in the InfLLM mode that a question across "
+                               "documents needs")
+        if conversation is not None:
+            self.library.conversation(conversation, key)
+        messages = self.library.messages(conversation) if conversation else []
+        history = [(q["content"], a["content"]) for q, a in zip(messages[::2], messages[1::2])]
+        words = self.library.search_shelf([d["id"] for d in chosen], question)
+        if probed is not None and len(chosen) > probed:
+            best = lambda d: max(words.get(d["id"], {0: 0.0}).values())
+            chosen = sorted(chosen, key=best, reverse=True)[:probed]
+        for doc in chosen:
+            if doc["id"] not in self._backfilled and self.library.text(doc["id"]) is None:
+                self._backfilled.add(doc["id"])
+                backfill(self.library, self.engine, doc["id"])
+        engine = self.engine.with_config(cfg)
+        spans = [self.library.spans(d["id"]) for d in chosen]
+        pages = [self.library.pages(d["id"]) for d in chosen]
+        stop = stop or threading.Event()
+        outcome: dict = {}
+
+        def produce(emit) -> None:          # runs on the model thread
+            t0 = time.perf_counter()
+            memories = [load_memory(self.library, engine, d["id"]) for d in chosen]
+            outcome["load_s"] = time.perf_counter() - t0
+            lexical = [words.get(d["id"]) for d in chosen] if cfg.focus_lexical else []
+            outcome["answer"] = answer = engine.ask_shelf(memories, question, max_new_tokens, history=history,
+                                                          lexical=lexical)
+            emit("")
+            best = answer.document
+            outcome["quote"] = quote = self.quote(chosen[best], question, answer.token_votes, spans[best], pages[best])
+            if quote is not None:
+                emit(quote)
+            for piece in answer:
+                emit(piece)
+                if stop.is_set():
+                    return
+
+        text = ""
+        for piece in self.worker.stream(produce):
+            if isinstance(piece, str):
+                text += piece
+            yield piece
+        answer, quote = outcome["answer"], outcome.get("quote")
+        trace = {**answer.trace.to_dict(), "documents": [d["id"] for d in chosen]}
+        found = shelf_passages(trace, [(d, s, p) for d, s, p in zip(chosen, spans, pages)])
+        where = (quote["title"], quote["page"]) if quote else (found[0]["title"], found[0]["pages"]) if found else None
+        cited = "" if stop.is_set() or where is None else cite(where[1], where[0])
+        text = f"{text} …(stopped)" if stop.is_set() else f"{text.rstrip()} {cited}" if cited else text
+        left = [f"“{d['title']}” ({d['status']})" for d in waiting] + [f"“{d['title']}” (read in another mode)"
+                                                                       for d in other]
+        note = f"Not searched: {', '.join(left)}." if left else ""
+        text = f"{text}\n\n{note}" if note else text
+        if conversation is None:
+            conversation = self.library.new_conversation(key, question)
+        timings = {"memory_load_s": outcome["load_s"], **answer.timings}
+        self.library.add_message(conversation, key, "user", question)
+        self.library.add_message(conversation, key, "assistant", text, cfg.method, trace, timings, quote)
+        yield Answered(text, cited, conversation, cfg.method, trace, timings, found, quote, stop.is_set(), note)
+
+    def shelf(self, docs: str | Sequence[int]) -> tuple[str, list[dict], list[dict]]:
+        """A question's documents: (the conversation key, the ready ones, the ones still being read)."""
+        if docs == ALL:
+            rows, key = self.library.documents(), ALL
+        else:
+            ids = sorted({int(self.library.document(d)["id"]) for d in docs})
+            rows, key = [self.library.document(i) for i in ids], ",".join(map(str, ids))
+        ready = [d for d in rows if d["status"] == Status.READY]
+        if not ready:
+            raise ReadingError("no document is ready to ask yet" if rows else "the library is empty: drop a file first")
+        return key, ready, [d for d in rows if d["status"] != Status.READY]
 
     # -- the source, to check -----------------------------------------------------------------------
     def source(self, doc_ref: int | str, chars: Sequence[int] | None = None, span: int | None = None) -> Source:

@@ -11,6 +11,7 @@ blocks and the pieces of its local window, numbered as Library.spans numbers the
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from sqlite_utils import Database
 
@@ -31,11 +32,17 @@ def match_query(question: str) -> str:
     return " OR ".join(f'"{w}"' for w in words)
 
 
-def search(db: Database, doc_id: int, question: str, limit: int = 32) -> dict[int, float]:
-    """Span number -> BM25 score (higher is better) of the document's spans that share a word with the question."""
+def search(db: Database, doc_ids: Sequence[int], question: str, limit: int = 32) -> dict[int, dict[int, float]]:
+    """Document -> span number -> BM25 score (higher is better) of the best `limit` spans of these documents
+    that share a word with the question. One query over one index: the scores of different documents compare."""
     query = match_query(question)
-    if not query:
+    if not query or not doc_ids:
         return {}
-    rows = db.execute("SELECT span, -bm25(span_words) FROM span_words WHERE span_words MATCH ? AND document_id = ? "
-                      "ORDER BY bm25(span_words) LIMIT ?", [query, doc_id, limit]).fetchall()
-    return {int(span): float(score) for span, score in rows}
+    marks = ",".join("?" * len(doc_ids))
+    rows = db.execute(f"SELECT document_id, span, -bm25(span_words) FROM span_words WHERE span_words MATCH ? "
+                      f"AND document_id IN ({marks}) ORDER BY bm25(span_words) LIMIT ?",
+                      [query, *doc_ids, limit]).fetchall()
+    found: dict[int, dict[int, float]] = {}
+    for doc, span, score in rows:
+        found.setdefault(int(doc), {})[int(span)] = float(score)
+    return found

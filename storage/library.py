@@ -147,7 +147,11 @@ class Library:
 
     def search(self, doc_id: int, question: str, limit: int = 32) -> dict[int, float]:
         """Span number -> BM25 score of the spans (as in spans()) that share words with the question."""
-        return lexical.search(self.db, doc_id, question, limit)
+        return lexical.search(self.db, [doc_id], question, limit).get(doc_id, {})
+
+    def search_shelf(self, doc_ids: Sequence[int], question: str, limit: int = 64) -> dict[int, dict[int, float]]:
+        """Document -> span -> BM25 score over several documents, from one query (the scores compare)."""
+        return lexical.search(self.db, list(doc_ids), question, limit)
 
     def delete(self, doc_id: int) -> None:
         upload = self.document(doc_id)["upload"]
@@ -316,27 +320,30 @@ class Library:
             self.db["documents"].update(doc_id, {"bytes": _folder_bytes(folder)})
 
     # -- conversations ----------------------------------------------------------------------------
-    def new_conversation(self, doc_id: int, title: str) -> int:
+    def new_conversation(self, scope: int | str, title: str) -> int:
+        """A conversation about a document (its id) or a shelf of them ("all", or ids as "1,3": shelf_key)."""
+        row = {"document_id": scope} if isinstance(scope, int) else {"shelf": scope}
         with self.db.conn:
-            return self.db["conversations"].insert({"document_id": doc_id, "title": title[:200]}).last_pk
+            return self.db["conversations"].insert({**row, "title": title[:200]}).last_pk
 
-    def conversations(self, doc_id: int) -> list[dict]:
-        return list(self.db.query("SELECT * FROM conversations WHERE document_id = ? ORDER BY id", [doc_id]))
+    def conversations(self, scope: int | str) -> list[dict]:
+        column = "document_id" if isinstance(scope, int) else "shelf"
+        return list(self.db.query(f"SELECT * FROM conversations WHERE {column} = ? ORDER BY id", [scope]))
 
-    def conversation(self, conversation_id: int, doc_id: int) -> dict:
-        """A conversation of the given document; LibraryError when there is none, or it is another document's."""
+    def conversation(self, conversation_id: int, scope: int | str) -> dict:
+        """A conversation of the given document or shelf; LibraryError when there is none, or it asks another."""
         row = next(self.db.query("SELECT * FROM conversations WHERE id = ?", [conversation_id]), None)
         if row is None:
             raise LibraryError(f"there is no conversation {conversation_id}; start a new one")
-        if row["document_id"] != doc_id:
-            raise LibraryError(f"conversation {conversation_id} is about another document; start a new one to ask "
-                               "this one")
+        if (row["document_id"] if isinstance(scope, int) else row["shelf"]) != scope:
+            raise LibraryError(f"conversation {conversation_id} is about other documents; start a new one to ask "
+                               "this")
         return row
 
-    def add_message(self, conversation_id: int, doc_id: int, role: str, content: str, method: str | None = None,
+    def add_message(self, conversation_id: int, scope: int | str, role: str, content: str, method: str | None = None,
                     trace: dict | None = None, timings: dict | None = None, quote: dict | None = None) -> int:
-        """A message of a conversation about doc_id: one about another document is refused (LibraryError)."""
-        self.conversation(conversation_id, doc_id)
+        """A message of a conversation about `scope` (conversation()): one about another is refused (LibraryError)."""
+        self.conversation(conversation_id, scope)
         with self.db.conn:
             return self.db["messages"].insert(dict(
                 conversation_id=conversation_id, role=role, content=content, method=method,

@@ -118,12 +118,39 @@ MIGRATIONS: list[str] = [
     ALTER TABLE pages ADD COLUMN end_char INTEGER;
     ALTER TABLE messages ADD COLUMN quote TEXT;        -- JSON: the document's sentence shown with an answer
     """,
+    # 8: a conversation may ask several documents at once (shelf: "all", or their ids as "1,3"; document_id
+    # NULL). SQLite cannot drop a NOT NULL, so the table is rebuilt, with foreign keys off (migrate).
+    """
+    CREATE TABLE conversations_new (
+        id INTEGER PRIMARY KEY,
+        document_id INTEGER REFERENCES documents(id) ON DELETE CASCADE,
+        shelf TEXT,
+        title TEXT NOT NULL,
+        created_at TEXT NOT NULL DEFAULT (datetime('now')),
+        CHECK ((document_id IS NULL) != (shelf IS NULL))
+    );
+    INSERT INTO conversations_new (id, document_id, title, created_at)
+        SELECT id, document_id, title, created_at FROM conversations;
+    DROP TABLE conversations;
+    ALTER TABLE conversations_new RENAME TO conversations;
+    """,
 ]
 
 
 def migrate(db: Database) -> int:
-    """Bring the database to the newest schema; returns its version. Each step is one transaction."""
-    db.execute("PRAGMA foreign_keys = ON")
+    """Bring the database to the newest schema; returns its version. Each step is one transaction.
+
+    Foreign keys are off while the steps run (it cannot change inside a transaction): a table rebuilt as
+    SQLite's ALTER TABLE recipe says would otherwise take its dependants' rows with it when dropped.
+    """
+    db.execute("PRAGMA foreign_keys = OFF")
+    try:
+        return _migrate(db)
+    finally:
+        db.execute("PRAGMA foreign_keys = ON")
+
+
+def _migrate(db: Database) -> int:
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > len(MIGRATIONS):
         raise LibraryError(f"the library was written by a newer version of this app (schema {version}, this one "
@@ -137,4 +164,6 @@ def migrate(db: Database) -> int:
                 raise LibraryError("this Python's SQLite has no FTS5 full-text search, which the library needs "
                                    "(Python from python.org, Debian or Ubuntu has it)") from err
             raise
+        if broken := db.execute("PRAGMA foreign_key_check").fetchall():
+            raise LibraryError(f"the library's step {number} left {len(broken)} rows without their parent")
     return len(MIGRATIONS)

@@ -44,6 +44,19 @@ def test_ingest_list_ask_delete_with_json(tmp_path, model_dir):
     # One page, so every piece of evidence is on it, and the answer cites it inline.
     assert asked["evidence"] and {e["pages"] for e in asked["evidence"]} == {asked["evidence"][0]["pages"]}
     assert asked["citation"] and asked["answer"].endswith(asked["citation"])
+    # A question across the library: every passage names its document, the citation the document's title.
+    other = tmp_path / "pets.txt"
+    other.write_text("The cat sleeps on the red chair by the window. " * 80)
+    second = json.loads(app("ingest", other, "--json", "--data-dir", data, "--model", model_dir).stdout)["id"]
+    across = json.loads(app("--model", model_dir, "ask", "all", "Where is the key to the shed?", "--json",
+                            "--max-new-tokens", "4", "--data-dir", data).stdout)
+    assert across["documents"] == "all" and across["evidence"]
+    assert {e["document"] for e in across["evidence"]} <= {line["id"], second}
+    title = {line["id"]: "notes", second: "pets"}[across["evidence"][0]["document"]]
+    assert across["citation"].startswith(f"({title}, ") and across["answer"].endswith(across["citation"])
+    wrong = app("--model", model_dir, "ask", f"{second},99", "q", "--data-dir", data, check=False)
+    assert wrong.returncode == 2 and "no document 99" in wrong.stderr
+    assert app("--data-dir", data, "delete", str(second)).returncode == 0
     assert app("--data-dir", data, "delete", str(line["id"])).returncode == 0
     assert json.loads(app("--data-dir", data, "list", "--json").stdout) == []
 

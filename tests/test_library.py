@@ -106,8 +106,15 @@ def test_a_conversation_takes_messages_about_its_own_document_only(tmp_path, eng
     conversation = library.new_conversation(doc_id, "q")
     quote = {"text": "Gamma text on page three.", "page": "p. 3", "chars": [5, 30]}
     library.add_message(conversation, doc_id, "assistant", "a", quote=quote)
-    with pytest.raises(LibraryError, match="about another document"):
+    with pytest.raises(LibraryError, match="about other documents"):
         library.add_message(conversation, other, "user", "q")
+    across = library.new_conversation("all", "q")                # a question across the library is its own scope
+    library.add_message(across, "all", "user", "q")
+    for scope, conv in (("all", conversation), (doc_id, across), ("1,2", across)):
+        with pytest.raises(LibraryError, match="about other documents"):
+            library.add_message(conv, scope, "user", "q")
+    assert [c["id"] for c in library.conversations("all")] == [across]
+    assert [c["id"] for c in library.conversations(doc_id)] == [conversation]
     with pytest.raises(LibraryError, match="no conversation 99"):
         library.conversation(99, doc_id)
     assert [m["quote"] for m in library.messages(conversation)] == [quote]        # the quote round-trips
@@ -247,6 +254,19 @@ def test_a_library_from_before_window_spans_is_migrated_and_its_blocks_stay_in_m
     old.close()
     library = Library(tmp_path / "lib")
     assert [b["in_memory"] for b in library.blocks(1)] == [1] and library.spans(1) == library.blocks(1)
+
+
+def test_conversations_and_their_messages_survive_the_table_rebuild_of_migration_8(tmp_path):
+    old = old_library(tmp_path / "lib", 7)
+    old.execute("INSERT INTO conversations (id, document_id, title) VALUES (4, 1, 'kept')")
+    old.execute("INSERT INTO messages (conversation_id, role, content) VALUES (4, 'user', 'still here?')")
+    old.commit()
+    old.close()
+    library = Library(tmp_path / "lib")
+    assert [c["title"] for c in library.conversations(1)] == ["kept"]
+    assert [m["content"] for m in library.messages(4)] == ["still here?"]
+    library.delete(1)                                       # the document's conversations still go with it
+    assert library.messages(4) == [] and library.conversations(1) == []
 
 
 def test_a_failed_document_read_again_is_reading_while_it_resumes(tmp_path, engine, book):
