@@ -141,8 +141,10 @@ class Engine:
             raise EngineError("the question is empty")
         ids, span = self.question_ids(question, history)
         self._check_input(memory, ids)
+        t0 = time.perf_counter()
         focus = self.focus(memory, ids, (memory.length + span[0], memory.length + span[1]), lexical)
         answer = self.generate(memory.fork(), ids, max_new_tokens, temperature, focus=focus)
+        answer.timings["focus_s"] = time.perf_counter() - t0          # the probe, before the prefill starts
         if focus is not None:
             answer.trace.votes, answer.trace.pinned = focus.scores, focus.pinned
             answer.token_votes = focus.token_votes
@@ -165,8 +167,12 @@ class Engine:
         for memory in memories:
             self._check_input(memory, ids)
         lexical = list(lexical) or [None] * len(memories)
-        focuses = [self.focus(m, ids, (m.length + span[0], m.length + span[1]), lex) for m, lex in zip(memories, lexical)]
+        t0 = time.perf_counter()
+        focuses = [self.focus(m, ids, (m.length + span[0], m.length + span[1]), lex, weigh=False)
+                   for m, lex in zip(memories, lexical)]
         shelf = Shelf.choose(focuses, self.cfg.focus_blocks, self.cfg.focus_lexical, lexical)
+        if focuses[shelf.best] is not None:            # only the quoted document's tokens are weighed
+            focuses[shelf.best].weigh_tokens(memories[shelf.best])
         host = memories[shelf.best]
         focus = Focus.for_question((host.length + span[0], host.length + span[1]), host.length, self.n_layers,
                                    self.cfg.focus_layers, self.cfg.focus_blocks, self.cfg.focus_gap, blocks_alone=True)
@@ -174,6 +180,7 @@ class Engine:
         if not focus.reads:             # no evidence anywhere: the best document as it is
             focus = focuses[shelf.best]
         answer = self.generate(host.fork(), ids, max_new_tokens, temperature, focus=focus)
+        answer.timings["focus_s"] = time.perf_counter() - t0          # every memory's probe
         answer.trace.votes, answer.trace.pinned, answer.trace.parts = shelf.scores, focus.pinned, shelf.sizes
         answer.document, answer.shelf = shelf.best, shelf
         if focuses[shelf.best] is not None:
@@ -181,8 +188,9 @@ class Engine:
         return answer
 
     def focus(self, memory: ContextMemory, ids: torch.Tensor, span: tuple[int, int],
-              lexical: dict[int, float] | None = None) -> Focus | None:
-        """Let the question's words [span) vote for blocks (see focus.py): a probe over a throwaway fork."""
+              lexical: dict[int, float] | None = None, weigh: bool = True) -> Focus | None:
+        """Let the question's words [span) vote for blocks (see focus.py): a probe over a throwaway fork.
+        weigh: also weigh the best spans' tokens for the quote (Focus.weigh_tokens)."""
         if self.cfg.method != "infllm" or not self.cfg.focus_blocks or memory.length <= self.cfg.n_init:
             return None
         focus = Focus.for_question(span, memory.length, self.n_layers, self.cfg.focus_layers,
@@ -191,7 +199,8 @@ class Engine:
         prefill(self.model, memory.fork(), self.rope, ids.to(self.device), None, None, want_logits=False, focus=focus,
                 cfg=self.cfg)
         focus.choose(memory.n_blocks, memory.block_span)
-        focus.weigh_tokens(memory)
+        if weigh:
+            focus.weigh_tokens(memory)
         return focus
 
     def question_ids(self, question: str, history: Sequence[tuple[str, str]] = ()) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -142,6 +142,8 @@ class ReadingService:
         question = (question or "").strip()
         if not question:
             raise ReadingError("type a question first")
+        if not isinstance(doc_ref, (int, str)) and len(set(doc_ref)) == 1:
+            doc_ref = next(iter(doc_ref))           # one document ticked is that document, its conversations too
         if doc_ref == ALL or not isinstance(doc_ref, (int, str)):
             yield from self.ask_shelf(doc_ref, question, conversation, topk, max_new_tokens, stop)
             return
@@ -208,8 +210,8 @@ class ReadingService:
         """Ask several documents at once ("all", or ids): streamed and saved as ask() does.
 
         The library's word index ranks every document; the `probed` best (None: all) are probed by attention
-        (Engine.ask_shelf), and the best spans of any of them are re-read before the question. The quote and
-        the citation name the document. Documents still being read are left out, and the answer says so.
+        (Engine.ask_shelf); the one holding the best span is read and quoted, and the quote and the citation
+        name it. Documents still being read (or read in another mode) are left out, and the answer says so.
         """
         question = (question or "").strip()
         if not question:
@@ -323,12 +325,3 @@ class ReadingService:
             return Source(doc["title"], page, passage)
         lo, hi = max(page["start_char"], a - CONTEXT), min(page["end_char"], b + CONTEXT)
         return Source(doc["title"], page, passage, excerpt=(text[lo:a], text[a:b], text[b:hi]))
-
-    # -- conversations ----------------------------------------------------------------------------
-    def latest_conversation(self, doc_ref: int | str) -> tuple[int | None, list[dict]]:
-        """The document's most recent conversation: (its id, its messages), or (None, [])."""
-        doc = self.library.document(doc_ref)
-        conversations = self.library.conversations(doc["id"])
-        if not conversations:
-            return None, []
-        return conversations[-1]["id"], self.library.messages(conversations[-1]["id"])

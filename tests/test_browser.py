@@ -1,5 +1,6 @@
 """End to end in a real headless Chromium: upload a PDF, wait until it is read, ask, see the streamed
-answer and the heatmap, restart the app and find the document and the conversation again.
+answer and the heatmap, restart the app and find the document and the conversation again; drop a second
+PDF and ask "All documents" a question that only the second one answers.
 
 Uses Debian's chromium (apt-get install chromium) through playwright's executable_path; skips when
 either is missing. Set INFLLM_SCREENSHOT=docs/screenshot.png to refresh the README's screenshot.
@@ -203,6 +204,23 @@ def test_upload_ask_inspect_restart(tmp_path):
             page.locator("#question textarea").press("Enter")
             page.wait_for_selector("#inspector svg.heatmap rect.cell.window", timeout=300_000)
             assert "nothing was evicted" not in page.locator("#inspector").inner_text()
+
+            # One question across the library (issue 24): only the second document holds the answer.
+            page.locator("#document input").click()
+            page.get_by_role("option", name="All documents").click()
+            page.wait_for_function("() => !document.querySelector('#chat').innerText.includes('ferry')")
+            page.locator("#question textarea").fill("Which pier does the ferry to Saltmarsh leave from?")
+            page.locator("#question textarea").press("Enter")
+            page.wait_for_selector("#inspector svg.heatmap rect.cell[data-document]", timeout=300_000)
+            quote, answer = page.locator("#chat blockquote").first.inner_text(), page.locator("#chat").inner_text()
+            assert "The ferry to Saltmarsh leaves at dawn from pier nine." in quote, answer
+            assert "Short Note, p. 2" in quote and "(Short Note, p. 2)" in answer, answer   # its name and page
+            labels = page.locator("#inspector svg.heatmap").text_content()
+            assert "Short Note" in labels and "Market Records" in labels      # columns grouped by document
+            page.locator("#inspector blockquote.quote").click()               # its page is the second document's
+            page.wait_for_function("() => (document.querySelector('#passage .source-head') || {innerText: ''})"
+                                   ".innerText.includes('Short Note')", timeout=10_000)
+            assert "p. 2" in page.locator("#passage .source-head").inner_text()
             browser.close()
     finally:
         server.stop()

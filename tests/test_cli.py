@@ -54,8 +54,6 @@ def test_ingest_list_ask_delete_with_json(tmp_path, model_dir):
     assert {e["document"] for e in across["evidence"]} <= {line["id"], second}
     title = {line["id"]: "notes", second: "pets"}[across["evidence"][0]["document"]]
     assert across["citation"].startswith(f"({title}, ") and across["answer"].endswith(across["citation"])
-    wrong = app("--model", model_dir, "ask", f"{second},99", "q", "--data-dir", data, check=False)
-    assert wrong.returncode == 2 and "no document 99" in wrong.stderr
     assert app("--data-dir", data, "delete", str(second)).returncode == 0
     assert app("--data-dir", data, "delete", str(line["id"])).returncode == 0
     assert json.loads(app("--data-dir", data, "list", "--json").stdout) == []
@@ -182,3 +180,16 @@ def test_ask_json_carries_the_quote_with_its_page_document_and_characters(tmp_pa
     assert asked["citation"] == "(see text)" and asked["answer"].endswith("(see text)")
     refused = app("--model", model_dir, "ask", "notes", "Where?", "--max-tokens", "0", "--data-dir", data, check=False)
     assert refused.returncode == 2 and "--max-tokens must be at least 1" in refused.stderr
+
+
+def test_ask_takes_all_or_ids_or_one_document(tmp_path):
+    from app import asked_documents
+    from storage.library import Library, LibraryError
+
+    library = Library(tmp_path)
+    a, b = (library.add(title=t, source_name=f"{t}.txt", kind="txt", sha256=t, fingerprint="m", config_hash="c",
+                        config={}, tokens=1, pages=[], memory_format=2) for t in ("notes", "pets"))
+    assert asked_documents("all", library) == asked_documents(" ALL ", library) == "all"
+    assert asked_documents(f"{b},{a}", library) == [b, a] and asked_documents("pets", library) == b
+    with pytest.raises(LibraryError, match="no document 99"):
+        asked_documents(f"{a},99", library)

@@ -49,3 +49,18 @@ def test_a_session_that_asks_another_document_starts_that_documents_own_conversa
     trace = service.library.messages(second["id"])[1]["trace"]
     read = sum(step["n_tokens"] for step in trace["steps"] if step["kind"] == "prefill")
     assert read == service.engine.question_ids("Who is the harbour master?")[0].numel()    # no earlier turn in it
+
+
+def test_a_session_asks_all_documents_then_one_and_keeps_two_conversations(served):
+    service, client = served
+    harbour, market = (d["id"] for d in service.library.documents())
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/asked"]["parameters"]
+    # The dropdown offers "all"; the box of documents ticked together comes last, so a client may leave it out.
+    assert "'all'" in info[0]["python_type"]["type"] and info[-1]["parameter_has_default"]
+    client.predict("all", "Who is the harbour master?", "infllm", 2, 512, 16, api_name="/asked")
+    client.predict(market, "Who is the harbour master?", "infllm", 2, 512, 16, api_name="/asked")
+    shelf, = service.library.conversations("all")
+    one, = service.library.conversations(market)
+    assert [m["role"] for m in service.library.messages(shelf["id"])] == ["user", "assistant"]
+    assert service.library.messages(shelf["id"])[1]["trace"]["documents"] in ([harbour, market], [market, harbour])
+    assert [m["role"] for m in service.library.messages(one["id"])] == ["user", "assistant"]

@@ -185,7 +185,7 @@ def test_a_conversation_is_only_ever_continued_with_its_own_document(app, tmp_pa
     assert other != conversation and [m["content"] for m in chat][::2] == ["second?"]
     assert [m["content"] for m in app.library.messages(conversation)][::2] == ["first?"]
     assert h.inspect_answer(app, second, conversation, 1) == evidence.NOTHING_YET
-    with pytest.raises(LibraryError, match="about another document"):        # the service refuses the pair
+    with pytest.raises(LibraryError, match="about other documents"):         # the service refuses the pair
         list(app.service.ask(second, "third?", conversation))
 
 
@@ -277,3 +277,86 @@ def test_a_document_just_read_is_chosen_and_polling_stops_when_nothing_is_read(a
     restarted = h.App(ReadingService.start(app.service.engine, Library(app.library.dir)))
     assert h.refresh(restarted, -1, None).chosen == second        # the only document
     assert h.refresh(restarted, -1, second).chosen is None        # already chosen: left alone
+
+
+def test_all_documents_heads_the_list_once_two_are_ready(app, tmp_path):
+    book = read(app, tmp_path)
+    assert [v for _, v in h.document_choices(app)] == [book]            # one document: nothing to gather
+    keepers = read(app, tmp_path, "keepers.txt", QUOTABLE)
+    assert h.document_choices(app)[:2] == [("All documents", "all"), ("Several documents…", h.SEVERAL)]
+    assert h.ready_documents(app) == [("book · infllm", book), ("keepers · infllm", keepers)]
+    assert (h.target("all", [book]), h.target(h.SEVERAL, [keepers, book]), h.target(book, [keepers])) == \
+        ("all", [keepers, book], book)
+    with pytest.raises(h.UserError, match="tick the documents"):
+        list(h.ask(app, [], None, "q", SETTINGS))
+    with pytest.raises(h.UserError, match="needs one document"):
+        h.delete(app, "all")
+
+
+def test_a_question_across_the_library_names_the_document_of_its_quote_and_passages(app, tmp_path):
+    book, keepers = read(app, tmp_path), read(app, tmp_path, "keepers.txt", QUOTABLE)
+    chat, conversation, html = list(h.ask(app, "all", None, "Who keeps the lighthouse at Port Emberly?",
+                                          SETTINGS))[-1]
+    assert [c["id"] for c in app.library.conversations("all")] == [conversation]
+    saved = app.library.messages(conversation)[-1]
+    quote, titles = saved["quote"], {book: "book", keepers: "keepers"}
+    assert titles[quote["document"]] == quote["title"]
+    assert chat[-1]["content"].startswith(f"> “{quote['text']}”  \n> — {quote['title']}, {quote['page']}")
+    assert f"({quote['title']}, {quote['page']})" in saved["content"]          # the citation names it too
+    # Each passage says which document it is from, and a click on it opens that document's page.
+    passages = re.findall(r"<li data-block='(\d+)' data-document='(\d+)'><span class='where'>([^<]*)", html)
+    assert passages and all(where.startswith(titles[int(d)] + " · p. ") for _, d, where in passages)
+    block, doc, where = passages[0]
+    page = h.show_source(app, "all", int(block), f"{block}@{doc}")
+    assert f"<b>{where.split(' · ')[1]}</b> · {titles[int(doc)]}" in page
+    # So does the quote, in the inspector and in the chat.
+    assert f"data-chars='{quote['chars'][0]},{quote['chars'][1]}' data-document='{quote['document']}'" in html
+    assert h.answer_source(app, "all", conversation, 1) == \
+        h.show_source(app, "all", -1, "chars:{},{}@{}".format(*quote["chars"], quote["document"]))
+
+
+def test_the_heatmap_of_a_question_across_documents_groups_its_columns_by_document(app, tmp_path):
+    book, keepers = read(app, tmp_path), read(app, tmp_path, "keepers.txt", QUOTABLE)
+    shelf = [(app.library.document(d), app.library.spans(d), app.library.pages(d)) for d in (keepers, book)]
+    parts = [len(spans) for _, spans, _ in shelf]
+    # The trace numbers the documents' spans one after another: keepers' span 3, then book's span 5.
+    trace = {"steps": [{"kind": "decode", "start": 0, "n_tokens": 1}], "parts": parts, "documents": [keepers, book],
+             "votes": None, "pinned": [3, parts[0] + 5], "records": [
+                 {"layer": 1, "step": 0, "block_ids": [3, parts[0] + 5], "scores": [1, 1], "block_mass": [0.5, 0.25],
+                  "local_mass": 0.25}]}
+    html = evidence.render(trace, {}, [], [], 2, shelf=shelf)
+    cells = re.findall(r"<rect class='cell' data-block='(\d+)' data-document='(\d+)' x='([\d.]+)'", html)
+    assert [(int(b), int(d)) for b, d, _ in cells] == [(3, keepers), (5, book)]
+    assert float(cells[0][2]) < float(cells[1][2])                        # keepers' columns come first
+    assert html.index(">keepers</text>") < html.index(">book</text>") and html.count("stroke-dasharray") == 1
+    assert "layer 1 · book · block 5 · p. " in html
+    assert re.search(rf"<li data-block='3' data-document='{keepers}'><span class='where'>keepers · p. 1 ", html)
+
+
+def test_a_conversation_across_the_library_comes_back_and_is_never_continued_with_one_document(app, tmp_path):
+    book, keepers = read(app, tmp_path), read(app, tmp_path, "keepers.txt", QUOTABLE)
+    chat, conversation, html = list(h.ask(app, "all", None, "Who keeps the lighthouse?", SETTINGS))[-1]
+    again = h.App(ReadingService.start(app.service.engine, Library(app.library.dir)))
+    assert h.open_document(again, "all") == (chat, conversation, html)       # chosen again after a restart
+    assert h.open_document(again, book) == ([], None, evidence.NOTHING_YET)
+    # The page sends the conversation of "All documents" with a question about one document: a new one.
+    chat2, other, _ = list(h.ask(again, book, conversation, "And the harbour?", SETTINGS))[-1]
+    assert other != conversation and [m["content"] for m in chat2][::2] == ["And the harbour?"]
+    assert len(app.library.messages(conversation)) == 2
+    assert h.inspect_answer(again, book, conversation, 1) == evidence.NOTHING_YET
+    # Two documents ticked are a scope of their own ("1,2"), whatever their order.
+    _, ticked, _ = list(h.ask(again, [keepers, book], conversation, "Who?", SETTINGS))[-1]
+    assert ticked != conversation and app.library.conversations(f"{book},{keepers}")[0]["id"] == ticked
+    assert h.open_document(again, [book, keepers])[1] == ticked
+
+
+def test_a_document_still_being_read_is_left_out_of_a_library_question_and_named(app, tmp_path):
+    book, keepers = read(app, tmp_path), read(app, tmp_path, "keepers.txt", QUOTABLE)
+    app.library.add(title="half read", source_name="half.txt", kind="txt", sha256="x", fingerprint="tiny",
+                    config_hash="c", config={}, tokens=10, pages=[], memory_format=2)
+    *_, answered = app.service.ask("all", "Who keeps the lighthouse at Port Emberly?", max_new_tokens=4)
+    assert answered.note == "Not searched: “half read” (reading)." and answered.text.endswith(answered.note)
+    assert sorted(answered.trace["documents"]) == [book, keepers]
+    # One document ticked is that document: its own conversation, no shelf.
+    *_, alone = app.service.ask([book], "Who keeps the lighthouse at Port Emberly?", max_new_tokens=4)
+    assert [c["id"] for c in app.library.conversations(book)] == [alone.conversation] and not alone.note

@@ -1,8 +1,9 @@
 """What an answer retrieved: heatmap over layers x document position, top passages and figures.
 
-Pure functions from a stored trace (Trace.to_dict) and the document's block rows to HTML. The
-heatmap is SVG rather than a plotly figure because each cell must be clickable: a click on a cell
-or a passage carries its block id back to the server (see CLICKS, run by the browser).
+Pure functions from a stored trace (Trace.to_dict) and the document's block rows (each document's, for a
+question across documents) to HTML. The heatmap is SVG rather than a plotly figure because each cell
+must be clickable: a click on a cell or a passage carries its block id back to the server (see CLICKS,
+run by the browser).
 """
 from __future__ import annotations
 
@@ -13,18 +14,21 @@ from dataclasses import dataclass
 import torch
 
 from infllm_engine import Trace
-from reading.citations import page_label, passages
+from reading.citations import page_label, passages, shelf_passages, short_title
 
 MAX_COLUMNS = 240      # wider documents are binned: one column covers several neighbouring blocks
 PALETTE = [(247, 251, 255), (198, 219, 239), (107, 174, 214), (33, 113, 181), (8, 48, 107)]
 
 # Runs once in the browser (gr.HTML js_on_load): a click on anything carrying data-block selects it.
-# The quote carries its characters instead: "chars:a,b" (index -1).
+# The quote carries its characters instead: "chars:a,b" (index -1). Across documents each also names its
+# document: "…@3" (handlers.show_source).
 CLICKS = """
 element.addEventListener('click', (event) => {
   const hit = event.target.closest('[data-block], [data-chars]');
-  if (hit && hit.dataset.chars) trigger('select', {index: -1, value: 'chars:' + hit.dataset.chars});
-  else if (hit) trigger('select', {index: Number(hit.dataset.block), value: hit.dataset.block});
+  if (!hit) return;
+  const of = hit.dataset.document ? '@' + hit.dataset.document : '';
+  if (hit.dataset.chars) trigger('select', {index: -1, value: 'chars:' + hit.dataset.chars + of});
+  else trigger('select', {index: Number(hit.dataset.block), value: hit.dataset.block + of});
 });
 """
 
@@ -80,62 +84,111 @@ def _bins(part: torch.Tensor, first: int, max_cols: int) -> tuple[torch.Tensor, 
     return value, arg + starts, starts.tolist()
 
 
-def heatmap_svg(heat_map: torch.Tensor, spans: list[dict], pages: list[dict], n_blocks: int | None = None) -> str:
-    """heat_map [n_layers, n_spans]: the first n_blocks columns are memory blocks (all by default), the
-    rest the document's spans in the local window, drawn after a gap, on a warm ground, labelled."""
-    n_layers, n_spans = heat_map.shape
-    n_blocks = n_spans if n_blocks is None else n_blocks
-    if n_spans == 0:
+@dataclass(slots=True)
+class Region:
+    """Neighbouring columns of the heatmap, drawn as a group: a document's memory blocks, its local window,
+    or (asked across documents) one document's spans."""
+
+    heat: torch.Tensor              # [n_layers, n] the mass of spans first .. first + n - 1
+    first: int
+    spans: list[dict]               # the document's Library.spans and pages: tooltips and page ticks
+    pages: list[dict]
+    label: str = ""                 # drawn above the region when there are several (or a window)
+    window: bool = False            # the local window: a warm ground, cells of class "cell window"
+    document: int | None = None     # across documents: the document whose spans these are (data-document)
+
+
+def document_regions(heat_map: torch.Tensor, spans: list[dict], pages: list[dict],
+                     n_blocks: int | None = None) -> list[Region]:
+    """One document's heatmap: the first n_blocks columns (all by default) are memory blocks, the rest its
+    spans in the local window."""
+    n_blocks = heat_map.shape[1] if n_blocks is None else n_blocks
+    regions = [Region(heat_map[:, :n_blocks], 0, spans, pages, "memory")] if n_blocks else []
+    if heat_map.shape[1] > n_blocks:
+        regions.append(Region(heat_map[:, n_blocks:], n_blocks, spans, pages, "local window", window=True))
+    return regions
+
+
+def shelf_regions(heat_map: torch.Tensor, documents: list[tuple[dict, list[dict], list[dict]]],
+                  parts: list[int]) -> list[Region]:
+    """A question across documents: the columns number the documents' spans one document after another
+    (Trace.parts); each document's are a region, labelled with its title. A document deleted since, or
+    whose spans no longer match its part, is left out."""
+    regions, offset = [], 0
+    for (doc, spans, pages), n in zip(documents, parts):
+        if n and len(spans) == n:
+            regions.append(Region(heat_map[:, offset:offset + n], 0, spans, pages, short_title(doc["title"], 24),
+                                  document=doc["id"]))
+        offset += n
+    return regions
+
+
+def heatmap_svg(regions: list[Region], axis: str = "position in the document (pages) →") -> str:
+    """The regions side by side, separated by a gap and a dashed line; each column a span (or the hottest
+    of neighbouring spans, when there are more than MAX_COLUMNS), each row a layer."""
+    if not regions or not any(r.heat.shape[1] for r in regions):
         return "<p class='muted'>This document is shorter than the local window: nothing was evicted to memory.</p>"
-    n_window = n_spans - n_blocks
-    # The window has few spans (n_local / block_size): it keeps a column each; memory blocks share the rest.
-    win = _bins(heat_map[:, n_blocks:], n_blocks, MAX_COLUMNS // 4) if n_window else None
-    mem = _bins(heat_map[:, :n_blocks], 0, MAX_COLUMNS - (len(win[2]) if win else 0)) if n_blocks else None
-    regions = [r for r in (mem, win) if r is not None]
-    value = torch.cat([r[0] for r in regions], 1)
-    span = torch.cat([r[1] for r in regions], 1)
-    starts = [x for r in regions for x in r[2]]
-    cols, mem_cols = value.shape[1], len(mem[2]) if mem else 0
+    n_layers = regions[0].heat.shape[0]
+    # A window has few spans (n_local / block_size): it keeps a column each; the other regions share the
+    # rest in proportion to their spans.
+    window_cols = {i: min(r.heat.shape[1], MAX_COLUMNS // 4) for i, r in enumerate(regions) if r.window}
+    rest = sum(r.heat.shape[1] for i, r in enumerate(regions) if i not in window_cols) or 1
+    room = MAX_COLUMNS - sum(window_cols.values())
+    binned = [_bins(r.heat, r.first, window_cols.get(i) or max(1, room * r.heat.shape[1] // rest))
+              for i, r in enumerate(regions)]
+    value = torch.cat([b[0] for b in binned], 1)
+    span = torch.cat([b[1] for b in binned], 1)
+    starts = [x for b in binned for x in b[2]]
+    owner = [i for i, b in enumerate(binned) for _ in b[2]]          # each column's region
+    cols = value.shape[1]
     top = float(value.max()) or 1.0
     cw, ch, left, bottom = max(2.5, 560 / cols), 8.0, 34.0, 30.0
-    gap = 6.0 if mem and win else 0.0
-    head = 12.0 if win else 0.0                         # room for the regions' labels
-    x_of = lambda col: left + col * cw + (gap if col >= mem_cols else 0.0)
-    width, height = x_of(cols) + 8, head + n_layers * ch + bottom
+    gap = 6.0                                           # between regions
+    labelled = len(regions) > 1 or regions[0].window
+    head = 12.0 if labelled else 0.0                    # room for the regions' labels
+    xs = [left + col * cw + owner[col] * gap for col in range(cols)]
+    right = xs[-1] + cw
+    width, height = right + 8, head + n_layers * ch + bottom
     base = head + n_layers * ch
     parts = [f"<svg class='heatmap' viewBox='0 0 {width:.0f} {height:.0f}' "
              f"role='img' aria-label='retrieval heatmap'>"]
-    if mem:
-        parts.append(f"<rect x='{left}' y='{head}' width='{mem_cols * cw:.1f}' height='{n_layers * ch}' fill='{_colour(0)}'/>")
-    if win:
-        x0, w = x_of(mem_cols), (cols - mem_cols) * cw
-        parts.append(f"<rect class='window' x='{x0:.1f}' y='{head}' width='{w:.1f}' height='{n_layers * ch}' "
-                     f"fill='rgb(255,248,231)'/>")
-        parts.append(f"<text x='{x0 + w / 2:.1f}' y='{head - 3:.1f}' class='tick' text-anchor='middle'>local window</text>")
-        if mem:
-            parts.append(f"<text x='{left + mem_cols * cw / 2:.1f}' y='{head - 3:.1f}' class='tick' "
-                         f"text-anchor='middle'>memory</text>")
+    first_col = 0
+    for i, (r, b) in enumerate(zip(regions, binned)):
+        x0, w = xs[first_col], len(b[2]) * cw
+        ground = "class='window' " if r.window else ""
+        fill = "rgb(255,248,231)" if r.window else _colour(0)
+        parts.append(f"<rect {ground}x='{x0:.1f}' y='{head}' width='{w:.1f}' height='{n_layers * ch}' fill='{fill}'/>")
+        if labelled:
+            parts.append(f"<text x='{x0 + w / 2:.1f}' y='{head - 3:.1f}' class='tick' text-anchor='middle'>"
+                         f"{html.escape(r.label)}</text>")
+        if i:
             parts.append(f"<line x1='{x0 - gap / 2:.1f}' y1='0' x2='{x0 - gap / 2:.1f}' y2='{base:.1f}' "
                          f"stroke='#888' stroke-dasharray='2 2'/>")
+        first_col += len(b[2])
     for layer in range(n_layers):
         y = head + (n_layers - 1 - layer) * ch          # layer 0 at the bottom, like a network diagram
         for col in torch.nonzero(value[layer] > 0).flatten().tolist():
+            r = regions[owner[col]]
             block, mass = int(span[layer, col]), float(value[layer, col])
-            where = f"block {block}" if block < n_blocks else "local window"
-            tip = f"layer {layer} · {where} · {page_label(spans[block], pages)} · mass {mass:.3f}"
-            cls = "cell" if block < n_blocks else "cell window"
-            parts.append(f"<rect class='{cls}' data-block='{block}' x='{x_of(col):.1f}' y='{y:.1f}' "
+            where = f"block {block}" if r.spans[block].get("in_memory", 1) else "local window"
+            if r.document is not None:
+                where = f"{r.label} · {where}"
+            tip = f"layer {layer} · {where} · {page_label(r.spans[block], r.pages)} · mass {mass:.3f}"
+            cls = "cell window" if r.window else "cell"
+            of = "" if r.document is None else f" data-document='{r.document}'"
+            parts.append(f"<rect class='{cls}' data-block='{block}'{of} x='{xs[col]:.1f}' y='{y:.1f}' "
                          f"width='{cw}' height='{ch}' fill='{_colour(mass / top)}'>"
                          f"<title>{html.escape(tip)}</title></rect>")
     for layer in range(0, n_layers, 5):
         y = head + (n_layers - 1 - layer) * ch + ch * 0.8
         parts.append(f"<text x='{left - 4}' y='{y:.1f}' class='tick' text-anchor='end'>{layer}</text>")
     for col in sorted({min(cols - 1, round(t * (cols - 1) / 5)) for t in range(6)}):
-        label = html.escape(pages[spans[starts[col]]["first_page"] - 1]["label"])
-        parts.append(f"<text x='{x_of(col) + 0.5 * cw:.1f}' y='{base + 12}' class='tick' "
+        r = regions[owner[col]]
+        label = html.escape(r.pages[r.spans[starts[col]]["first_page"] - 1]["label"])
+        parts.append(f"<text x='{xs[col] + 0.5 * cw:.1f}' y='{base + 12}' class='tick' "
                      f"text-anchor='middle'>{label}</text>")
-    parts.append(f"<text x='{(left + x_of(cols)) / 2:.1f}' y='{height - 3:.0f}' class='axis' text-anchor='middle'>"
-                 f"position in the document (pages) →</text>")
+    parts.append(f"<text x='{(left + right) / 2:.1f}' y='{height - 3:.0f}' class='axis' "
+                 f"text-anchor='middle'>{html.escape(axis)}</text>")
     parts.append(f"<text x='8' y='{head + n_layers * ch / 2:.0f}' class='axis' text-anchor='middle' "
                  f"transform='rotate(-90 8 {head + n_layers * ch / 2:.0f})'>layer</text></svg>")
     return "".join(parts)
@@ -145,32 +198,58 @@ NOTHING_YET = "<div class='inspector muted'>Ask a question: the blocks each laye
 
 
 def render(trace: dict | None, timings: dict | None, spans: list[dict], pages: list[dict], n_layers: int,
-           method: str = "infllm", quote: dict | None = None) -> str:
-    """The whole inspector for one answer as HTML; spans: Library.spans rows (memory blocks first)."""
+           method: str = "infllm", quote: dict | None = None,
+           shelf: list[tuple[dict, list[dict], list[dict]]] | None = None) -> str:
+    """The whole inspector for one answer as HTML; spans: Library.spans rows (memory blocks first).
+
+    shelf: for a question across documents (the trace has "parts"), each document's (row, spans, pages) in
+    the trace's order; spans and pages are then unused.
+    """
     if trace is None:
         return NOTHING_YET
     quoted = "" if not quote else (
-        f"<blockquote class='quote' data-chars='{quote['chars'][0]},{quote['chars'][1]}' title='show the page'>"
-        f"“{html.escape(quote['text'])}” <span class='where'>{html.escape(quote['page'])} · show the page</span>"
-        "</blockquote>")
+        f"<blockquote class='quote' data-chars='{quote['chars'][0]},{quote['chars'][1]}'{_of(quote, shelf)} "
+        f"title='show the page'>“{html.escape(quote['text'])}” <span class='where'>"
+        f"{html.escape(_where(quote, quote['page'], shelf))} · show the page</span></blockquote>")
     if method != "infllm":
         return (f"<div class='inspector muted'>This answer used {html.escape(method)} attention, which retrieves "
                 "nothing from memory: there is no heatmap. Read the document in infllm mode to see retrieval.</div>")
-    blocks = [r for r in spans if r.get("in_memory", 1)]
-    # Traces stored before the window was traced have memory columns only, as they were drawn then.
-    n_spans = len(spans) if trace.get("doc_end") is not None else len(blocks)
-    heat_map = heat(trace, n_layers, len(blocks), n_spans)
-    f = figures(trace, timings, len(blocks))
+    if shelf is not None:
+        # Across documents every span was a candidate for re-reading: the columns are all of them.
+        parts = trace.get("parts") or [len(s) for _, s, _ in shelf]
+        n_blocks = n_spans = sum(parts)
+        heat_map = heat(trace, n_layers, n_blocks, n_spans)
+        regions, axis = shelf_regions(heat_map, shelf, parts), "documents, and the position in each (pages) →"
+        found = shelf_passages(trace, shelf)
+    else:
+        n_blocks = sum(1 for r in spans if r.get("in_memory", 1))
+        # Traces stored before the window was traced have memory columns only, as they were drawn then.
+        n_spans = len(spans) if trace.get("doc_end") is not None else n_blocks
+        heat_map = heat(trace, n_layers, n_blocks, n_spans)
+        regions, axis = document_regions(heat_map, spans, pages, n_blocks), "position in the document (pages) →"
+        found = passages(trace, spans, pages)
+    f = figures(trace, timings, n_blocks)
     cards = [("blocks retrieved", f"{f.blocks_retrieved} of {f.n_blocks}"),
              ("attention on memory", f"{f.memory_share:.0%}"), ("on the local window", f"{f.window_share:.0%}"),
              ("decode", f"{f.tokens_per_s:.1f} tok/s"), ("first token", f"{f.first_token_s:.2f} s")]
     parts = [f"<div class='inspector'>{quoted}<div class='figures'>"]
     parts += [f"<div class='figure'><b>{html.escape(v)}</b><span>{html.escape(k)}</span></div>" for k, v in cards]
-    parts.append(f"</div>{heatmap_svg(heat_map, spans, pages, len(blocks))}<ol class='passages'>")
-    for p in passages(trace, spans, pages):
+    parts.append(f"</div>{heatmap_svg(regions, axis)}<ol class='passages'>")
+    for p in found:
         snippet = " ".join(p["text"].split())[:220]
         where = f"block {p['block']}" if p["in_memory"] else "local window"
-        parts.append(f"<li data-block='{p['block']}'><span class='where'>{html.escape(p['pages'])} · {where} · "
-                     f"{p['by']} {p['share']:.0%}</span>{html.escape(snippet)}…</li>")
+        parts.append(f"<li data-block='{p['block']}'{_of(p, shelf)}><span class='where'>"
+                     f"{html.escape(_where(p, p['pages'], shelf))} · {where} · {p['by']} {p['share']:.0%}</span>"
+                     f"{html.escape(snippet)}…</li>")
     parts.append("</ol></div>")
     return "".join(parts)
+
+
+def _of(item: dict, shelf: list | None) -> str:
+    """The data-document attribute of a quote or passage across documents: a click opens that document."""
+    return f" data-document='{item['document']}'" if shelf is not None and "document" in item else ""
+
+
+def _where(item: dict, page: str, shelf: list | None) -> str:
+    """A page label, after the document's title across documents: "lshort · p. 58"."""
+    return f"{short_title(item['title'])} · {page}" if shelf is not None and "title" in item else page

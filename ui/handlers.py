@@ -18,7 +18,8 @@ from pathlib import Path
 from infllm_engine import EngineError, InfLLMConfig
 from infllm_engine.config import METHODS
 from reading.ingest import stored_config
-from reading.service import ANSWER_TOKENS, USER_ERRORS, Answered, ReadingService
+from reading.citations import short_title
+from reading.service import ALL, ANSWER_TOKENS, USER_ERRORS, Answered, ReadingService
 from reading.worker import Job, JobState
 from storage.library import Status
 from storage.readers import SUPPORTED
@@ -28,6 +29,8 @@ from . import evidence, source
 ACCEPTED = list(SUPPORTED)          # file types the upload box offers
 STREAM_INTERVAL_S = 0.5
 TABLE_HEADERS = ["id", "title", "mode", "status", "pages", "tokens", "disk"]
+SEVERAL = "several"                 # the dropdown's choice that asks the documents ticked in a second box
+Target = int | str | list[int]      # what the chat asks: a document's id, ALL, or several ids (target())
 
 
 class UserError(ValueError):
@@ -108,10 +111,21 @@ def _scaled(n: int, units: tuple[tuple[str, float], ...]) -> tuple[float, str]:
     return n / limit, unit
 
 
-def document_choices(app: App) -> list[tuple[str, int]]:
-    """Ready documents for the chat's dropdown, labelled with the mode they were read in."""
+def document_choices(app: App) -> list[tuple[str, int | str]]:
+    """The chat's dropdown: ready documents labelled with the mode they were read in, and above them, once
+    there are two, "All documents" and "Several documents…" (the ones ticked in the box it shows)."""
+    docs = ready_documents(app)
+    return [("All documents", ALL), ("Several documents…", SEVERAL), *docs] if len(docs) > 1 else docs
+
+
+def ready_documents(app: App) -> list[tuple[str, int]]:
     return [(f"{d['title']} · {stored_config(d).method}", d["id"])
             for d in app.library.documents() if d["status"] == Status.READY]
+
+
+def target(doc: int | str | None, several: Sequence[int] | None = None) -> Target | None:
+    """What the chat asks, from the dropdown's value and the ids ticked for "Several documents…"."""
+    return list(several or []) if doc == SEVERAL else doc
 
 
 def upload_job_note(job: Job) -> str:
@@ -152,7 +166,8 @@ class Refresh:
     """What the library panel shows after a poll; None where nothing changed."""
 
     rows: list[list] | None
-    choices: list[tuple[str, int]] | None
+    choices: list[tuple[str, int | str]] | None     # the dropdown's (document_choices)
+    documents: list[tuple[str, int]] | None         # the "several documents" box's (ready_documents)
     chosen: int | None          # a document to choose in the chat's dropdown, or None to leave it
     version: int
     polling: bool               # whether the page should keep polling: only while something is read
@@ -167,12 +182,12 @@ def refresh(app: App, seen: int, current: int | None = None) -> Refresh:
     worker = app.worker
     version, reading = worker.version, bool(worker.active())
     if version == seen and not reading:
-        return Refresh(None, None, None, seen, False)
-    choices = document_choices(app)
-    ids = [d for _, d in choices]
+        return Refresh(None, None, None, None, seen, False)
+    documents = ready_documents(app)
+    ids = [d for _, d in documents]
     finished = [j.doc_id for j in worker.jobs if j.state == JobState.READY and j.ended > seen and j.doc_id in ids]
     chosen = finished[-1] if finished else ids[0] if current in (None, "") and len(ids) == 1 else None
-    return Refresh(library_rows(app), choices, chosen, version, reading)
+    return Refresh(library_rows(app), document_choices(app), documents, chosen, version, reading)
 
 
 def progress_html(app: App) -> str:
@@ -197,84 +212,84 @@ def progress_html(app: App) -> str:
 
 
 # -- chat ------------------------------------------------------------------------------------------
-def open_document(app: App, doc_id: int | None) -> tuple[list[dict], int | None, str]:
-    """The document's latest conversation: (chat messages, conversation id, inspector HTML of its last answer)."""
-    if doc_id is None or doc_id == "":
+def open_document(app: App, asked: Target | None) -> tuple[list[dict], int | None, str]:
+    """The latest conversation of a document (or of ALL, or of several): (chat messages, conversation id,
+    inspector HTML of its last answer)."""
+    if asked is None or asked == "" or asked == []:
         return [], None, evidence.NOTHING_YET
-    doc = _document(app, doc_id)
-    conversation, messages = app.service.latest_conversation(doc["id"])
-    if conversation is None:
+    scope, _ = _scope(app, asked)
+    conversations = app.library.conversations(scope)
+    if not conversations:
         return [], None, evidence.NOTHING_YET
-    return _chat(messages), conversation, inspect_answer(app, doc["id"], conversation, len(messages) - 1)
-
-
-def inspect_answer(app: App, doc_id: int | None, conversation: int | None, index: int) -> str:
-    """Inspector HTML of the answer at chat index `index` (a question's index shows its answer)."""
-    if doc_id is None or _own(app, _document(app, doc_id)["id"], conversation) is None:
-        return evidence.NOTHING_YET
+    conversation = conversations[-1]["id"]
     messages = app.library.messages(conversation)
-    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= index]
-    if not answers:
-        return evidence.NOTHING_YET
-    m = messages[answers[0]]
-    return evidence.render(m["trace"], m["timings"], app.library.spans(doc_id), app.library.pages(doc_id),
-                          app.service.engine.n_layers, m["method"] or "infllm", m["quote"])
+    return (_chat(messages, isinstance(scope, str)), conversation,
+            inspect_answer(app, asked, conversation, len(messages) - 1))
 
 
-def show_source(app: App, doc_id: int | None, index: int, value: str | None = None) -> str:
-    """The page of what was clicked in the inspector: a passage (index: its span) or the quote ("chars:a,b")."""
-    doc = _document(app, doc_id)
+def inspect_answer(app: App, asked: Target | None, conversation: int | None, index: int) -> str:
+    """Inspector HTML of the answer at chat index `index` (a question's index shows its answer)."""
+    scope, m = _answer(app, asked, conversation, index)
+    return evidence.NOTHING_YET if m is None else _inspector(app, scope, m["trace"], m["timings"],
+                                                             m["method"] or "infllm", m["quote"])
+
+
+def show_source(app: App, asked: Target | None, index: int, value: str | None = None) -> str:
+    """The page of what was clicked in the inspector: a passage (index: its span) or the quote ("chars:a,b").
+    Across documents the value ends in "@" and the document's id (evidence.CLICKS): that document's page."""
+    value, _, of = (value if isinstance(value, str) else "").partition("@")
+    doc = _document(app, of or asked)
     with _shown_as_user_error():
-        if isinstance(value, str) and value.startswith("chars:"):
+        if value.startswith("chars:"):
             a, b = (int(x) for x in value.removeprefix("chars:").split(","))
             return source.render(app.service.source(doc["id"], chars=(a, b)))
         return source.render(app.service.source(doc["id"], span=int(index)))
 
 
-def answer_source(app: App, doc_id: int | None, conversation: int | None, index: int) -> str:
+def answer_source(app: App, asked: Target | None, conversation: int | None, index: int) -> str:
     """The page of the quote of the answer at chat index `index` (a question's index: its answer's)."""
-    if doc_id is None or _own(app, _document(app, doc_id)["id"], conversation) is None:
+    _, m = _answer(app, asked, conversation, index)
+    if m is None:
         return source.NOTHING_YET
-    messages = app.library.messages(conversation)
-    answers = [m for i, m in enumerate(messages) if m["role"] == "assistant" and i >= index]
-    if not answers or not answers[0]["quote"]:
+    if not m["quote"]:
         return "<div class='source muted'>This answer has no quote: the question's words matched no sentence.</div>"
-    with _shown_as_user_error():
-        return source.render(app.service.source(_document(app, doc_id)["id"], chars=answers[0]["quote"]["chars"]))
+    with _shown_as_user_error():        # across documents the quote names its own
+        doc = m["quote"].get("document") or _document(app, asked)["id"]
+        return source.render(app.service.source(doc, chars=m["quote"]["chars"]))
 
 
 def stop(app: App, session: str) -> None:
     app.stops.setdefault(session, threading.Event()).set()
 
 
-def ask(app: App, doc_id: int | None, conversation: int | None, question: str, settings: Settings,
+def ask(app: App, asked: Target | None, conversation: int | None, question: str, settings: Settings,
         session: str = "") -> Iterator[tuple[list[dict], int | None, str]]:
-    """Stream an answer: yields (chat messages, conversation id, inspector HTML).
+    """Stream an answer about a document, ALL or several (target()): yields (chat messages, conversation
+    id, inspector HTML).
 
     The question and the answer are saved when the answer ends, also when it is stopped.
     """
     if not (question or "").strip():
         raise UserError("type a question first")
-    doc = _document(app, doc_id)
+    scope, asked = _scope(app, asked)
     settings.config(app.service.engine.cfg)         # the page's knobs are checked before anything runs
-    conversation = _own(app, doc["id"], conversation)       # another document's: this question starts a new one
+    conversation = _own(app, scope, conversation)   # about other documents: this question starts a new one
     messages = app.library.messages(conversation) if conversation else []
-    chat = _chat(messages) + [{"role": "user", "content": question.strip()}, {"role": "assistant", "content": ""}]
+    chat = _chat(messages, isinstance(scope, str)) + [{"role": "user", "content": question.strip()},
+                                                      {"role": "assistant", "content": ""}]
     stopped = app.stops.setdefault(session, threading.Event())
     stopped.clear()
     yield chat, conversation, "<div class='inspector muted'>waiting for the model…</div>"
     shown, quoted, text = 0.0, "", ""
     with _shown_as_user_error():
-        for piece in app.service.ask(doc["id"], question, conversation, settings.topk, settings.max_new_tokens,
-                                     stopped):
+        for piece in app.service.ask(asked, question, conversation, settings.topk, settings.max_new_tokens, stopped):
             if isinstance(piece, Answered):
                 chat[-1]["content"] = quoted + piece.text
-                spans, pages = app.library.spans(doc["id"]), app.library.pages(doc["id"])
-                yield chat, piece.conversation, evidence.render(piece.trace, piece.timings, spans, pages,
-                                                               app.service.engine.n_layers, piece.method, piece.quote)
+                yield chat, piece.conversation, _inspector(app, scope, piece.trace, piece.timings, piece.method,
+                                                           piece.quote)
                 return
             if isinstance(piece, dict):         # the quote: shown at once, before the model's words
-                quoted = quote_markdown(piece)
+                quoted = quote_markdown(piece, titled=isinstance(scope, str))
             else:
                 text += piece
             chat[-1]["content"] = quoted + text
@@ -285,7 +300,9 @@ def ask(app: App, doc_id: int | None, conversation: int | None, question: str, s
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _document(app: App, doc_id: int | None) -> dict:
+def _document(app: App, doc_id: int | str | None) -> dict:
+    if doc_id == ALL or doc_id == SEVERAL or isinstance(doc_id, list):
+        raise UserError("this needs one document: choose it in the list")
     if doc_id is None or doc_id == "":
         # Only ready documents can be chosen: someone who drops a file and asks at once meets this,
         # before its reading has started (a queued job, no library row yet) or during it.
@@ -301,15 +318,58 @@ def _document(app: App, doc_id: int | None) -> dict:
         raise UserError(f"no document {doc_id!r} in the library; it may have been deleted") from err
 
 
-def _own(app: App, doc_id: int, conversation: int | None) -> int | None:
-    """The conversation if it is about this document, else None: a session's conversation id travels with
-    whatever document a client (the page, or its API) asks next."""
+def _scope(app: App, asked: Target | None) -> tuple[int | str, Target]:
+    """(the conversations' scope, what service.ask takes): a document's id for one document, else the shelf's
+    key ("all", or the ids as "1,3") and ALL or the ids. One ticked document is that document."""
+    if isinstance(asked, list) and len(asked) < 2:
+        if not asked:
+            raise UserError("tick the documents to ask in the box under the document list")
+        asked = asked[0]
+    if asked != ALL and not isinstance(asked, list):
+        doc_id = _document(app, asked)["id"]
+        return doc_id, doc_id
+    with _shown_as_user_error():
+        ids = asked if asked == ALL else [_document(app, d)["id"] for d in asked]
+        return app.service.shelf(ids)[0], ids
+
+
+def _own(app: App, scope: int | str, conversation: int | None) -> int | None:
+    """The conversation if it is about this scope (a document, or a shelf's key), else None: a session's
+    conversation id travels with whatever a client (the page, or its API) asks next."""
     if conversation is None or conversation == "":
         return None
     try:
-        return app.library.conversation(int(conversation), doc_id)["id"]
+        return app.library.conversation(int(conversation), scope)["id"]
     except (*USER_ERRORS, ValueError, TypeError):
         return None
+
+
+def _answer(app: App, asked: Target | None, conversation: int | None, index: int) -> tuple[int | str, dict | None]:
+    """(the scope, the saved answer at chat index `index` (a question's: its answer) of a conversation about
+    `asked`, or None)."""
+    if asked is None or asked == "" or asked == []:
+        return "", None
+    scope = _scope(app, asked)[0]
+    if _own(app, scope, conversation) is None:
+        return scope, None
+    messages = app.library.messages(conversation)
+    return scope, next((m for i, m in enumerate(messages) if m["role"] == "assistant" and i >= index), None)
+
+
+def _inspector(app: App, scope: int | str, trace: dict | None, timings: dict | None, method: str,
+               quote: dict | None) -> str:
+    """evidence.render of an answer about `scope`, with its document's spans and pages (across documents:
+    each one's, in the trace's order; one deleted since shows none)."""
+    if trace and trace.get("documents"):
+        shelf = []
+        for doc_id in trace["documents"]:
+            try:
+                shelf.append((app.library.document(doc_id), app.library.spans(doc_id), app.library.pages(doc_id)))
+            except USER_ERRORS:
+                shelf.append(({"id": doc_id, "title": "(deleted)"}, [], []))
+        return evidence.render(trace, timings, [], [], app.service.engine.n_layers, method, quote, shelf)
+    return evidence.render(trace, timings, app.library.spans(scope), app.library.pages(scope),
+                           app.service.engine.n_layers, method, quote)
 
 
 @contextmanager
@@ -320,14 +380,16 @@ def _shown_as_user_error():
         raise UserError(str(err)) from err
 
 
-def _chat(messages: list[dict]) -> list[dict]:
-    return [{"role": m["role"], "content": (quote_markdown(m["quote"]) if m.get("quote") else "") + m["content"]}
-            for m in messages]
+def _chat(messages: list[dict], titled: bool = False) -> list[dict]:
+    return [{"role": m["role"], "content": (quote_markdown(m["quote"], titled) if m.get("quote") else "")
+             + m["content"]} for m in messages]
 
 
-def quote_markdown(quote: dict) -> str:
-    """The quote as the chat shows it above the answer: the document's words, verbatim, and their page."""
-    return f"> “{_markdown_text(quote['text'])}”  \n> — {_markdown_text(quote['page'])}\n\n"
+def quote_markdown(quote: dict, titled: bool = False) -> str:
+    """The quote as the chat shows it above the answer: the document's words, verbatim, and their page;
+    titled (asked across documents): after the document's title, "— lshort, p. 58"."""
+    where = f"{short_title(quote['title'])}, {quote['page']}" if titled else quote["page"]
+    return f"> “{_markdown_text(quote['text'])}”  \n> — {_markdown_text(where)}\n\n"
 
 
 def _markdown_text(text: str) -> str:

@@ -101,6 +101,9 @@ def build(service: ReadingService, defaults: Settings = Settings()) -> gr.Blocks
                     new_chat = gr.Button("New conversation", scale=0, size="sm", min_width=150, elem_id="new-chat")
                     remove = gr.Button("Delete document", variant="stop", scale=0, size="sm", min_width=150,
                                        elem_id="delete")
+                # Shown for the dropdown's "Several documents…": one question across the ones ticked here.
+                several = gr.Dropdown(h.ready_documents(app), value=[], multiselect=True, visible=False,
+                                      label="Documents to ask together", elem_id="several")
                 chat = gr.Chatbot(elem_id="chat", height=440, label="Conversation",
                                   placeholder="Choose a document, then ask a question about it.")
                 with gr.Row():
@@ -144,15 +147,18 @@ def build(service: ReadingService, defaults: Settings = Settings()) -> gr.Blocks
             bar = progress_now if progress_now != shown else gr.skip()
             polling = gr.Timer(active=r.polling)
             if r.rows is None:
-                return bar, gr.skip(), gr.skip(), version, progress_now, polling
+                return bar, gr.skip(), gr.skip(), gr.skip(), version, progress_now, polling
             chosen = gr.update(choices=r.choices, value=r.chosen) if r.chosen is not None else gr.update(choices=r.choices)
-            return bar, r.rows, chosen, r.version, progress_now, polling
+            return bar, r.rows, chosen, gr.update(choices=r.documents), r.version, progress_now, polling
 
         def dropped(paths, *k):
             return h.upload(app, paths, settings(*k)), None, gr.Timer(active=True)
 
-        def asked(d, c, q, m, k, n, t, request: gr.Request):
-            for messages, conv, html in h.ask(app, d, c, q, settings(m, k, n, t), request.session_hash):
+        def opened(d, s):
+            return *h.open_document(app, h.target(d, s)), gr.update(visible=d == h.SEVERAL)
+
+        def asked(d, c, q, m, k, n, t, s, request: gr.Request):
+            for messages, conv, html in h.ask(app, h.target(d, s), c, q, settings(m, k, n, t), request.session_hash):
                 yield messages, conv, html, ""
 
         def deleted(d, ok):
@@ -161,31 +167,35 @@ def build(service: ReadingService, defaults: Settings = Settings()) -> gr.Blocks
         def stop(request: gr.Request):
             h.stop(app, request.session_hash)
 
-        def clicked(d, event: gr.SelectData):
-            return h.show_source(app, d, event.index, event.value)
+        def clicked(d, s, event: gr.SelectData):
+            return h.show_source(app, h.target(d, s), event.index, event.value)
 
-        def picked(d, c, event: gr.SelectData):
-            return h.inspect_answer(app, d, c, event.index), h.answer_source(app, d, c, event.index)
+        def picked(d, s, c, event: gr.SelectData):
+            asked = h.target(d, s)
+            return h.inspect_answer(app, asked, c, event.index), h.answer_source(app, asked, c, event.index)
 
-        panel = dict(fn=refresh, inputs=[seen, shown, doc], outputs=[progress, table, doc, seen, shown, timer],
-                     show_progress="hidden")
+        panel = dict(fn=refresh, inputs=[seen, shown, doc],
+                     outputs=[progress, table, doc, several, seen, shown, timer], show_progress="hidden")
         timer.tick(**panel)
         demo.load(**panel)          # a page opened later shows the library as it is now
         files.upload(_shown(dropped), [files, *knobs], [note, files, timer])
-        doc.change(_shown(functools.partial(h.open_document, app)), doc, [chat, conversation, inspector])
+        doc.change(_shown(opened), [doc, several], [chat, conversation, inspector, several])
+        several.change(_shown(lambda d, s: h.open_document(app, h.target(d, s))), [doc, several],
+                       [chat, conversation, inspector])
         new_chat.click(lambda: ([], None, evidence.NOTHING_YET),
                        None, [chat, conversation, inspector])
         remove.click(_shown(deleted), [doc, confirmed], note,
                      js="(d, ok) => [d, confirm('Delete this document and its memory from the library?')]"
-                     ).then(lambda: None, None, doc).then(**panel)
-        ask_event = dict(fn=_shown(asked, 4), inputs=[doc, conversation, question, *knobs],
+                     ).then(lambda: (None, []), None, [doc, several]).then(**panel)
+        # `several` comes last: API clients that ask one document (or "all") can leave it out.
+        ask_event = dict(fn=_shown(asked, 4), inputs=[doc, conversation, question, *knobs, several],
                          outputs=[chat, conversation, inspector, question], concurrency_limit=1,
                          show_progress="hidden")
         ask_btn.click(**ask_event)
         question.submit(**ask_event)
         stop_btn.click(stop, None, None)
-        inspector.select(_shown(clicked), doc, passage)
-        chat.select(_shown(picked), [doc, conversation], [inspector, passage])
+        inspector.select(_shown(clicked), [doc, several], passage)
+        chat.select(_shown(picked), [doc, several, conversation], [inspector, passage])
         again.click(_shown(lambda d, *k: (h.read_again(app, d, settings(*k)), gr.Timer(active=True))),
                     [doc, *knobs], [note, timer])
     return demo
