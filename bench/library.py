@@ -43,10 +43,10 @@ def ask(service: ReadingService, target, question: str, max_new_tokens: int, pro
     pieces = service.ask_shelf(target, question, max_new_tokens=max_new_tokens, probed=probed) \
         if target == ALL else service.ask(target, question, max_new_tokens=max_new_tokens)
     for piece in pieces:
-        if first is None and piece == "":
-            first = time.perf_counter() - t0          # the model starts: the probe and the prefill are done
+        if first is None and (isinstance(piece, dict) or isinstance(piece, str) and piece):
+            first = time.perf_counter() - t0          # what a reader sees first: the quote, or the answer's first words
         if isinstance(piece, Answered):
-            return piece, piece.timings.get("first_token_s", 0.0) + piece.timings.get("memory_load_s", 0.0)
+            return piece, first or 0.0
     raise RuntimeError("no answer")
 
 

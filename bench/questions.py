@@ -7,6 +7,8 @@ a right answer holds and two questions: one in the book's words, one paraphrased
 sentence's rare words. The book is read into a library as `app.py ingest` reads it (--pages takes a
 slice of a PDF's physical pages), and every question is put to three systems with the same model:
 - app: ReadingService.ask, the app's own path (question focus, word matches, the quote, the citation);
+- library (only when asked for): the same question asked across every document of the library at
+  --data-dir ("All documents"), scored as app, and whether the quote is from the fact's book;
 - bm25: a plain RAG peer: the 4 best 128-token spans by BM25 (the library's FTS5 index), then the
   question, read with full attention;
 - oracle: the model handed the ~300 tokens around the answering sentence, with full attention.
@@ -30,12 +32,13 @@ from pathlib import Path
 from bench.passkey import machine
 from infllm_engine import Engine, InfLLMConfig
 from reading import quotes
+from reading.citations import short_title
 from reading.ingest import ingest_document, load_memory, tokenize
 from reading.service import Answered, ReadingService
 from storage.library import Library
 from storage.readers import Document, read_document
 
-SYSTEMS = ("app", "bm25", "oracle")
+SYSTEMS = ("app", "library", "bm25", "oracle")
 WORDINGS = ("book", "paraphrase")
 CUTS = (32, 64, 128)
 # Broad questions that drew word salad from the 135M model ("commands that produce commands that ..."):
@@ -116,7 +119,7 @@ def scores(answer: str, expect: list[str], tokenizer) -> dict:
     return out
 
 
-def ask_app(service: ReadingService, doc_id: int, question: str, max_new_tokens: int) -> tuple[str, Answered]:
+def ask_app(service: ReadingService, doc_id: int | str, question: str, max_new_tokens: int) -> tuple[str, Answered]:
     text, answered = "", None
     for piece in service.ask(doc_id, question, max_new_tokens=max_new_tokens):
         if isinstance(piece, Answered):
@@ -151,17 +154,24 @@ def run(args) -> dict:
             q = fact[wording]
             base = {"fact": fact["id"], "wording": wording, "question": q, "expect": fact["expect"],
                     "page": cited_right}
-            if "app" in args.systems:
+            for system, target in (("app", done.doc_id), ("library", "all")):
+                if system not in args.systems:
+                    continue
                 t1 = time.perf_counter()
-                text, answered = ask_app(service, done.doc_id, q, args.max_new_tokens)
+                text, answered = ask_app(service, target, q, args.max_new_tokens)
                 quote = answered.quote or {}
                 chars = quote.get("chars") or [0, 0]
-                samples.append({**base, "system": "app", "answer": text.strip(), **scores(text, fact["expect"], engine.tokenizer),
+                first = answered.evidence[0] if answered.evidence else {}
+                on_book = quote.get("document", first.get("document", done.doc_id)) == done.doc_id
+                cited = f"({cited_right})" if system == "app" else f"({short_title(doc.title)}, {cited_right})"
+                samples.append({**base, "system": system, "answer": text.strip(),
+                                **scores(text, fact["expect"], engine.tokenizer),
                                 "quote": quote.get("text"), "quote_holds": holds(quote.get("text") or "", fact["expect"]),
-                                "quote_on_sentence": chars[0] < where[1] and chars[1] > where[0],
-                                "citation": answered.citation, "cited_right": answered.citation == f"({cited_right})",
-                                "first_passage": answered.evidence[0]["pages"] if answered.evidence else None,
-                                "first_passage_right": bool(answered.evidence) and answered.evidence[0]["pages"] == cited_right,
+                                "quote_on_sentence": on_book and chars[0] < where[1] and chars[1] > where[0],
+                                "document_right": on_book,
+                                "citation": answered.citation, "cited_right": answered.citation == cited,
+                                "first_passage": first.get("pages"),
+                                "first_passage_right": on_book and first.get("pages") == cited_right,
                                 "seconds": round(time.perf_counter() - t1, 2)})
                 print(json.dumps(samples[-1]), file=sys.stderr, flush=True)
             if "bm25" in args.systems:
@@ -217,7 +227,8 @@ def table(result: dict) -> str:
     """Markdown: one row per system and wording."""
     keys = [("right", "answer right"), ("first_sentence", "in its first sentence"),
             ("first_paragraph", "first paragraph"), *((f"tokens_{n}", f"first {n} tokens") for n in CUTS),
-            ("quote_holds", "quote holds it"), ("cited_right", "cited page right"), ("repeats", "repeats a phrase")]
+            ("quote_holds", "quote holds it"), ("cited_right", "cited page right"), ("document_right", "its book"),
+            ("repeats", "repeats a phrase")]
     rows = ["| system | wording | " + " | ".join(k[1] for k in keys) + " | mean chars |",
             "|---|---|" + "---|" * (len(keys) + 1)]
     for system in SYSTEMS:
@@ -242,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--facts", type=Path, default=Path("bench/data/lshort-facts.json"))
     parser.add_argument("--book", type=Path, default=None, help="default: the facts file's book, in $LSHORT_PDF's folder")
     parser.add_argument("--pages", type=int, nargs=2, default=None, help="physical pages FIRST LAST of a PDF")
-    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=["app", "bm25", "oracle"])
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--every", type=int, default=1, help="every Nth fact (2: half of them, still spread over the book)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N facts (after --every)")

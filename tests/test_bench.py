@@ -76,12 +76,13 @@ def test_the_question_bench_asks_every_fact_both_ways_of_every_system_and_scores
     out = tmp_path / "questions.json"
     result = questions.main(["--facts", str(facts), "--book", str(book), "--model", str(tiny_model_dir),
                              "--data-dir", str(tmp_path / "lib"), "--max-new-tokens", "4", "--vague",
-                             "--json", str(out)])
+                             "--systems", *questions.SYSTEMS, "--json", str(out)])
     samples = result["samples"]
     assert [(s["system"], s["wording"]) for s in samples] == [
         (system, wording) for wording in questions.WORDINGS for system in questions.SYSTEMS]
-    app, bm25 = samples[0], samples[1]
+    app, library, bm25 = samples[0], samples[1], samples[2]
     assert app["cited_right"] == (app["citation"] == "(p. 1)") and "quote_holds" in app
+    assert library["document_right"] and library["cited_right"] == (library["citation"] == "(book, p. 1)")
     assert bm25["passages_hold"]                    # the rare words find the fact's passage
     assert [v["question"] for v in result["vague"]] == list(questions.VAGUE)
     table = questions.table(json.loads(out.read_text()))
