@@ -34,19 +34,18 @@ def test_the_embedded_model_is_found_without_importing_its_package_and_cached(en
     assert again.fingerprint == engine.fingerprint and time.perf_counter() - t0 < 15
 
 
-def test_a_passkey_12k_tokens_back_in_16k_is_found_by_infllm_and_lost_by_streaming(engine):
+def test_a_passkey_12k_tokens_back_in_16k_is_found_by_infllm_long_after_it_left_the_window(engine):
+    """Streaming attention (sinks + window) cannot see the key by construction: it left the window 10K
+    tokens before the question. The baseline's own run is the passkey bench's (bench/results/passkey-cpu.md);
+    here it would double the test's time for a tautology."""
     key = "73915"
     ids = build_prompt(engine, 16384, 0.25, key)
     needle_at = ids.numel() * 0.25
-    assert 16000 <= ids.numel() <= 16384 and ids.numel() - needle_at > 12000
-    found = {}
-    for method in ("infllm", "streaming"):
-        e = engine.with_config(InfLLMConfig(method=method))
-        t0 = time.perf_counter()
-        found[method] = e.generate(e.new_memory(), ids, max_new_tokens=8).wait().text
-        print(method, f"{time.perf_counter() - t0:.0f}s", repr(found[method]))
-    assert key in found["infllm"]
-    assert key not in found["streaming"]
+    assert 16000 <= ids.numel() <= 16384 and ids.numel() - needle_at > 12000 > engine.cfg.n_local + engine.cfg.n_init
+    t0 = time.perf_counter()
+    found = engine.generate(engine.new_memory(), ids, max_new_tokens=8).wait().text
+    print(f"{time.perf_counter() - t0:.0f}s", repr(found))
+    assert key in found
 
 
 LICENSES = [Path("/usr/share/common-licenses/GPL-3"), Path("/usr/share/common-licenses/GPL-2")]
@@ -80,6 +79,16 @@ def test_a_fact_planted_in_real_prose_is_answered_and_cited_through_the_library(
     assert answer.trace.evidence(memory.n_blocks)[0] in spans                # the vote cites the planted block
     cited = citation(answer.trace.to_dict(), library.spans(done.doc_id), library.pages(done.doc_id))
     assert cited.startswith("(see ") and cited.endswith(")")                 # a text file's sections are cited by name
+    # Asked across two memories by attention alone (no word matches): the fact's memory is found and
+    # read, wherever it stands on the shelf.
+    apache = Path("/usr/share/common-licenses/Apache-2.0")
+    if apache.is_file():
+        other = tmp_path / "apache.txt"
+        other.write_text(apache.read_text())
+        second = load_memory(library, engine, ingest_document(library, engine, read_document(other)).doc_id)
+        across = engine.ask_shelf([second, memory], "Who is the lighthouse keeper of Port Emberly?", 16).wait()
+        assert across.document == 1 and {d for d, _ in across.shelf.reads} == {1}
+        assert "Mirela Vance" in across.text
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")
