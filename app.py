@@ -172,7 +172,8 @@ def cmd_ask(args, library: Library) -> int:
         if answered.note:
             print(answered.note)
         where = ", ".join(e["pages"] for e in evidence)
-        print(f"[memory {timings['memory_load_s']:.1f} s, first token {timings.get('first_token_s', 0):.1f} s, "
+        print(f"[memory {timings['memory_load_s']:.1f} s, question's probe {timings.get('focus_s', 0):.1f} s, "
+              f"first token {timings.get('first_token_s', 0):.1f} s after it, "
               f"{timings.get('decode_tokens_per_s', 0):.1f} tok/s; evidence: {where or 'none'}]", file=sys.stderr)
     return 0
 

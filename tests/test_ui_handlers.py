@@ -360,3 +360,10 @@ def test_a_document_still_being_read_is_left_out_of_a_library_question_and_named
     # One document ticked is that document: its own conversation, no shelf.
     *_, alone = app.service.ask([book], "Who keeps the lighthouse at Port Emberly?", max_new_tokens=4)
     assert [c["id"] for c in app.library.conversations(book)] == [alone.conversation] and not alone.note
+
+
+def test_the_first_token_figure_counts_the_memories_and_the_probes_the_reader_waited_for():
+    trace = {"steps": [], "records": []}
+    timings = {"memory_load_s": 0.5, "focus_s": 2.0, "first_token_s": 0.25, "decode_tokens_per_s": 9.0}
+    assert evidence.figures(trace, timings, 0).first_token_s == 2.75
+    assert evidence.figures(trace, {"first_token_s": 0.25}, 0).first_token_s == 0.25    # answers saved before
