@@ -152,17 +152,11 @@ class ReadingService:
             raise ReadingError(f"“{doc['title']}” is not ready yet ({doc['status']})")
         cfg = self.question_config(doc, topk)
         engine = self.engine.with_config(cfg)
-        if conversation is not None:
-            self.library.conversation(conversation, doc["id"])        # another document's turns are never re-read
-        messages = self.library.messages(conversation) if conversation else []
-        history = [(q["content"], a["content"]) for q, a in zip(messages[::2], messages[1::2])]
+        history = self._history(conversation, doc["id"])        # another document's turns are never re-read
         lexical = self.library.search(doc["id"], question) if cfg.focus_lexical else None
         stop = stop or threading.Event()
         outcome: dict = {}
-        if doc["id"] not in self._backfilled and self.library.text(doc["id"]) is None:
-            self._backfilled.add(doc["id"])         # read before quotes: once per run, whatever it finds
-            backfill(self.library, self.engine, doc["id"])
-
+        self._backfill(doc)
         spans, pages = self.library.spans(doc["id"]), self.library.pages(doc["id"])
 
         def produce(emit) -> None:          # runs on the model thread
@@ -170,29 +164,15 @@ class ReadingService:
             memory = load_memory(self.library, engine, doc["id"])
             outcome["load_s"] = time.perf_counter() - t0
             outcome["answer"] = answer = engine.ask(memory, question, max_new_tokens, history=history, lexical=lexical)
-            emit("")
-            outcome["quote"] = quote = self.quote(doc, question, answer.token_votes, spans, pages)
-            if quote is not None:
-                emit(quote)
-            for piece in answer:
-                emit(piece)
-                if stop.is_set():
-                    return
+            outcome["quote"] = self._emit(emit, answer, stop, lambda: self.quote(doc, question, answer.token_votes,
+                                                                                spans, pages))
 
-        text = ""
-        for piece in self.worker.stream(produce):
-            if isinstance(piece, str):
-                text += piece
-            yield piece
+        text = yield from self._stream(produce)
         answer, quote = outcome["answer"], outcome.get("quote")
         trace = answer.trace.to_dict()
         cited = "" if stop.is_set() else cite(quote["page"]) if quote else citation(trace, spans, pages)
-        text = f"{text} …(stopped)" if stop.is_set() else f"{text.rstrip()} {cited}" if cited else text
-        if conversation is None:
-            conversation = self.library.new_conversation(doc["id"], question)
-        timings = {"memory_load_s": outcome["load_s"], **answer.timings}
-        self.library.add_message(conversation, doc["id"], "user", question)
-        self.library.add_message(conversation, doc["id"], "assistant", text, cfg.method, trace, timings, quote)
+        text, conversation, timings = self._save(doc["id"], conversation, question, text, cited, stop, cfg.method,
+                                                 trace, outcome, quote)
         yield Answered(text, cited, conversation, cfg.method, trace, timings, passages(trace, spans, pages), quote,
                        stop.is_set())
 
@@ -225,18 +205,13 @@ class ReadingService:
         if not chosen:
             raise ReadingError("none of these documents was read in the InfLLM mode that a question across "
                                "documents needs")
-        if conversation is not None:
-            self.library.conversation(conversation, key)
-        messages = self.library.messages(conversation) if conversation else []
-        history = [(q["content"], a["content"]) for q, a in zip(messages[::2], messages[1::2])]
+        history = self._history(conversation, key)
         words = self.library.search_shelf([d["id"] for d in chosen], question)
         if probed is not None and len(chosen) > probed:
             best = lambda d: max(words.get(d["id"], {0: 0.0}).values())
             chosen = sorted(chosen, key=best, reverse=True)[:probed]
         for doc in chosen:
-            if doc["id"] not in self._backfilled and self.library.text(doc["id"]) is None:
-                self._backfilled.add(doc["id"])
-                backfill(self.library, self.engine, doc["id"])
+            self._backfill(doc)
         engine = self.engine.with_config(cfg)
         spans = [self.library.spans(d["id"]) for d in chosen]
         pages = [self.library.pages(d["id"]) for d in chosen]
@@ -250,37 +225,74 @@ class ReadingService:
             lexical = [words.get(d["id"]) for d in chosen] if cfg.focus_lexical else []
             outcome["answer"] = answer = engine.ask_shelf(memories, question, max_new_tokens, history=history,
                                                           lexical=lexical)
-            emit("")
             best = answer.document
-            outcome["quote"] = quote = self.quote(chosen[best], question, answer.token_votes, spans[best], pages[best])
-            if quote is not None:
-                emit(quote)
-            for piece in answer:
-                emit(piece)
-                if stop.is_set():
-                    return
+            outcome["quote"] = self._emit(emit, answer, stop, lambda: self.quote(
+                chosen[best], question, answer.token_votes, spans[best], pages[best]))
 
-        text = ""
-        for piece in self.worker.stream(produce):
-            if isinstance(piece, str):
-                text += piece
-            yield piece
+        text = yield from self._stream(produce)
         answer, quote = outcome["answer"], outcome.get("quote")
         trace = {**answer.trace.to_dict(), "documents": [d["id"] for d in chosen]}
         found = shelf_passages(trace, [(d, s, p) for d, s, p in zip(chosen, spans, pages)])
         where = (quote["title"], quote["page"]) if quote else (found[0]["title"], found[0]["pages"]) if found else None
         cited = "" if stop.is_set() or where is None else cite(where[1], where[0])
-        text = f"{text} …(stopped)" if stop.is_set() else f"{text.rstrip()} {cited}" if cited else text
         left = [f"“{d['title']}” ({d['status']})" for d in waiting] + [f"“{d['title']}” (read in another mode)"
                                                                        for d in other]
         note = f"Not searched: {', '.join(left)}." if left else ""
+        text, conversation, timings = self._save(key, conversation, question, text, cited, stop, cfg.method, trace,
+                                                 outcome, quote, note)
+        yield Answered(text, cited, conversation, cfg.method, trace, timings, found, quote, stop.is_set(), note)
+
+    # -- what both kinds of question share --------------------------------------------------------
+    def _history(self, conversation: int | None, scope: int | str) -> list[tuple[str, str]]:
+        """The earlier (question, answer) turns of a conversation of this scope (Library.conversation)."""
+        if conversation is None:
+            return []
+        self.library.conversation(conversation, scope)
+        messages = self.library.messages(conversation)
+        return [(q["content"], a["content"]) for q, a in zip(messages[::2], messages[1::2])]
+
+    def _backfill(self, doc: dict) -> None:
+        """A document read before texts were kept gets its text and pages once per run, whatever it finds."""
+        if doc["id"] not in self._backfilled and self.library.text(doc["id"]) is None:
+            self._backfilled.add(doc["id"])
+            backfill(self.library, self.engine, doc["id"])
+
+    @staticmethod
+    def _emit(emit, answer, stop: threading.Event, quote_of) -> dict | None:
+        """On the model thread: "" (the model starts), the quote when there is one, then the answer's pieces
+        until it ends or `stop` is set. Returns the quote."""
+        emit("")
+        quote = quote_of()
+        if quote is not None:
+            emit(quote)
+        for piece in answer:
+            emit(piece)
+            if stop.is_set():
+                break
+        return quote
+
+    def _stream(self, produce) -> Iterator[str | dict]:
+        """Pass on what produce emits on the model thread; returns the text pieces joined."""
+        text = ""
+        for piece in self.worker.stream(produce):
+            if isinstance(piece, str):
+                text += piece
+            yield piece
+        return text
+
+    def _save(self, scope: int | str, conversation: int | None, question: str, text: str, cited: str,
+              stop: threading.Event, method: str, trace: dict, outcome: dict, quote: dict | None,
+              note: str = "") -> tuple[str, int, dict]:
+        """Save the question and the answer (its citation, or "…(stopped)", and the note appended) under the
+        scope: (the answer's text, the conversation, the timings)."""
+        text = f"{text} …(stopped)" if stop.is_set() else f"{text.rstrip()} {cited}" if cited else text
         text = f"{text}\n\n{note}" if note else text
         if conversation is None:
-            conversation = self.library.new_conversation(key, question)
-        timings = {"memory_load_s": outcome["load_s"], **answer.timings}
-        self.library.add_message(conversation, key, "user", question)
-        self.library.add_message(conversation, key, "assistant", text, cfg.method, trace, timings, quote)
-        yield Answered(text, cited, conversation, cfg.method, trace, timings, found, quote, stop.is_set(), note)
+            conversation = self.library.new_conversation(scope, question)
+        timings = {"memory_load_s": outcome["load_s"], **outcome["answer"].timings}
+        self.library.add_message(conversation, scope, "user", question)
+        self.library.add_message(conversation, scope, "assistant", text, method, trace, timings, quote)
+        return text, conversation, timings
 
     def shelf(self, docs: str | Sequence[int]) -> tuple[str, list[dict], list[dict]]:
         """A question's documents: (the conversation key, the ready ones, the ones still being read)."""
