@@ -4,6 +4,6 @@ from .engine import Answer, Engine
 from .errors import EngineError
 from . import snapshot
 from .memory import ContextMemory
-from .trace import Trace
+from .trace import Summary, Trace
 
-__all__ = ["snapshot", "Answer", "ContextMemory", "Engine", "EngineError", "InfLLMConfig", "Trace"]
+__all__ = ["snapshot", "Answer", "ContextMemory", "Engine", "EngineError", "InfLLMConfig", "Summary", "Trace"]

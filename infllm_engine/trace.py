@@ -1,7 +1,8 @@
 """The retrieval trace: which blocks each layer retrieved at each step, and how much attention they got.
 
 This is the data behind the heatmap, so it stays cheap: tensors are appended as they are (no host
-sync in the hot loop) and converted once, when the call is over.
+sync in the hot loop) and converted once, when the call is over. An answer stores its Summary (the
+sums over its steps, ~20 KB), not the per-step Trace (~400 KB).
 
 Columns are spans of the document, numbered as Library.spans numbers them: span i holds positions
 n_init + i * block_size .. (ContextMemory.block_span), so memory block i is span i, and the
@@ -53,7 +54,7 @@ class Trace:
         return len(self.steps) - 1
 
     def to_dict(self) -> dict:
-        """Plain lists and numbers, ready for JSON or SQLite.
+        """Every record as plain lists and numbers, ready for JSON (debugging, benches; answers store summary()).
 
         Traces stored before the window spans have no "doc_end" and no record "window_mass": from_dict
         reads them as doc_end None and records without window data (the heatmap then has blocks only).
@@ -100,9 +101,113 @@ class Trace:
             ))
         return trace
 
+    def summary(self, steps: set[int] | None = None) -> "Summary":
+        """What the answer's pages need of this trace, the chosen steps (None: all) summed (Summary)."""
+        chosen = [r for r in self.records if steps is None or r.step in steps]
+        blocks = Sums.of([(r.layer, r.block_ids, r.block_mass) for r in chosen])
+        window = Sums.of([(r.layer, torch.arange(r.window_first, r.window_first + r.window_mass.numel()), r.window_mass)
+                          for r in chosen if r.window_mass is not None])
+        n = max(len(chosen), 1)
+        memory = sum(float(r.block_mass.float().sum()) for r in chosen) / n
+        local = sum(float(r.local_mass) for r in chosen) / n
+        tokens = {kind: sum(s.n_tokens for s in self.steps if s.kind == kind) for kind in ("prefill", "decode")}
+        # Only a positive vote is evidence (Summary.evidence): the rest is stored as 0, which costs 2 bytes.
+        votes = None if self.votes is None else self.votes.detach().float().cpu().clamp(min=0)
+        pinned = None if self.pinned is None else self.pinned.cpu()
+        return Summary(blocks, window, memory, local, tokens, votes, pinned, self.doc_end, self.parts)
+
     def heat(self, n_layers: int, n_blocks: int, steps: set[int] | None = None,
              n_spans: int | None = None) -> torch.Tensor:
-        """[n_layers, n_spans]: attention mass each span received, summed over the chosen steps.
+        """Summary.heat over the chosen steps (None: all)."""
+        return self.summary(steps).heat(n_layers, n_blocks, n_spans)
+
+    def evidence(self, n_blocks: int) -> list[int]:
+        return self.summary().evidence(n_blocks)
+
+
+@dataclass(slots=True)
+class Sums:
+    """Attention mass summed per (layer, span) over a trace's steps: one entry per pair that was attended."""
+    layer: torch.Tensor     # [n] long
+    span: torch.Tensor      # [n] long
+    mass: torch.Tensor      # [n] float32
+
+    @classmethod
+    def of(cls, parts: list[tuple[int, torch.Tensor, torch.Tensor]]) -> "Sums":
+        """parts: (layer, span ids [k], mass [k]) per record."""
+        if not parts:
+            return cls(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0))
+        layer = torch.cat([torch.full((ids.numel(),), layer, dtype=torch.long) for layer, ids, _ in parts])
+        span = torch.cat([ids.cpu() for _, ids, _ in parts])
+        mass = torch.cat([m.detach().float().cpu() for _, _, m in parts])
+        width = int(span.max()) + 1 if span.numel() else 1
+        keys, inverse = torch.unique(layer * width + span, return_inverse=True)
+        return cls(keys // width, keys % width, torch.zeros(keys.numel()).index_add_(0, inverse, mass))
+
+    def add_to(self, heat: torch.Tensor, keep: torch.Tensor) -> None:
+        heat.index_put_((self.layer[keep], self.span[keep]), self.mass[keep], accumulate=True)
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer.tolist(), "span": self.span.tolist(), "mass": [round(x, 5) for x in self.mass.tolist()]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Sums":
+        return cls(torch.tensor(data["layer"], dtype=torch.long), torch.tensor(data["span"], dtype=torch.long),
+                   torch.tensor(data["mass"], dtype=torch.float32))
+
+
+@dataclass
+class Summary:
+    """What is stored with an answer: the heatmap's sums, the figures' means and the evidence order.
+
+    A Trace keeps a record per layer and step (~30 × the answer's tokens of them: ~400 KB of JSON for an
+    answer of the default length); the pages only ever show their sums over the answer. Trace.to_dict
+    keeps the full record for debugging (ReadingService's full_traces); load() reads either.
+    """
+    blocks: Sums                  # spans are memory block ids (those from n_blocks on were formed while answering)
+    window: Sums                  # spans are the document's span ids in the local window
+    memory_share: float           # mean share of a step's attention on the retrieved blocks, over layers and steps
+    window_share: float           # ... on the local window
+    tokens: dict[str, int]        # {"prefill": tokens read with the question, "decode": tokens generated}
+    votes: torch.Tensor | None = None     # [spans] >= 0: the question focus's evidence (Trace.votes)
+    pinned: torch.Tensor | None = None
+    doc_end: int | None = None
+    parts: list[int] | None = None
+
+    @classmethod
+    def load(cls, data: dict) -> "Summary":
+        """A stored trace: a summary (to_dict), or a full trace (Trace.to_dict: debugging, or stored before
+        summaries)."""
+        if "records" in data:
+            return Trace.from_dict(data).summary()
+        votes, pinned = data.get("votes"), data.get("pinned")
+        return cls(Sums.from_dict(data["blocks"]), Sums.from_dict(data["window"]), data["memory_share"],
+                   data["window_share"], dict(data["tokens"]), None if votes is None else torch.tensor(votes),
+                   None if pinned is None else torch.tensor(pinned, dtype=torch.long), data.get("doc_end"),
+                   data.get("parts"))
+
+    def to_dict(self) -> dict:
+        data = {"blocks": self.blocks.to_dict(), "window": self.window.to_dict(),
+                "memory_share": round(self.memory_share, 5), "window_share": round(self.window_share, 5),
+                "tokens": self.tokens,
+                "votes": None if self.votes is None else [round(x, 6) if x > 0 else 0 for x in self.votes.tolist()],
+                "pinned": None if self.pinned is None else self.pinned.tolist()}
+        if self.doc_end is not None:
+            data["doc_end"] = self.doc_end
+        if self.parts is not None:
+            data["parts"] = list(self.parts)
+        return data
+
+    @property
+    def n_layers(self) -> int:
+        return max((int(s.layer.max()) for s in (self.blocks, self.window) if s.layer.numel()), default=-1) + 1
+
+    def retrieved(self, n_blocks: int) -> set[int]:
+        """The memory blocks that some layer retrieved."""
+        return set(self.blocks.span[self.blocks.span < n_blocks].tolist())
+
+    def heat(self, n_layers: int, n_blocks: int, n_spans: int | None = None) -> torch.Tensor:
+        """[n_layers, n_spans]: attention mass each span received, summed over the answer's steps.
 
         Columns [0, n_blocks) are the memory blocks. Blocks from n_blocks on were formed from the
         document's tail, the question and the answer while answering; they are left out. Columns
@@ -110,16 +215,9 @@ class Trace:
         """
         n_spans = n_blocks if n_spans is None else n_spans
         heat = torch.zeros(n_layers, n_spans)
-        for r in self.records:
-            if steps is None or r.step in steps:
-                ids, mass = r.block_ids.cpu(), r.block_mass.float().cpu()
-                keep = ids < n_blocks
-                heat[r.layer].index_add_(0, ids[keep], mass[keep])
-                if r.window_mass is not None and n_spans > n_blocks:
-                    mass = r.window_mass.float().cpu()
-                    ids = torch.arange(r.window_first, r.window_first + mass.numel())
-                    keep = (ids >= n_blocks) & (ids < n_spans)
-                    heat[r.layer].index_add_(0, ids[keep], mass[keep])
+        self.blocks.add_to(heat, self.blocks.span < n_blocks)
+        if n_spans > n_blocks:
+            self.window.add_to(heat, (self.window.span >= n_blocks) & (self.window.span < n_spans))
         return heat
 
     def evidence_weights(self, n_blocks: int) -> tuple[torch.Tensor, str]:
@@ -134,8 +232,7 @@ class Trace:
         """
         if self.votes is not None:
             return self.votes, "vote"
-        layers = max((r.layer for r in self.records), default=-1) + 1
-        return self.heat(layers, n_blocks).sum(0), "mass"
+        return self.heat(self.n_layers, n_blocks).sum(0), "mass"
 
     def evidence(self, n_blocks: int) -> list[int]:
         """The spans that hold the answer's evidence, most likely first (citations, passages)."""

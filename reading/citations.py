@@ -1,10 +1,11 @@
 """Where an answer's evidence is in the document: its passages, best first, and the inline citation.
 
-Pure functions from a stored trace (Trace.to_dict) and the document's span and page rows.
+Pure functions from a stored trace (Summary.to_dict, or a full Trace.to_dict) and the document's
+span and page rows.
 """
 from __future__ import annotations
 
-from infllm_engine import Trace
+from infllm_engine import Summary
 
 REPLACEMENT = "\ufffd"
 
@@ -22,14 +23,14 @@ def stored_text(span: dict) -> str:
 
 
 def passages(trace: dict, spans: list[dict], pages: list[dict], k: int = 5) -> list[dict]:
-    """The k spans that hold the answer's evidence, best first (Trace.evidence), with pages and text.
+    """The k spans that hold the answer's evidence, best first (Summary.evidence), with pages and text.
 
     share: the span's part of all the positive evidence (a vote for a vague question is a tiny number).
 
     spans: Library.spans rows, memory blocks first and then the local window's pieces.
     """
     n_blocks = sum(1 for r in spans if r.get("in_memory", 1))
-    t = Trace.from_dict(trace)
+    t = Summary.load(trace)
     weight, by = t.evidence_weights(n_blocks)
     order = [i for i in t.evidence(n_blocks) if i < len(spans)][:k]
     total = float(weight.clamp(min=0).sum()) or 1.0
@@ -67,7 +68,7 @@ def shelf_passages(trace: dict, documents: list[tuple[dict, list[dict], list[dic
     """
     parts = trace.get("parts") or [len(s) for _, s, _ in documents]
     offsets = [sum(parts[:i]) for i in range(len(parts))]
-    t = Trace.from_dict(trace)
+    t = Summary.load(trace)
     weight, by = t.evidence_weights(sum(parts))
     total = float(weight.clamp(min=0).sum()) or 1.0
     found = []

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from infllm_engine import Engine, EngineError, InfLLMConfig
+from infllm_engine import Engine, EngineError, InfLLMConfig, Trace
 from infllm_engine.config import QUESTION_ONLY
 from infllm_engine.engine import Progress
 from storage import page_images
@@ -70,17 +70,21 @@ CONTEXT = 1500      # characters of the page's text shown around a passage where
 
 
 class ReadingService:
-    def __init__(self, engine: Engine, library: Library, max_upload_bytes: int = MAX_BYTES):
+    def __init__(self, engine: Engine, library: Library, max_upload_bytes: int = MAX_BYTES, full_traces: bool = False):
+        """full_traces: store each answer's per-step retrieval record (Trace.to_dict, ~400 KB an answer, for
+        debugging) instead of its summary (Summary.to_dict, ~20 KB: all the pages show)."""
         if max_upload_bytes < 1:
             raise ReadingError(f"the upload limit must be at least 1 byte, got {max_upload_bytes}")
         self.engine, self.library, self.max_upload_bytes = engine, library, max_upload_bytes
+        self.full_traces = full_traces
         self.worker = Worker(library, max_upload_bytes)
         self._backfilled: set[int] = set()
 
     @classmethod
-    def start(cls, engine: Engine, library: Library, max_upload_bytes: int = MAX_BYTES) -> "ReadingService":
+    def start(cls, engine: Engine, library: Library, max_upload_bytes: int = MAX_BYTES,
+              full_traces: bool = False) -> "ReadingService":
         """The service, with documents whose reading stopped with the app queued to resume."""
-        service = cls(engine, library, max_upload_bytes)
+        service = cls(engine, library, max_upload_bytes, full_traces)
         service.worker.resume_interrupted(engine)
         return service
 
@@ -169,7 +173,7 @@ class ReadingService:
 
         text = yield from self._stream(produce)
         answer, quote = outcome["answer"], outcome.get("quote")
-        trace = answer.trace.to_dict()
+        trace = self._stored(answer.trace)
         cited = "" if stop.is_set() else cite(quote["page"]) if quote else citation(trace, spans, pages)
         text, conversation, timings = self._save(doc["id"], conversation, question, text, cited, stop, cfg.method,
                                                  trace, outcome, quote)
@@ -231,7 +235,7 @@ class ReadingService:
 
         text = yield from self._stream(produce)
         answer, quote = outcome["answer"], outcome.get("quote")
-        trace = {**answer.trace.to_dict(), "documents": [d["id"] for d in chosen]}
+        trace = {**self._stored(answer.trace), "documents": [d["id"] for d in chosen]}
         found = shelf_passages(trace, [(d, s, p) for d, s, p in zip(chosen, spans, pages)])
         where = (quote["title"], quote["page"]) if quote else (found[0]["title"], found[0]["pages"]) if found else None
         cited = "" if stop.is_set() or where is None else cite(where[1], where[0])
@@ -279,6 +283,9 @@ class ReadingService:
                 text += piece
             yield piece
         return text
+
+    def _stored(self, trace: Trace) -> dict:
+        return trace.to_dict() if self.full_traces else trace.summary().to_dict()
 
     def _save(self, scope: int | str, conversation: int | None, question: str, text: str, cited: str,
               stop: threading.Event, method: str, trace: dict, outcome: dict, quote: dict | None,

@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from infllm_engine import ContextMemory, Engine, InfLLMConfig, Trace
+from infllm_engine import ContextMemory, Engine, InfLLMConfig, Summary, Trace
 from infllm_engine.attention import ForwardState, infllm_attention
 from infllm_engine.rope import Rotary
+from reading.citations import passages
 from ui import evidence
 
 from .conftest import tiny_llama, tiny_tokenizer
@@ -123,3 +124,27 @@ def test_window_span_mass_is_the_brute_force_sum_of_what_each_window_key_receive
 def widen(mass: torch.Tensor, n: int) -> torch.Tensor:
     """[H, m] -> [H, n]: zeros for the keys the shorter prefix did not have."""
     return torch.nn.functional.pad(mass, (0, n - mass.shape[1]))
+
+
+@pytest.mark.parametrize("knobs", [{}, {"focus_blocks": 0}], ids=["focus", "plain"])
+def test_an_answers_summary_gives_the_heatmap_passages_and_figures_of_its_full_trace(knobs):
+    """What an answer stores (Summary) against every step's record (Trace.to_dict), through JSON. With the
+    focus the evidence is its vote; plain InfLLM's is the summed mass."""
+    full, spans, pages = answer_trace(64, 300, **knobs)        # memory blocks and window spans
+    lean = json.loads(json.dumps(Summary.load(full).to_dict()))
+    assert "records" not in lean and len(json.dumps(lean)) < len(json.dumps(full)) / 2
+    assert (lean["votes"] is None) == ("focus_blocks" in knobs)
+    n_blocks, n_spans = sum(s["in_memory"] for s in spans), len(spans)
+    torch.testing.assert_close(evidence.heat(lean, 2, n_blocks, n_spans), evidence.heat(full, 2, n_blocks, n_spans),
+                               atol=1e-4, rtol=0)
+    assert evidence.heat(full, 2, n_blocks, n_spans).sum() > 0
+    got, want = passages(lean, spans, pages), passages(full, spans, pages)
+    assert [(p["block"], p["pages"], p["by"]) for p in got] == [(p["block"], p["pages"], p["by"]) for p in want] != []
+    assert [p["share"] for p in got] == pytest.approx([p["share"] for p in want], abs=1e-4)
+    got, want = evidence.figures(lean, {}, n_blocks), evidence.figures(full, {}, n_blocks)
+    assert got.blocks_retrieved == want.blocks_retrieved
+    assert got.memory_share == pytest.approx(want.memory_share, abs=1e-4)
+    assert got.window_share == pytest.approx(want.window_share, abs=1e-4) and want.window_share > 0
+    assert lean["tokens"]["decode"] == sum(s["n_tokens"] for s in full["steps"] if s["kind"] == "decode")
+    if "focus_blocks" in knobs:
+        assert want.blocks_retrieved > 0 and want.memory_share > 0

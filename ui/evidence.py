@@ -1,6 +1,7 @@
 """What an answer retrieved: heatmap over layers x document position, top passages and figures.
 
-Pure functions from a stored trace (Trace.to_dict) and the document's block rows (each document's, for a
+Pure functions from a stored trace (Summary.to_dict, or a full Trace.to_dict) and the document's
+block rows (each document's, for a
 question across documents) to HTML. The heatmap is SVG rather than a plotly figure because each cell
 must be clickable: a click on a cell or a passage carries its block id back to the server (see CLICKS,
 run by the browser).
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from infllm_engine import Trace
+from infllm_engine import Summary
 from reading.citations import page_label, passages, shelf_passages, short_title
 
 MAX_COLUMNS = 240      # wider documents are binned: one column covers several neighbouring blocks
@@ -49,19 +50,17 @@ def heat(trace: dict, n_layers: int, n_blocks: int, n_spans: int | None = None) 
     Columns: the n_blocks memory blocks, then (up to n_spans) the document's spans in the local window.
     A block retrieved often and attended strongly is hot; one retrieved but ignored stays cool.
     """
-    return Trace.from_dict(trace).heat(n_layers, n_blocks, n_spans=n_spans)
+    return Summary.load(trace).heat(n_layers, n_blocks, n_spans=n_spans)
 
 
 def figures(trace: dict, timings: dict | None, n_blocks: int) -> Figures:
-    records = trace["records"]
-    seen = {b for r in records for b in r["block_ids"] if b < n_blocks}
-    memory = sum(sum(r["block_mass"]) for r in records) / max(len(records), 1)
-    window = sum(r["local_mass"] for r in records) / max(len(records), 1)
+    summary = Summary.load(trace)
     timings = timings or {}
     # What the reader waited for once the model took the question: the memories mapped, the question's
     # probes (one per document asked), the prefill. The engine's first_token_s counts the prefill only.
     waited = sum(timings.get(k, 0.0) for k in ("memory_load_s", "focus_s", "first_token_s"))
-    return Figures(len(seen), n_blocks, memory, window, timings.get("decode_tokens_per_s", 0.0), waited)
+    return Figures(len(summary.retrieved(n_blocks)), n_blocks, summary.memory_share, summary.window_share,
+                   timings.get("decode_tokens_per_s", 0.0), waited)
 
 
 def _colour(x: float) -> str:
