@@ -62,10 +62,8 @@ class BlockStore:
         self.shape = (n_kv_heads, block_size, head_dim)
         self.dtype, self.device, self.resident = dtype, device, resident
         self.host = device if resident else torch.device("cpu")        # where the packed K/V live
-        rows = stored_rows(n_kv_heads, n_heads, block_size, head_dim)
-        self._empty = lambda: _Part({**{name: torch.empty(0, *rows[name][0], dtype=rows[name][1], device=self.host)
-                                        for name in HOST},
-                                     "reprs": torch.empty(0, n_heads, head_dim, dtype=dtype, device=device)}, 0)
+        self._rows = stored_rows(n_kv_heads, n_heads, block_size, head_dim)
+        self._reprs = (n_heads, head_dim)
         self.base, self.tail = self._empty(), self._empty()
         self.cache = _DeviceCache(cache_blocks, self.shape, dtype, device) if self.host != device else None
         self.slot_ids: list[int] = []                   # CPU: the blocks in slot_k/slot_v, see gather
@@ -73,6 +71,13 @@ class BlockStore:
     @property
     def n(self) -> int:
         return self.base.n + self.tail.n
+
+    def _empty(self) -> _Part:
+        # A method, not a lambda kept on the store: one that refers to self would make every loaded memory a
+        # reference cycle, its K/V freed only when the cyclic collector runs (~27 MB of RSS a question).
+        return _Part({**{name: torch.empty(0, *self._rows[name][0], dtype=self._rows[name][1], device=self.host)
+                         for name in HOST},
+                      "reprs": torch.empty(0, *self._reprs, dtype=self.dtype, device=self.device)}, 0)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, reprs: torch.Tensor) -> None:
         """m new blocks, k, v: [m, Hkv, bs, d] in the compute dtype   reprs: [m, H, d] (or one block without

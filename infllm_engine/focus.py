@@ -39,6 +39,8 @@ from .rope import Rotary
 if TYPE_CHECKING:
     from .memory import ContextMemory
 
+BASELINE_BEFORE = 16    # template rows before the question's words that give the baseline (Focus.vote)
+
 
 @dataclass
 class Focus:
@@ -62,6 +64,9 @@ class Focus:
     # Across documents (infllm_engine.shelf): the spans to re-read, in reading order, each a token range
     # [a, b) of its own memory; pinned then numbers them as the shelf numbers spans. None: pinned blocks.
     reads: list[tuple["ContextMemory", int, int]] | None = None
+    # The document's spans: the probe's first chunk sees them all. A long follow-up's later chunks also see
+    # blocks formed from the conversation itself (evicted from the window), which are no evidence.
+    n_spans: int | None = None
     _near: dict[int, Keys] = field(default_factory=dict)   # per layer, the pinned blocks' rotated keys
     # per voting layer, "votes"/"baseline" -> (rows' queries [H, n, d], their log-normalisers) of each chunk
     _rows: dict[int, dict[str, list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=dict)
@@ -98,15 +103,22 @@ class Focus:
         lo, hi = max(self.doc_end, start), start + q_global.shape[1]
         if lo >= hi:
             return
+        if self.n_spans is None:                # the probe's first chunk: the document's blocks and tail
+            n_blocks, _, bs, _ = blocks[0].shape
+            self.n_spans = n_blocks + -(-tail.shape[1] // bs)
         # Rows are positions: the words are one range of them, the template's tokens the ranges around it
-        # (sliced with Python ints, so no step reads a mask back from the device).
+        # (sliced with Python ints, so no step reads a mask back from the device). Before the words only
+        # the last BASELINE_BEFORE rows count: a follow-up's earlier turns, hundreds of tokens, each cost a
+        # pass over every block key (a 4-turn conversation's probe took 16-27 s on a 75K-token book, 4 s
+        # without them); the template's own tokens before the words are fewer.
         a, b = min(max(self.span[0], lo), hi), max(min(self.span[1], hi), lo)
-        for name, ranges in (("votes", [(a, b)]), ("baseline", [(lo, a), (b, hi)])):
+        before = max(lo, min(a, self.span[0] - BASELINE_BEFORE))
+        for name, ranges in (("votes", [(a, b)]), ("baseline", [(before, a), (b, hi)])):
             rows = [q_global[:, r0 - start: r1 - start] for r0, r1 in ranges if r0 < r1]
             if rows:
                 q = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
                 mass = span_mass(q, blocks[0], scale, tail, block_scale=blocks[1])
-                share = mass.spans * q.shape[1]
+                share = mass.spans[: self.n_spans] * q.shape[1]
                 setattr(self, name, share if getattr(self, name) is None else getattr(self, name) + share)
                 self._rows.setdefault(layer_idx, {}).setdefault(name, []).append((q.float() * scale, mass.lse))
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from infllm_engine import Engine, InfLLMConfig
-from infllm_engine.focus import Focus
+from infllm_engine.focus import BASELINE_BEFORE, Focus
 from infllm_engine.generate import prefill
 from infllm_engine.trace import Trace
 from kernels import key_shares, span_mass
@@ -86,6 +86,24 @@ def test_voted_blocks_join_every_layer_and_every_step_and_are_recorded(engine):
     alone = engine.with_config(engine.cfg.replace(focus_alone=True)).ask(memory, "what is it?", max_new_tokens=4).wait()
     assert all(r.block_ids.tolist() == alone.trace.pinned.tolist() for r in alone.trace.records)  # no own top-k
     assert answer.trace.evidence(memory.n_blocks)[0] == int(trace.votes.argmax())
+
+
+def test_a_long_follow_up_is_probed_with_the_template_near_its_words_and_only_the_documents_spans(engine):
+    """Each baseline row is a pass over every block key: a conversation's earlier turns would make the probe
+    of a follow-up cost its whole history (27 s against 7 on a 75K-token book). And a history longer than a
+    chunk pushes its own tokens into blocks while it is probed: they are no evidence (it used to crash)."""
+    memory = engine.read(torch.arange(300) % 256)
+    history = [(f"What is part {i}?", "It is a long answer about that part of the document. " * 3) for i in range(3)]
+    ids, (a, b) = engine.question_ids("And the last one?", history)
+    assert a > BASELINE_BEFORE and ids.numel() > 4 * engine.cfg.chunk_size
+    focus = engine.focus(memory, ids, (memory.length + a, memory.length + b))
+    layer, = focus.layers
+    rows = {name: sum(q.shape[1] for q, _ in focus._rows[layer][name]) for name in ("votes", "baseline")}
+    assert rows == {"votes": b - a, "baseline": BASELINE_BEFORE + ids.numel() - b}
+    window_spans = -(-(memory.length - memory.layers[0].r0) // 8)
+    assert focus.votes.shape == focus.baseline.shape == (memory.n_blocks + window_spans,)
+    answer = engine.ask(memory, "And the last one?", max_new_tokens=4, history=history).wait()
+    assert answer.trace.votes.shape == focus.votes.shape and answer.trace.pinned.numel() > 0
 
 
 def test_pinned_blocks_are_reread_in_document_order_just_before_the_question(engine):
