@@ -27,6 +27,7 @@ from infllm_engine.loading import default_data_dir
 from reading.citations import short_title
 from reading.ingest import Outcome
 from reading.service import ANSWER_TOKENS, USER_ERRORS, Answered, ReadingService
+from reading.worker import Queued
 from storage.library import Library
 from storage.readers import MAX_BYTES
 
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_argument("--device", default=argparse.SUPPRESS, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     common.add_argument("--dtype", choices=("auto", *DTYPES), default=argparse.SUPPRESS,
                         help="compute precision (default auto: bf16 on CUDA, and on a CPU where it measures faster)")
+    common.add_argument("--full-traces", action="store_true", default=argparse.SUPPRESS,
+                        help="store every step's retrieval with each answer (debugging: ~400 KB an answer, not ~20)")
     web = argparse.ArgumentParser(add_help=False)
     web.add_argument("--host", default=argparse.SUPPRESS, help="address to bind (default 127.0.0.1: this machine only)")
     web.add_argument("--port", type=int, default=argparse.SUPPRESS, help="default 7860")
@@ -64,7 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = {"data_dir": default_data_dir(), "model": None, "method": "infllm", "topk": InfLLMConfig().topk,
                 "n_local": InfLLMConfig().n_local, "json": False, "command": None, "host": "127.0.0.1",
                 "port": 7860, "auth": os.environ.get("INFLLM_READER_AUTH"), "max_upload_mb": MAX_BYTES // 2**20,
-                "device": "cuda" if torch.cuda.is_available() else "cpu", "dtype": "auto"}
+                "device": "cuda" if torch.cuda.is_available() else "cpu", "dtype": "auto",
+                "full_traces": False}
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
@@ -97,7 +101,7 @@ def make_service(args: argparse.Namespace, library: Library, resume: bool = Fals
     cfg = InfLLMConfig(method=args.method, topk=args.topk, n_local=args.n_local, device=args.device, dtype=args.dtype)
     engine = Engine.load(args.model, cfg, args.data_dir)
     make = ReadingService.start if resume else ReadingService
-    return make(engine, library, args.max_upload_mb * 2**20)
+    return make(engine, library, args.max_upload_mb * 2**20, args.full_traces)
 
 
 def progress_bar(name: str):
@@ -151,6 +155,8 @@ def cmd_ask(args, library: Library) -> int:
     for piece in service.ask(target, args.question, max_new_tokens=args.max_tokens):
         if isinstance(piece, Answered):
             answered = piece
+        elif isinstance(piece, Queued):         # another process shares no model thread: seldom seen here
+            print(piece, file=sys.stderr, flush=True)
         elif args.json:
             continue
         elif isinstance(piece, dict):           # the quote comes first: the document's own words

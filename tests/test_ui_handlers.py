@@ -1,5 +1,7 @@
 """The page's handlers as plain functions, with a tiny model: upload, progress, chat, inspection, delete."""
+import json
 import re
+import threading
 import time
 
 import pytest
@@ -100,12 +102,48 @@ def test_an_answer_streams_is_saved_and_comes_back_with_its_heatmap(app, tmp_pat
     saved = app.library.messages(conversation)
     assert saved[0]["content"] == chat[0]["content"]
     assert chat[1]["content"] == h.quote_markdown(saved[1]["quote"]) + saved[1]["content"]   # the quote first
-    assert saved[1]["trace"]["records"] and saved[1]["timings"]["decode_tokens_per_s"] > 0
+    assert saved[1]["trace"]["blocks"]["span"] and saved[1]["timings"]["decode_tokens_per_s"] > 0
+    assert "records" not in saved[1]["trace"]          # the summary, not every step's record (full_traces)
     # After a restart (a new App on the same library), the conversation and its inspector are back.
     again = h.App(ReadingService.start(app.service.engine, Library(app.library.dir)))
     chat2, conversation2, html2 = h.open_document(again, doc_id)
     assert (chat2, conversation2) == (chat, conversation)
     assert html2 == html
+
+
+def test_full_traces_store_every_step_and_draw_the_same_inspector(app, tmp_path):
+    """The debug setting keeps each step's record; the page draws the same heatmap, passages and figures."""
+    doc_id = read(app, tmp_path)
+    longer = h.Settings("infllm", 2, 64, max_new_tokens=32)
+    _, lean_conversation, lean_html = list(h.ask(app, doc_id, None, "What is on page 3?", longer))[-1]
+    app.service.full_traces = True
+    _, full_conversation, full_html = list(h.ask(app, doc_id, None, "What is on page 3?", longer))[-1]
+    lean, full = (app.library.messages(c)[1]["trace"] for c in (lean_conversation, full_conversation))
+    assert "records" in full and "records" not in lean
+    assert len(json.dumps(lean)) < len(json.dumps(full)) / 5
+    timings = re.compile(r"<b>[\d.,]+ (tok/)?s</b>")                # the two runs' speeds differ
+    assert timings.sub("", lean_html) == timings.sub("", full_html)     # the same answer, drawn alike
+
+
+def test_a_question_behind_another_shows_its_place_in_the_chat_until_the_model_takes_it(app, tmp_path):
+    doc_id = read(app, tmp_path)
+    hold = threading.Event()
+
+    def other(emit) -> None:         # another tab's answer holds the model thread
+        emit("")
+        hold.wait(30)
+
+    busy = app.worker.stream(other)
+    next(busy)
+    steps = h.ask(app, doc_id, None, "What is on page 3?", SETTINGS)
+    next(steps)                                               # the question, and "waiting for the model…"
+    chat, _, html = next(steps)
+    assert chat[-1]["content"] == "*waiting for the model: 1 question ahead of yours…*"
+    assert "1 question ahead of yours" in html
+    hold.set()
+    list(busy)
+    chat, _, html = list(steps)[-1]
+    assert "waiting" not in chat[-1]["content"] and "class='heatmap'" in html
 
 
 def test_a_follow_up_question_carries_the_conversation(app, tmp_path):
@@ -125,7 +163,7 @@ def test_stop_ends_the_answer_early_and_keeps_what_was_said(app, tmp_path):
     chat, conversation, _ = list(steps)[-1]
     assert chat[-1]["content"].endswith("…(stopped)")
     assert chat[-1]["content"].endswith(app.library.messages(conversation)[-1]["content"])
-    assert len(app.library.messages(conversation)[-1]["trace"]["steps"]) < 200
+    assert app.library.messages(conversation)[-1]["trace"]["tokens"]["decode"] < 200
 
 
 def test_a_click_on_a_cell_or_passage_shows_that_blocks_text_on_its_page(app, tmp_path):

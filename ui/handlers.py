@@ -20,7 +20,7 @@ from infllm_engine.config import METHODS
 from reading.ingest import stored_config
 from reading.citations import short_title
 from reading.service import ALL, ANSWER_TOKENS, USER_ERRORS, Answered, ReadingService
-from reading.worker import Job, JobState
+from reading.worker import Job, JobState, Queued
 from storage.library import Status
 from storage.readers import SUPPORTED
 
@@ -288,6 +288,10 @@ def ask(app: App, asked: Target | None, conversation: int | None, question: str,
                 yield chat, piece.conversation, _inspector(app, scope, piece.trace, piece.timings, piece.method,
                                                            piece.quote)
                 return
+            if isinstance(piece, Queued):       # behind other questions, or a reading's turn: say so, and where
+                chat[-1]["content"] = f"*{piece}…*"
+                yield chat, conversation, f"<div class='inspector muted'>{html.escape(str(piece))}…</div>"
+                continue
             if isinstance(piece, dict):         # the quote: shown at once, before the model's words
                 quoted = quote_markdown(piece, titled=isinstance(scope, str))
             else:

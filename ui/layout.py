@@ -188,8 +188,10 @@ def build(service: ReadingService, defaults: Settings = Settings()) -> gr.Blocks
                      js="(d, ok) => [d, confirm('Delete this document and its memory from the library?')]"
                      ).then(lambda: (None, []), None, [doc, several]).then(**panel)
         # `several` comes last: API clients that ask one document (or "all") can leave it out.
+        # No concurrency limit: the model thread is the queue (reading/worker.py), and a question waiting
+        # there shows its place in the chat; Gradio's own queue would show nothing with show_progress hidden.
         ask_event = dict(fn=_shown(asked, 4), inputs=[doc, conversation, question, *knobs, several],
-                         outputs=[chat, conversation, inspector, question], concurrency_limit=1,
+                         outputs=[chat, conversation, inspector, question], concurrency_limit=None,
                          show_progress="hidden")
         ask_btn.click(**ask_event)
         question.submit(**ask_event)
