@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_argument("--dtype", choices=("auto", *DTYPES), default=argparse.SUPPRESS,
                         help="compute precision (default auto: bf16 on CUDA, and on a CPU where it measures faster)")
     common.add_argument("--full-traces", action="store_true", default=argparse.SUPPRESS,
-                        help="store every step's retrieval with each answer (debugging: ~400 KB an answer, not ~20)")
+                        help="store every step's retrieval with each answer (debugging: ~340 KB an answer, not ~6)")
     web = argparse.ArgumentParser(add_help=False)
     web.add_argument("--host", default=argparse.SUPPRESS, help="address to bind (default 127.0.0.1: this machine only)")
     web.add_argument("--port", type=int, default=argparse.SUPPRESS, help="default 7860")
@@ -155,7 +155,7 @@ def cmd_ask(args, library: Library) -> int:
     for piece in service.ask(target, args.question, max_new_tokens=args.max_tokens):
         if isinstance(piece, Answered):
             answered = piece
-        elif isinstance(piece, Queued):         # another process shares no model thread: seldom seen here
+        elif isinstance(piece, Queued):         # this process's model thread is its own: not in practice
             print(piece, file=sys.stderr, flush=True)
         elif args.json:
             continue

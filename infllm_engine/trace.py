@@ -2,7 +2,7 @@
 
 This is the data behind the heatmap, so it stays cheap: tensors are appended as they are (no host
 sync in the hot loop) and converted once, when the call is over. An answer stores its Summary (the
-sums over its steps, ~20 KB), not the per-step Trace (~400 KB).
+sums over its steps, ~6 KB), not the per-step Trace (~340 KB).
 
 Columns are spans of the document, numbered as Library.spans numbers them: span i holds positions
 n_init + i * block_size .. (ContextMemory.block_span), so memory block i is span i, and the
@@ -79,11 +79,7 @@ class Trace:
             "votes": None if self.votes is None else [round(x, 6) for x in self.votes.float().tolist()],
             "pinned": None if self.pinned is None else self.pinned.tolist(),
         }
-        if self.doc_end is not None:
-            data["doc_end"] = self.doc_end
-        if self.parts is not None:
-            data["parts"] = list(self.parts)
-        return data
+        return _with_place(data, self.doc_end, self.parts)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Trace":
@@ -160,7 +156,7 @@ class Sums:
 class Summary:
     """What is stored with an answer: the heatmap's sums, the figures' means and the evidence order.
 
-    A Trace keeps a record per layer and step (~30 × the answer's tokens of them: ~400 KB of JSON for an
+    A Trace keeps a record per layer and step (~30 × the answer's tokens of them: ~340 KB of JSON for an
     answer of the default length); the pages only ever show their sums over the answer. Trace.to_dict
     keeps the full record for debugging (ReadingService's full_traces); load() reads either.
     """
@@ -192,11 +188,7 @@ class Summary:
                 "tokens": self.tokens,
                 "votes": None if self.votes is None else [round(x, 6) if x > 0 else 0 for x in self.votes.tolist()],
                 "pinned": None if self.pinned is None else self.pinned.tolist()}
-        if self.doc_end is not None:
-            data["doc_end"] = self.doc_end
-        if self.parts is not None:
-            data["parts"] = list(self.parts)
-        return data
+        return _with_place(data, self.doc_end, self.parts)
 
     @property
     def n_layers(self) -> int:
@@ -238,3 +230,13 @@ class Summary:
         """The spans that hold the answer's evidence, most likely first (citations, passages)."""
         weight, _ = self.evidence_weights(n_blocks)
         return [int(i) for i in weight.argsort(descending=True, stable=True) if weight[i] > 0]
+
+
+def _with_place(data: dict, doc_end: int | None, parts: list[int] | None) -> dict:
+    """A stored trace's doc_end and parts, only where set: traces stored before them have neither key, and
+    reading one back must give the same dict."""
+    if doc_end is not None:
+        data["doc_end"] = doc_end
+    if parts is not None:
+        data["parts"] = list(parts)
+    return data

@@ -71,8 +71,8 @@ CONTEXT = 1500      # characters of the page's text shown around a passage where
 
 class ReadingService:
     def __init__(self, engine: Engine, library: Library, max_upload_bytes: int = MAX_BYTES, full_traces: bool = False):
-        """full_traces: store each answer's per-step retrieval record (Trace.to_dict, ~400 KB an answer, for
-        debugging) instead of its summary (Summary.to_dict, ~20 KB: all the pages show)."""
+        """full_traces: store each answer's per-step retrieval record (Trace.to_dict, ~340 KB an answer, for
+        debugging) instead of its summary (Summary.to_dict, ~6 KB: all the pages show)."""
         if max_upload_bytes < 1:
             raise ReadingError(f"the upload limit must be at least 1 byte, got {max_upload_bytes}")
         self.engine, self.library, self.max_upload_bytes = engine, library, max_upload_bytes

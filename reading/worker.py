@@ -231,6 +231,7 @@ class Worker:
             self.answering = False
             _give_back_freed_memory()
         return time.perf_counter() - started
+
     def _read(self, job: Job) -> None:
         job.state, job.started = JobState.READING, time.perf_counter()
 

@@ -1,10 +1,9 @@
 """What an answer retrieved: heatmap over layers x document position, top passages and figures.
 
 Pure functions from a stored trace (Summary.to_dict, or a full Trace.to_dict) and the document's
-block rows (each document's, for a
-question across documents) to HTML. The heatmap is SVG rather than a plotly figure because each cell
-must be clickable: a click on a cell or a passage carries its block id back to the server (see CLICKS,
-run by the browser).
+block rows (each document's, for a question across documents) to HTML. The heatmap is SVG rather than a
+plotly figure because each cell must be clickable: a click on a cell or a passage carries its block id
+back to the server (see CLICKS, run by the browser).
 """
 from __future__ import annotations
 
