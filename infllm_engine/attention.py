@@ -109,7 +109,7 @@ def _infllm(layer: LayerMemory, layer_idx: int, q, k, v, state: ForwardState, sc
     if near is not None:
         memory.append(near)
     res = chunk_attention(q_local, q_global.view(-1, g, c, d), s, Keys(k_win, v_win, lo), memory, n_local,
-                          scale, window_mass=keep_mass, memory_mass=tracing, backend=cfg.kernels)
+                          scale, window_mass=keep_mass, memory_mass=tracing, backend=cfg.kernels, exact_mass=tracing)
     if keep_mass:
         layer.add_mass(lo, res.window_mass.reshape(h, -1))
     if tracing:

@@ -83,3 +83,20 @@ def received_mass(stage: Stage, lse_total: torch.Tensor, keys: slice = slice(Non
     weight = torch.exp(stage.lse - total) / stage.row_sum.clamp_min(torch.finfo(stage.row_sum.dtype).tiny)
     e = stage.exp_scores[..., keys]
     return torch.bmm(weight.reshape(hkv * g, 1, c), e.reshape(hkv * g, c, e.shape[-1])).view(hkv, g, -1)
+
+
+def columns(p0: int, p1: int, key_start: int | None, n: int, lo: int, hi: int):
+    """For queries [p0, p1) and n consecutive keys from key_start, visible iff lo <= p - key < hi:
+    (a, b, masked): keys [a, b) are seen by some query; `masked` lists the column ranges within it
+    that not every query sees (the band's two edges)."""
+    if key_start is None:
+        return 0, n, []
+    a = max(0, p0 - key_start - hi + 1)
+    b = min(n, p1 - key_start - lo)
+    if a >= b:
+        return 0, 0, []
+    full_a = max(a, p1 - 1 - key_start - hi + 1)
+    full_b = min(b, p0 - key_start - lo + 1)
+    if full_a >= full_b:            # no column is seen by every query: mask them all
+        return a, b, [(a, b)]
+    return a, b, [r for r in ((a, full_a), (full_b, b)) if r[0] < r[1]]

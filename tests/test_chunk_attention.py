@@ -13,6 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from kernels import fused  # noqa: E402
 from kernels.chunk import Keys, chunk_attention  # noqa: E402
 
 HKV = 2
@@ -33,6 +34,14 @@ def _cpu(got):
 
 
 def _oracle(q_local, q_global, start, window, memory, n_local, scale):
+    prob, values, sizes = _softmax(q_local, q_global, start, window, memory, n_local, scale)
+    out = torch.einsum("hgcn,hnd->hgcd", prob, values)
+    mass = prob.sum(2).split(sizes, -1)
+    return out, mass[0], list(mass[1:])
+
+
+def _softmax(q_local, q_global, start, window, memory, n_local, scale):
+    """Every key's probability [Hkv, G, C, N] (window first, then the memory parts), float64."""
     hkv, g, c, d = q_local.shape
     p = torch.arange(start, start + c)[:, None]
     sizes = []
@@ -50,9 +59,7 @@ def _oracle(q_local, q_global, start, window, memory, n_local, scale):
         vis.append(seen)
     s = torch.cat(logits, -1).masked_fill(~torch.cat(vis, -1), float("-inf"))
     prob = torch.softmax(s, -1).nan_to_num(0.0)          # a row that sees nothing: all zero
-    out = torch.einsum("hgcn,hnd->hgcd", prob, torch.cat(values, 1))
-    mass = prob.sum(2).split(sizes, -1)
-    return out, mass[0], list(mass[1:])
+    return prob, torch.cat(values, 1), sizes
 
 
 def _case(g, c, d, start, win_start, n_win, parts, dtype=torch.float32, seed=0):
@@ -67,6 +74,7 @@ def _case(g, c, d, start, win_start, n_win, parts, dtype=torch.float32, seed=0):
 CASES = {
     # name: (c, start, window start, window length, memory parts (length, start or None), n_local)
     "prefill": (150, 600, 600 - 95, 95 + 150, [(40, None), (16, 0), (70, 460)], 96),
+    "window past NEAR": (300, 1000, 1000 - 399, 399 + 300, [(32, None), (16, 0), (90, 540)], 400),
     "text start": (100, 0, 0, 100, [(16, 0)], 64),
     "decode": (1, 900, 900 - 63, 64, [(48, None), (16, 0), (20, 800)], 64),
     "no memory seen": (70, 40, 0, 110, [(16, 0)], 128),
@@ -108,6 +116,50 @@ def test_triton_in_half_precision_is_as_close_as_the_twin(dtype, d):
         got = _cpu(chunk_attention(ql, qg, start, w, m, n_local, d ** -0.5, True, True, backend=backend))
         errs[backend] = (got.out.double() - ref).abs().max().item()
     assert errs["triton"] <= 2 * errs["torch"] + 1e-3, errs
+
+
+@pytest.mark.parametrize("name", [n for n, case in CASES.items() if case[0] >= 64])
+@pytest.mark.parametrize("g", [1, 3])
+def test_reading_on_the_cpu_gives_the_exact_output_and_the_estimated_window_masses(name, g):
+    """exact_mass=False (reading): the fused kernel's output, and each window key's mass counted from every
+    query less than NEAR after it plus every EVERY-th query beyond (rows EVERY-1, 2*EVERY-1, ..) times EVERY."""
+    c, start, ws, nw, parts, n_local = CASES[name]
+    q_local, q_global, window, memory = _case(g, c, 64, start, ws, nw, parts)
+    got = chunk_attention(q_local, q_global, start, window, memory, n_local, 0.125, True, exact_mass=False)
+    out, _, _ = _oracle(q_local, q_global, start, window, memory, n_local, 0.125)
+    torch.testing.assert_close(got.out.double(), out, atol=2e-5, rtol=1e-4)
+    prob = _softmax(q_local, q_global, start, window, memory, n_local, 0.125)[0][..., :nw]     # [Hkv, G, C, N]
+    rel = torch.arange(start, start + c)[:, None] - torch.arange(ws, ws + nw)[None]           # [C, N]
+    sampled = (torch.arange(c) % fused.EVERY == fused.EVERY - 1)[:, None]
+    weight = torch.where(rel < fused.NEAR, 1.0, torch.where(sampled, float(fused.EVERY), 0.0)).double()
+    torch.testing.assert_close(got.window_mass.double(), (prob * weight).sum(2), atol=2e-4, rtol=1e-4)
+    assert got.memory_mass is None
+    if n_local > fused.NEAR:        # the case that samples: an estimate, not the exact mass
+        assert not torch.allclose(got.window_mass.double(), prob.sum(2), atol=1e-2)
+
+
+def test_reading_in_bf16_is_as_close_as_the_tiled_twin():
+    c, start, ws, nw, parts, n_local = CASES["window past NEAR"]
+    q_local, q_global, window, memory = _case(3, c, 64, start, ws, nw, parts, dtype=torch.bfloat16)
+    out, w_mass, _ = _oracle(q_local, q_global, start, window, memory, n_local, 0.125)
+    fused = chunk_attention(q_local, q_global, start, window, memory, n_local, 0.125, True, exact_mass=False)
+    tiled = chunk_attention(q_local, q_global, start, window, memory, n_local, 0.125, True)
+    assert fused.out.dtype == torch.bfloat16 and fused.window_mass.dtype == torch.float32
+    err = lambda got: (got.out.double() - out).abs().max().item()  # noqa: E731
+    assert err(fused) <= 2 * err(tiled) + 1e-3, (err(fused), err(tiled))
+
+
+def test_traces_and_decode_keep_the_exact_masses_when_reading_may_estimate():
+    for name in ("window past NEAR", "decode"):
+        c, start, ws, nw, parts, n_local = CASES[name]
+        q_local, q_global, window, memory = _case(3, c, 64, start, ws, nw, parts)
+        _, w_mass, m_mass = _oracle(q_local, q_global, start, window, memory, n_local, 0.125)
+        traced = chunk_attention(q_local, q_global, start, window, memory, n_local, 0.125, True, True, exact_mass=False)
+        torch.testing.assert_close(traced.window_mass.double(), w_mass, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(traced.memory_mass[0].double(), m_mass[0], atol=2e-4, rtol=1e-4)
+        if c == 1:
+            got = chunk_attention(q_local, q_global, start, window, memory, n_local, 0.125, True, exact_mass=False)
+            torch.testing.assert_close(got.window_mass.double(), w_mass, atol=2e-4, rtol=1e-4)
 
 
 def test_masses_are_only_computed_when_asked():
