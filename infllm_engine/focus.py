@@ -113,14 +113,22 @@ class Focus:
         # 7.4 s without); the template's own tokens before a first question's words are 4.
         a, b = min(max(self.span[0], lo), hi), max(min(self.span[1], hi), lo)
         before = max(lo, min(a, self.span[0] - BASELINE_BEFORE))
-        for name, ranges in (("votes", [(a, b)]), ("baseline", [(before, a), (b, hi)])):
-            rows = [q_global[:, r0 - start: r1 - start] for r0, r1 in ranges if r0 < r1]
-            if rows:
-                q = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
-                mass = span_mass(q, blocks[0], scale, tail, block_scale=blocks[1])
-                share = mass.spans[: self.n_spans] * q.shape[1]
-                setattr(self, name, share if getattr(self, name) is None else getattr(self, name) + share)
-                self._rows.setdefault(layer_idx, {}).setdefault(name, []).append((q.float() * scale, mass.lse))
+        kinds = [(name, [q_global[:, r0 - start: r1 - start] for r0, r1 in ranges if r0 < r1])
+                 for name, ranges in (("votes", [(a, b)]), ("baseline", [(before, a), (b, hi)]))]
+        kinds = [(name, torch.cat(rows, 1)) for name, rows in kinds if rows]        # [H, n, d] each
+        if not kinds:                           # a long follow-up's chunk of earlier turns: nothing votes
+            return
+        # Both kinds of rows in one pass over the block keys: that pass is the probe's cost.
+        sizes = [q.shape[1] for _, q in kinds]
+        mass = span_mass(torch.cat([q for _, q in kinds], 1), blocks[0], scale, tail, block_scale=blocks[1],
+                         groups=sizes)
+        h = q_global.shape[0]
+        lses = mass.lse.view(-1, h // mass.lse.shape[0], sum(sizes)).split(sizes, dim=2)   # [Hkv, G, n] each
+        for (name, q), spans, lse in zip(kinds, mass.spans, lses):
+            share = spans[: self.n_spans] * q.shape[1]
+            setattr(self, name, share if getattr(self, name) is None else getattr(self, name) + share)
+            self._rows.setdefault(layer_idx, {}).setdefault(name, []).append(
+                (q.float() * scale, lse.reshape(lse.shape[0], -1)))
 
     def choose(self, n_blocks: int, span_of: Callable[[int], tuple[int, int]]) -> None:
         """After the probe: pin the memory blocks the question's words draw beyond the template's baseline.

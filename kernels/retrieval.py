@@ -5,6 +5,7 @@ block's representative keys: one list per layer, shared by every head, as in Inf
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -35,18 +36,20 @@ def topk_blocks(query: torch.Tensor, reprs: torch.Tensor, k: int) -> tuple[torch
 
 
 class SpanMass(NamedTuple):
-    spans: torch.Tensor     # [spans] fp32 shares summing to 1
+    spans: torch.Tensor     # [spans] fp32 shares summing to 1; [len(groups), spans] with groups
     lse: torch.Tensor       # [Hkv, rows] each row's log-normaliser: log sum_j exp(q . k_j * scale) over every key
 
 
 def span_mass(query: torch.Tensor, blocks: torch.Tensor, scale: float, tail: torch.Tensor | None = None,
-              chunk: int = 256, block_scale: torch.Tensor | None = None) -> SpanMass:
+              chunk: int = 256, block_scale: torch.Tensor | None = None, groups: Sequence[int] = ()) -> SpanMass:
     """Exact attention share of every block: what a full softmax over all these keys would give each.
 
     query: [H, n, d] (rotated as attention rotates it)   blocks: [nb, Hkv, bs, d] raw keys (may be mapped)
     tail: [Hkv, m, d] keys after the last block, scored as ceil(m / bs) more spans.
     block_scale: [nb, Hkv, 1, d] when blocks are int8 (kernels.int8.pack_keys per block): unpacked a
     chunk at a time, so a long document's keys are never all unpacked at once.
+    groups: split the n query positions into consecutive groups (sizes summing to n) and get each
+    group's shares, from one pass over the keys (the question focus's words and baseline rows).
     Returns the [nb + ceil(m / bs)] fp32 shares summing to 1 (each (head, query) row's softmax over every
     key, summed per span, averaged over rows) and each row's log-normaliser, with which key_shares weighs
     single tokens later. Blocks are read once, `chunk` at a time, with the softmax kept online
@@ -56,30 +59,42 @@ def span_mass(query: torch.Tensor, blocks: torch.Tensor, scale: float, tail: tor
     nb, hkv, bs, _ = blocks.shape
     if blocks.shape[3] != d or h % hkv:
         raise ValueError(f"span_mass: query {tuple(query.shape)} does not fit blocks {tuple(blocks.shape)}")
+    if groups and (sum(groups) != n or min(groups) < 1):
+        raise ValueError(f"span_mass: groups {list(groups)} do not split the {n} query positions")
     q = query.float().reshape(hkv, h // hkv * n, d) * scale
-    parts = [blocks[i: i + chunk] for i in range(0, nb, chunk)]
-    scales = [block_scale[i: i + chunk] for i in range(0, nb, chunk)] if block_scale is not None else []
-    n_pad = 0
-    if tail is not None and tail.shape[1]:           # the last span is padded to a block, the pad masked out
-        n_pad = -tail.shape[1] % bs
-        parts.append(torch.cat([tail, tail.new_zeros(hkv, n_pad, d)], 1).view(hkv, -1, bs, d).transpose(0, 1))
-    best = torch.full((hkv, q.shape[1]), -torch.inf, device=q.device)
-    sums = []                                                     # per part: [p, Hkv, rows] at that part's max
-    maxes = []
-    for i, part in enumerate(parts):
-        # Blocks may sit on the host (mapped) while the queries are on an accelerator: move a chunk at a time.
-        if i < len(scales):
-            part = int8.unpack_keys(part.to(q.device), scales[i].to(q.device), bs, torch.float32)
-        logits = torch.einsum("grd,pgjd->pgrj", q, part.to(q.device, torch.float32))  # [p, Hkv, rows, bs]
-        if n_pad and i == len(parts) - 1:
-            logits[-1, :, :, bs - n_pad:].fill_(-torch.inf)      # fill_: no scalar tensor copied to the device
-        m = torch.maximum(best, logits.amax(dim=(0, 3)))
-        sums.append(torch.exp(logits - m[None, :, :, None]).sum(-1))
+    rows = q.shape[1]
+    best = torch.full((hkv, rows), -torch.inf, device=q.device)
+    sums, maxes = [], []                          # per part: [Hkv, rows, p] at that part's running max
+    for keys, n_pad in _key_parts(blocks, block_scale, tail, chunk, q.device):
+        logits = torch.bmm(q, keys.transpose(1, 2))                       # [Hkv, rows, p * bs]: one GEMM per head
+        if n_pad:
+            logits[:, :, -n_pad:].fill_(-torch.inf)                      # fill_: no scalar tensor copied to the device
+        m = torch.maximum(best, logits.amax(dim=-1))
+        sums.append(logits.sub_(m[:, :, None]).exp_().view(hkv, rows, -1, bs).sum(-1))
         maxes.append(m)
         best = m
-    scaled = torch.cat([s * torch.exp(m - best)[None] for s, m in zip(sums, maxes)])    # [spans, Hkv, rows]
-    total = scaled.sum(0)
-    return SpanMass((scaled / total[None]).mean(dim=(1, 2)), best + total.log())
+    scaled = torch.cat([s * torch.exp(m - best)[:, :, None] for s, m in zip(sums, maxes)], -1)   # [Hkv, rows, spans]
+    total = scaled.sum(-1)
+    shares = (scaled / total[:, :, None]).view(hkv, h // hkv, n, -1)
+    spans = (torch.stack([x.mean(dim=(0, 1, 2)) for x in shares.split(list(groups), dim=2)]) if groups
+             else shares.mean(dim=(0, 1, 2)))
+    return SpanMass(spans, best + total.log())
+
+
+def _key_parts(blocks, block_scale, tail, chunk: int, device):
+    """The keys span_mass reads, `chunk` blocks at a time as float32 [Hkv, p * bs, d] (GEMM-ready: one copy
+    of the int8 codes, not of the floats), then the tail padded to whole spans: (keys, padded columns)."""
+    nb, hkv, bs, d = blocks.shape
+    for i in range(0, nb, chunk):
+        # Blocks may sit on the host (mapped) while the queries are on an accelerator: move a chunk at a time.
+        part = blocks[i: i + chunk].to(device).transpose(0, 1).contiguous()               # [Hkv, p, bs, d]
+        if block_scale is not None:
+            part = int8.unpack_keys(part, block_scale[i: i + chunk].to(device).transpose(0, 1), bs, torch.float32)
+        yield part.to(torch.float32).reshape(hkv, -1, d), 0
+    if tail is not None and tail.shape[1]:           # the last span is padded to a block, the pad masked out
+        n_pad = -tail.shape[1] % bs
+        tail = tail.to(device, torch.float32)
+        yield torch.cat([tail, tail.new_zeros(hkv, n_pad, d)], 1), n_pad
 
 
 def key_shares(query: torch.Tensor, keys: torch.Tensor, scale: float, lse: torch.Tensor) -> torch.Tensor:

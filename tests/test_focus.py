@@ -38,6 +38,20 @@ def test_span_mass_is_each_spans_share_of_one_softmax_over_every_key(chunk, head
     assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
 
 
+def test_span_mass_of_row_groups_is_each_groups_own_in_one_pass():
+    torch.manual_seed(1)
+    q, blocks, rest = torch.randn(6, 7, 16), torch.randn(5, 3, 8, 16), torch.randn(3, 5, 16)
+    scale = torch.rand(5, 3, 1, 16) / 50
+    packed = torch.randint(-127, 128, blocks.shape, dtype=torch.int8)
+    both = span_mass(q, packed, 0.3, rest, chunk=2, block_scale=scale, groups=(4, 3))
+    for i, (a, b) in enumerate([(0, 4), (4, 7)]):
+        alone = span_mass(q[:, a:b], packed, 0.3, rest, chunk=2, block_scale=scale)
+        torch.testing.assert_close(both.spans[i], alone.spans)
+        torch.testing.assert_close(both.lse.view(3, 2, 7)[:, :, a:b].reshape(3, -1), alone.lse)
+    with pytest.raises(ValueError, match="groups"):
+        span_mass(q, packed, 0.3, rest, block_scale=scale, groups=(4, 4))
+
+
 @pytest.mark.parametrize("heads, kv_heads, tail", [(4, 2, 0), (6, 3, 5)])
 def test_key_shares_are_each_keys_share_of_the_same_softmax(heads, kv_heads, tail):
     torch.manual_seed(tail)
