@@ -83,7 +83,7 @@ def chunk_attention(q_local: torch.Tensor, q_global: torch.Tensor, start: int, w
     window.start must be set; memory parts may have start None. Masses are sums over the C queries of
     the probability each key received in the one softmax over all visible keys. exact_mass=False lets
     the torch backend estimate the window masses of a chunk on the CPU (kernels.fused: what reading
-    needs, ~1.6x faster); it then returns no memory masses, so it applies only when none are asked.
+    needs, ~1.45x faster per layer); it then returns no memory masses, so it applies only when none are asked.
     """
     _check(q_local, q_global, window, memory, n_local)
     if backend not in CHOICES:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .stage import Stage, columns, merge_stages
+from .stage import Stage, columns, fused_stage, merge_stages
 
 NEAR = 128      # every query this close after a key counts toward its mass ...
 EVERY = 8       # ... and beyond, every 8th, counted 8 times
@@ -66,15 +66,8 @@ def _stage(q: torch.Tensor, parts: Sequence, start: int, lo: int, hi: int, scale
             continue
         k = torch.cat([x[0] for x in seen], 1) if len(seen) > 1 else seen[0][0]
         v = torch.cat([x[1] for x in seen], 1) if len(seen) > 1 else seen[0][1]
-        n = k.shape[1]
         bias, blind = visibility(start + i0, i1 - i0, 1, tuple((x[2], x[0].shape[1]) for x in seen), lo, hi, q.device)
-        # Batch = KV heads, heads = the group: K/V are expanded (no copy), the [t, N] mask broadcasts.
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[:, :, i0:i1], k[:, None].expand(hkv, g, n, d), v[:, None].expand(hkv, g, n, d), 0.0, False,
-            attn_mask=bias, scale=scale)
-        if blind is not None:      # a query that sees no key: the kernel reports lse 0; it must add nothing
-            lse = lse.masked_fill(blind, float("-inf"))
-            out = out.masked_fill(blind[..., None], 0.0)
+        out, lse = fused_stage(q[:, :, i0:i1], k, v, bias, scale, blind)       # the [t, N] mask serves the group
         outs.append(out)
         lses.append(lse)
     return (torch.cat(outs, 2), torch.cat(lses, 2)) if len(outs) > 1 else (outs[0], lses[0])
@@ -129,7 +122,7 @@ def estimated_mass(q_local: torch.Tensor, window, start: int, n_local: int, scal
         mass[..., a:b] += (s if bias is None else s.add_(bias)).exp_().sum(2)
     if n_local > near:                              # far: every EVERY-th query, counted EVERY times
         rows = slice(EVERY - 1, c, EVERY)
-        m = len(range(c)[rows])
+        m = c // EVERY                              # rows EVERY-1, 2*EVERY-1, ..
         if m:
             bias, _ = visibility(start + EVERY - 1, m, EVERY, ((k0, n),), near, n_local, q_local.device)
             s = _scores(qs[:, :, rows], k).sub_(lse[:, :, rows, None])

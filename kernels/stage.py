@@ -6,9 +6,9 @@ is an ordinary masked softmax attention that also returns its log-sum-exp, so th
 exact softmax over the union. GQA groups query heads per KV head instead of repeating K/V.
 
 These are the torch twins of the Triton stage kernels (kernels.triton_attention), and the merge that
-the Triton path of kernels.chunk uses. The engine's CPU path is kernels.chunk's tiled twin, which
-needs no merge. Two paths, same numbers: without per-key mass, PyTorch's fused CPU flash kernel
-(out + lse); with it, an explicit path that keeps exp-scores and row sums for received_mass.
+the Triton path of kernels.chunk and the CPU reading path (kernels.fused) use. Two paths, same numbers:
+without per-key mass, PyTorch's fused CPU flash kernel (out + lse, `fused_stage`); with it, an
+explicit path that keeps exp-scores and row sums for received_mass.
 """
 from __future__ import annotations
 
@@ -46,14 +46,11 @@ def attention_stage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
         empty = None if not keep_scores else q.new_zeros(hkv, g, c, 0)
         return Stage(q.new_zeros(q.shape), q.new_full((hkv, g, c), float("-inf")), empty,
                      None if not keep_scores else q.new_zeros(hkv, g, c))
-    qf = q.reshape(hkv, g * c, d)
     if not keep_scores and q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qf[None], k[None], v[None], 0.0, False, attn_mask=bias, scale=scale)
-        out, lse = out[0], lse[0]
-        if bias is not None:     # the kernel reports lse 0 for a query that sees nothing
-            lse = lse.masked_fill(torch.isinf(bias).all(-1), float("-inf"))
-        return Stage(out.view(hkv, g, c, d), lse.view(hkv, g, c), None, None)
+        blind = None if bias is None else torch.isinf(bias).all(-1).view(g, c)
+        out, lse = fused_stage(q, k, v, None if bias is None else bias.view(1, g, c, n), scale, blind)
+        return Stage(out, lse, None, None)
+    qf = q.reshape(hkv, g * c, d)
     scores = torch.matmul(qf * scale, k.transpose(1, 2)) if bias is None else torch.baddbmm(bias, qf * scale, k.transpose(1, 2))
     rowmax = scores.amax(-1, keepdim=True)
     rowmax = rowmax.masked_fill(torch.isinf(rowmax), 0.0)
@@ -62,6 +59,27 @@ def attention_stage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     out = torch.bmm(e, v) / row_sum.clamp_min(torch.finfo(e.dtype).tiny)[..., None]
     lse = rowmax[..., 0] + row_sum.log()
     return Stage(out.view(hkv, g, c, d), lse.view(hkv, g, c), e.view(hkv, g, c, n), row_sum.view(hkv, g, c))
+
+
+def fused_stage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                blind: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked attention through torch's fused CPU flash kernel: (out [Hkv, G, C, d], lse [Hkv, G, C]).
+
+    q: [Hkv, G, C, d]   k, v: [Hkv, N, d], N > 0 (the kernel crashes the process on zero keys)
+    bias: additive, [C, N] (one mask serves the whole group) or [1, G, C, N] (the kernel takes 2 or 4
+    dims), or None
+    blind: the queries that see no key ([C] or [G, C]), or None: the kernel reports lse 0 for them, and
+    they must contribute nothing to a merge.
+    """
+    hkv, g, c, d = q.shape
+    n = k.shape[1]
+    # Batch = KV heads, heads = the group: K/V are expanded, not copied.
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k[:, None].expand(hkv, g, n, d), v[:, None].expand(hkv, g, n, d), 0.0, False, attn_mask=bias, scale=scale)
+    if blind is not None:
+        lse = lse.masked_fill(blind, float("-inf"))
+        out = out.masked_fill(blind[..., None], 0.0)
+    return out, lse
 
 
 def merge_stages(a: Stage, b: Stage) -> tuple[torch.Tensor, torch.Tensor]:
