@@ -208,9 +208,10 @@ class Worker:
                 try:
                     self._read(job)
                 finally:
-                    _give_back_freed_memory()
                     job.ended = self.version + 1      # before the bump: a poll that sees it sees this too
                     self.version += 1
+                    # After: the page's poll (and Worker.wait) see the job ended as soon as it is.
+                    _give_back_freed_memory()
 
     def _answer(self) -> None:
         """Run the waiting calls (questions), oldest first, until a document comes to be read."""
