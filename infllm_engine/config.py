@@ -18,8 +18,14 @@ METHODS = ("infllm", "streaming", "full")
 # Knobs that never shape a stored memory: where and in what precision it runs (a memory is stored
 # packed, the same in every dtype), limits, and what only questions use.
 QUESTION_ONLY = ("device", "dtype", "kernels", "cache_blocks", "blocks_on", "max_tokens", "focus_blocks", "focus_layers", "focus_gap",
-                 "focus_topk", "focus_window", "focus_alone", "focus_neighbours",
-                 "focus_lexical", "repetition_penalty", "no_repeat_ngram")
+                 "focus_topk", "focus_alone", "focus_lexical", "no_repeat_ngram")
+# Knobs of experiments that lost, removed (their measurements stay in bench/results and docs/): a library
+# document stored with them still loads, the knob ignored (InfLLMConfig.from_dict). All were question-time
+# only, so the memory they stored is the same.
+#   focus_window      "window" (read the window as it is) and "pin" lost to re-reading window evidence alone;
+#   focus_neighbours  "better" and "both" lost to pinning each best block with the next one;
+#   repetition_penalty  off: at 1.1 it turned "June 19, 1910" into "June 19, 2023".
+RETIRED = ("focus_window", "focus_neighbours", "repetition_penalty")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -53,25 +59,17 @@ class InfLLMConfig:
     focus_layers: tuple[float, float] = (1 / 3, 2 / 3)   # the voting layers, as fractions of the depth
     focus_gap: int = 64             # tokens between the re-read focus blocks and the question (less if n_local is short)
     focus_topk: int = 0             # a layer's own retrieved blocks while the focus holds (topk is used without one)
-    # When the best evidence is still in the local window: "alone" re-reads it (with the span after it)
-    # just before the question and leaves the rest of the window out; "window" pins nothing, the window
-    # is read as it is; "pin" pins the best memory blocks all the same.
-    focus_window: str = "alone"
     # Read the pinned blocks alone as well: the answer attends sinks, the re-read blocks and the question,
     # not the window, as the model handed the answering passage does. On real questions about lshort.pdf
     # (bench.questions, 42 in the book's words) 15 answers were right against 10 with the window. On planted
     # facts (bench.needle, 2 blocks) it lifted 64K (67/75 against 55/75) and lost at 16K and 32K.
     focus_alone: bool = True
-    focus_neighbours: str = "next"  # pinned with each best block: the next one | the better-scored neighbour | both
     # Weight of the question's word matches (Engine.ask's `lexical`, from storage.lexical) beside the
     # attention vote; the engine alone never has any, so the passkey and throughput benchmarks stay pure InfLLM.
     focus_lexical: float = 1.0
     # Answer time only: greedy, the 135M model loops ("The license also requires ..." again and again).
-    # Both act on the answer's own tokens, never the document's (infllm_engine.generate.decode). On 16
-    # vague questions about 4 licenses, 10 answers repeated a sentence; with a 6-token n-gram block none
-    # do. The penalty stays off: at 1.1 it turned "June 19, 1910" into "June 19, 2023" (the "19" was
-    # said once already) and cost the needle bench's full-attention reference 3 of 30 answers.
-    repetition_penalty: float = 1.0  # a token already in the answer: logit / this (x this if negative); 1.0: off
+    # The block acts on the answer's own tokens, never the document's (infllm_engine.generate.decode). On
+    # 16 vague questions about 4 licenses, 10 answers repeated a sentence; with a 6-token n-gram block none do.
     no_repeat_ngram: int = 6        # no run of this many tokens twice in one answer; 0: off
 
     def __post_init__(self) -> None:
@@ -79,8 +77,6 @@ class InfLLMConfig:
             object.__setattr__(self, "focus_layers", tuple(self.focus_layers))   # JSON gives a list
         except TypeError:
             pass
-        if isinstance(self.focus_window, bool):      # stored before it had three values (true: pin nothing)
-            object.__setattr__(self, "focus_window", "window" if self.focus_window else "pin")
         problems = []
         if self.dtype == "auto":
             try:
@@ -110,16 +106,8 @@ class InfLLMConfig:
             problems.append(f"focus_lexical must be a number from 0 (off) to 100, got {w!r}")
         if self.blocks_on not in ("auto", "host", "device"):
             problems.append(f"blocks_on must be auto, host or device, got {self.blocks_on!r}")
-        if self.focus_neighbours not in ("better", "next", "both"):
-            problems.append(f"focus_neighbours must be better, next or both, got {self.focus_neighbours!r}")
         if not isinstance(self.focus_alone, bool):
             problems.append(f"focus_alone must be true or false, got {self.focus_alone!r}")
-        if self.focus_window not in ("alone", "window", "pin"):
-            problems.append(f"focus_window must be alone, window or pin, got {self.focus_window!r}")
-        penalty = self.repetition_penalty
-        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 1.0 <= penalty <= 3.0:
-            problems.append(f"repetition_penalty must be a number from 1.0 (off) to 3.0 (below 1 rewards "
-                            f"repetition, above 3 garbles the answer), got {penalty!r}")
         ngram = self.no_repeat_ngram
         if isinstance(ngram, bool) or not isinstance(ngram, int) or not (ngram == 0 or ngram >= 3):
             problems.append(f"no_repeat_ngram must be 0 (off) or an integer of at least 3 (shorter ones ban "
@@ -154,6 +142,11 @@ class InfLLMConfig:
     def max_position(self) -> int:
         """Largest rotary position infllm/streaming ever use: the local window plus one chunk."""
         return self.n_local + self.chunk_size
+
+    @classmethod
+    def from_dict(cls, stored: dict) -> "InfLLMConfig":
+        """The config a stored dict (to_dict, JSON) describes; knobs removed since it was stored are ignored."""
+        return cls(**{name: value for name, value in stored.items() if name not in RETIRED})
 
     def replace(self, **changes) -> "InfLLMConfig":
         return dataclasses.replace(self, **changes)

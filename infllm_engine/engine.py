@@ -117,8 +117,8 @@ class Engine:
                  temperature: float = 0.0, progress: Progress | None = None, focus: Focus | None = None) -> Answer:
         """Prefill ids after what memory holds (memory is changed), then stream the continuation.
 
-        The continuation passes the config's repetition guard (repetition_penalty, no_repeat_ngram),
-        which sees the continuation's own tokens only; repetition_penalty=1.0, no_repeat_ngram=0: off.
+        The continuation passes the config's n-gram block (no_repeat_ngram; 0: off), which sees the
+        continuation's own tokens only.
         """
         self._check_input(memory, ids)
         if max_new_tokens < 1:
@@ -194,8 +194,8 @@ class Engine:
         if self.cfg.method != "infllm" or not self.cfg.focus_blocks or memory.length <= self.cfg.n_init:
             return None
         focus = Focus.for_question(span, memory.length, self.n_layers, self.cfg.focus_layers,
-                                   self.cfg.focus_blocks, self.cfg.focus_gap, self.cfg.focus_window,
-                                   self.cfg.focus_neighbours, lexical, self.cfg.focus_lexical, self.cfg.focus_alone)
+                                   self.cfg.focus_blocks, self.cfg.focus_gap, lexical, self.cfg.focus_lexical,
+                                   self.cfg.focus_alone)
         prefill(self.model, memory.fork(), self.rope, ids.to(self.device), None, None, want_logits=False, focus=focus,
                 cfg=self.cfg)
         focus.choose(memory.n_blocks, memory.block_span)
@@ -248,8 +248,7 @@ class Engine:
         answer.timings["prefill_s"] = time.perf_counter() - t0
         shown, looped, t_first = "", None, time.perf_counter()
         for token in decode(self.model, memory, self.rope, logits, max_new_tokens, self.stop_ids, answer.trace,
-                            temperature, focus=focus, repetition_penalty=self.cfg.repetition_penalty,
-                            no_repeat_ngram=self.cfg.no_repeat_ngram, cfg=self.cfg):
+                            temperature, focus=focus, no_repeat_ngram=self.cfg.no_repeat_ngram, cfg=self.cfg):
             if not answer.token_ids:
                 t_first = time.perf_counter()
                 answer.timings["first_token_s"] = t_first - t0

@@ -49,8 +49,6 @@ class Focus:
     layers: range                  # the voting layers
     n_pinned: int                  # blocks to pin
     gap: int = 64                  # tokens between the re-read blocks' end and the fixed query position
-    window: str = "alone"          # best evidence in the local window: alone | window | pin (InfLLMConfig.focus_window)
-    neighbours: str = "next"       # next | better | both: which blocks beside each best one are pinned with it
     lexical: dict[int, float] | None = None   # span -> word-match score from the caller (storage.lexical)
     lexical_weight: float = 0.0    # its share beside the attention vote; 0: the vote alone
     blocks_alone: bool = False     # pinned blocks, too, are read without the window (InfLLMConfig.focus_alone)
@@ -79,11 +77,10 @@ class Focus:
 
     @classmethod
     def for_question(cls, span: tuple[int, int], doc_end: int, n_layers: int, layers: tuple[float, float],
-                     n_pinned: int, gap: int = 64, window: str = "alone", neighbours: str = "next",
-                     lexical: dict[int, float] | None = None, lexical_weight: float = 0.0,
-                     blocks_alone: bool = False) -> "Focus":
-        return cls(span, doc_end, cls.voting_layers(n_layers, layers), n_pinned, gap, window, neighbours,
-                   lexical, lexical_weight, blocks_alone)
+                     n_pinned: int, gap: int = 64, lexical: dict[int, float] | None = None,
+                     lexical_weight: float = 0.0, blocks_alone: bool = False) -> "Focus":
+        return cls(span, doc_end, cls.voting_layers(n_layers, layers), n_pinned, gap, lexical, lexical_weight,
+                   blocks_alone)
 
     @property
     def probing(self) -> bool:
@@ -139,10 +136,10 @@ class Focus:
         with the better-scored neighbour instead picked the block before in 3 of 3 straddles that went
         wrong on bench.needle.
 
-        Window spans are scored too (for citations). When one is the best, no block is pinned. With
-        window="alone" that span and the next are re-read just before the question, and the rest of the
-        window is left out. A fact 1.4K tokens back in the window was then read right in 14 of 15
-        questions, 11 with the whole window (bench/results/needle-cpu.md).
+        Window spans are scored too (for citations). When one is the best, no block is pinned: that span
+        and the next are re-read just before the question, and the rest of the window is left out. A fact
+        1.4K tokens back in the window was then read right in 14 of 15 questions, 11 with the whole window
+        as it is (bench/results/needle-cpu.md, fourth run).
         span_of: a span's token positions [start, stop) (ContextMemory.block_span).
         """
         self.scores = self.evidence()
@@ -150,10 +147,9 @@ class Focus:
             self.pinned = torch.zeros(0, dtype=torch.long)
             return
         best = int(self.scores.argmax())
-        if self.window != "pin" and best >= n_blocks:
+        if best >= n_blocks:
             self.pinned = torch.zeros(0, dtype=torch.long)
-            if self.window == "alone":
-                self.alone = (span_of(best)[0], min(span_of(best + 1)[1], self.doc_end))
+            self.alone = (span_of(best)[0], min(span_of(best + 1)[1], self.doc_end))
             return
         # On the scores' device: the answer's steps index with it, and a host tensor there is a copy each time.
         self.pinned = torch.tensor(sorted(self._passages(self.scores[:n_blocks])), dtype=torch.long,
@@ -196,7 +192,7 @@ class Focus:
         return votes
 
     def _passages(self, scores: torch.Tensor) -> list[int]:
-        """Up to n_pinned block ids: the best ones by score, each with its neighbour(s)."""
+        """Up to n_pinned block ids: the best ones by score, each with the block after it (the last: before it)."""
         n_blocks, chosen = scores.numel(), []
         for b in scores.argsort(descending=True).tolist():
             if len(chosen) >= self.n_pinned:
@@ -204,15 +200,9 @@ class Focus:
             if b in chosen:
                 continue
             chosen.append(b)
-            if self.neighbours == "better":
-                side = [x for x in (b - 1, b + 1) if 0 <= x < n_blocks and x not in chosen]
-                if side and len(chosen) < self.n_pinned:
-                    chosen.append(max(side, key=lambda x: float(scores[x])))
-                continue
-            order = (b + 1, b - 1) if self.neighbours == "both" else ((b + 1,) if b + 1 < n_blocks else (b - 1,))
-            for x in order:
-                if 0 <= x < n_blocks and x not in chosen and len(chosen) < self.n_pinned:
-                    chosen.append(x)
+            x = b + 1 if b + 1 < n_blocks else b - 1
+            if x >= 0 and x not in chosen and len(chosen) < self.n_pinned:
+                chosen.append(x)
         return chosen
 
     def evidence(self) -> torch.Tensor | None:

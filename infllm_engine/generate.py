@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+from transformers import NoRepeatNGramLogitsProcessor
 
 from .attention import ForwardState
 from .config import InfLLMConfig
@@ -53,29 +53,20 @@ def prefill(model, memory: ContextMemory, rope: Rotary, ids: torch.Tensor, trace
     return logits
 
 
-def repetition_guard(repetition_penalty: float = 1.0, no_repeat_ngram: int = 0) -> LogitsProcessorList:
-    """transformers' processors that keep a greedy small model out of loops; empty when both are off."""
-    guard = LogitsProcessorList()
-    if no_repeat_ngram:
-        guard.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram))
-    if repetition_penalty != 1.0:
-        guard.append(RepetitionPenaltyLogitsProcessor(float(repetition_penalty)))
-    return guard
-
-
 def decode(model, memory: ContextMemory, rope: Rotary, logits: torch.Tensor, max_new_tokens: int,
            stop_ids: set[int], trace: Trace | None = None, temperature: float = 0.0,
            generator: torch.Generator | None = None, focus: Focus | None = None,
-           repetition_penalty: float = 1.0, no_repeat_ngram: int = 0, cfg: InfLLMConfig | None = None) -> Iterator[int]:
+           no_repeat_ngram: int = 0, cfg: InfLLMConfig | None = None) -> Iterator[int]:
     """Yield up to max_new_tokens token ids, one forward per token; greedy unless temperature > 0.
 
-    The repetition guard sees only the ids generated here, not the prompt: penalizing the document's
-    or the question's tokens would stop the model from copying a fact or a name out of them.
+    no_repeat_ngram: transformers' n-gram block, which keeps a greedy small model out of loops (0: off). It
+    sees only the ids generated here, not the prompt: blocking the document's or the question's n-grams
+    would stop the model from copying a fact or a name out of them.
     """
-    guard = repetition_guard(repetition_penalty, no_repeat_ngram)
+    guard = NoRepeatNGramLogitsProcessor(no_repeat_ngram) if no_repeat_ngram else None
     answer = torch.zeros(1, 0, dtype=torch.long, device=logits.device)      # [1, n] the ids so far, for the guard
     for i in range(max_new_tokens):
-        if guard and answer.shape[1]:
+        if guard is not None and answer.shape[1]:
             logits = guard(answer, logits[None])[0]         # logits: [V] -> the processors' [batch=1, V]
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)

@@ -56,7 +56,7 @@ class Tokens(NamedTuple):
 
 def stored_config(doc: dict) -> InfLLMConfig:
     """The engine config a library document was read with."""
-    return InfLLMConfig(**json.loads(doc["config"]))
+    return InfLLMConfig.from_dict(json.loads(doc["config"]))
 
 
 def tokenize(engine: Engine, doc: Document) -> Tokens:

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -19,17 +21,21 @@ def test_defaults_are_valid_and_fit_the_trained_window():
     ({"device": "warp-drive"}, "is not a torch device"),
     ({"kernels": "cuda"}, "kernels must be one of"),
     ({"blocks_on": "gpu"}, "blocks_on must be auto, host or device"),
-    ({"focus_window": "ignore"}, "focus_window must be alone, window or pin"),
+    ({"focus_alone": "yes"}, "focus_alone must be true or false"),
 ])
 def test_impossible_configs_are_refused_with_the_reason(changes, words):
     with pytest.raises(EngineError, match=words.replace("(", r"\(").replace(")", r"\)")):
         InfLLMConfig(**changes)
 
 
-def test_a_document_stored_when_focus_window_was_true_or_false_still_loads():
-    assert InfLLMConfig(focus_window=True).focus_window == "window"      # pin nothing, read the window
-    assert InfLLMConfig(focus_window=False).focus_window == "pin"
-    assert InfLLMConfig().focus_window == "alone"
+def test_a_config_stored_with_knobs_removed_since_loads_with_them_ignored():
+    stored = {**InfLLMConfig(topk=4).to_dict(), "focus_window": "pin", "focus_neighbours": "both",
+              "repetition_penalty": 1.1}
+    cfg = InfLLMConfig.from_dict(json.loads(json.dumps(stored)))         # as a library row keeps it
+    assert cfg == InfLLMConfig(topk=4) and cfg.memory_hash() == InfLLMConfig(topk=4).memory_hash()
+    assert "focus_window" not in cfg.to_dict()
+    with pytest.raises(TypeError, match="warp_factor"):                   # an unknown knob is still an error
+        InfLLMConfig.from_dict({**stored, "warp_factor": 9})
 
 
 def test_memory_hash_ignores_where_it_runs_but_not_how_it_reads():

@@ -141,10 +141,10 @@ def test_the_focus_never_touches_the_documents_memory(engine):
     assert (memory.length, memory.n_blocks) == before[:2] and torch.equal(memory.layers[0].recent_k, before[2])
 
 
-def _window_focus(engine, memory, span: int, window: str) -> Focus:
+def _window_focus(engine, memory, span: int) -> Focus:
     """A focus whose evidence is window span `span`, as the probe would leave it."""
     _, (a, b) = engine.question_ids("what is it?")
-    focus = Focus((memory.length + a, memory.length + b), memory.length, range(1, 2), 2, gap=4, window=window)
+    focus = Focus((memory.length + a, memory.length + b), memory.length, range(1, 2), 2, gap=4)
     spans = memory.n_blocks + -(-(memory.length - memory.layers[0].r0) // engine.cfg.block_size)
     focus.votes = torch.zeros(spans)
     focus.votes[span] = 1.0
@@ -158,8 +158,8 @@ def test_window_evidence_is_reread_alone_and_the_rest_of_the_window_left_out(eng
     span = memory.n_blocks                                       # the oldest span still in the window
     a, b = memory.block_span(span)[0], memory.block_span(span + 1)[1]
 
-    def answer_logits(window: str, changed: range = range(0)) -> torch.Tensor:
-        fork, focus = memory.fork(), _window_focus(engine, memory, span, window)
+    def answer_logits(changed: range = range(0)) -> torch.Tensor:
+        fork, focus = memory.fork(), _window_focus(engine, memory, span)
         for layer in fork.layers:                                # other K/V at those document positions
             k, v = layer.recent_k.clone(), layer.recent_v.clone()
             rows = [p - layer.r0 for p in changed]
@@ -167,22 +167,18 @@ def test_window_evidence_is_reread_alone_and_the_rest_of_the_window_left_out(eng
             layer.recent_k, layer.recent_v = k, v
         return prefill(engine.model, fork, engine.rope, ids, focus=focus, cfg=engine.cfg)
 
-    focus = _window_focus(engine, memory, span, "alone")
+    focus = _window_focus(engine, memory, span)
     assert focus.alone == (a, b) and focus.pinned.numel() == 0
-    assert _window_focus(engine, memory, span, "window").alone is None
-    alone = answer_logits("alone")
+    alone = answer_logits()
     torch.manual_seed(0)
-    assert torch.allclose(answer_logits("alone", range(b, memory.length)), alone, atol=1e-5)   # the rest: unread
-    assert not torch.allclose(answer_logits("alone", range(a, b)), alone, atol=1e-3)          # the evidence: read
-    window = answer_logits("window")
-    assert not torch.allclose(window, alone, atol=1e-3)
-    assert not torch.allclose(answer_logits("window", range(b, memory.length)), window, atol=1e-3)
+    assert torch.allclose(answer_logits(range(b, memory.length)), alone, atol=1e-5)   # the rest: unread
+    assert not torch.allclose(answer_logits(range(a, b)), alone, atol=1e-3)          # the evidence: read
 
 
 def test_window_evidence_read_alone_is_what_the_trace_shows(engine):
     memory = engine.read(torch.arange(300) % 256)
     span = memory.n_blocks + 1
-    focus, trace = _window_focus(engine, memory, span, "alone"), Trace()
+    focus, trace = _window_focus(engine, memory, span), Trace()
     prefill(engine.model, memory.fork(), engine.rope, engine.question_ids("what is it?")[0], trace, focus=focus,
             cfg=engine.cfg)
     assert trace.records and all(r.block_ids.numel() == 0 for r in trace.records)

@@ -80,13 +80,12 @@ def test_word_matches_join_the_vote_by_rank_and_weight(read, engine):  # noqa: F
     assert torch.allclose(weighed.votes, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode, pinned", [("better", [3, 4]), ("next", [4, 5]), ("both", [3, 4, 5])])
-def test_each_best_block_is_pinned_with_its_neighbours(mode, pinned):
-    focus = Focus((0, 1), 0, range(0, 1), len(pinned), neighbours=mode)
+def test_each_best_block_is_pinned_with_the_next_one():
+    focus = Focus((0, 1), 0, range(0, 1), 2)
     focus.votes = torch.tensor([0.0, 0.0, 0.1, 0.3, 1.0, 0.2, 0.0, 0.0])    # block 3 draws more than block 5
     focus.choose(8, lambda i: (i * 8, i * 8 + 8))
-    assert focus.pinned.tolist() == pinned
-    last = Focus((0, 1), 0, range(0, 1), 2, neighbours=mode)
+    assert focus.pinned.tolist() == [4, 5]
+    last = Focus((0, 1), 0, range(0, 1), 2)
     last.votes = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1, 1.0])     # the last block: its previous one
     last.choose(8, lambda i: (i * 8, i * 8 + 8))
     assert last.pinned.tolist() == [6, 7]

@@ -1,9 +1,12 @@
 """The persistent library with a tiny model: ingest, reload after a restart, delete, bad input."""
+import json
+
 import pytest
 import torch
 
 from infllm_engine import Engine, InfLLMConfig, snapshot
-from reading.ingest import Outcome, backfill, ingest, load_memory, tokenize
+from reading.ingest import Outcome, backfill, ingest, load_memory, stored_config, tokenize
+from reading.service import Answered, ReadingService
 from storage import tensors
 from storage.library import Library, LibraryError
 from storage.readers import DocumentError, read_document
@@ -65,6 +68,20 @@ def test_answers_are_identical_after_a_restart(tmp_path, engine, book):
     memory = load_memory(Library(tmp_path / "lib"), restarted, done.doc_id)
     after = restarted.ask(memory, "which words?", max_new_tokens=10).wait()
     assert after.token_ids == before.token_ids and after.trace.to_dict() == before.trace.to_dict()
+
+
+def test_a_document_stored_with_knobs_removed_since_still_opens_and_answers(tmp_path, engine, book):
+    library = Library(tmp_path / "lib")
+    done = ingest(library, engine, book)
+    # As a library written before focus_window, focus_neighbours and repetition_penalty were removed keeps it.
+    config = {**json.loads(library.document(done.doc_id)["config"]), "focus_window": "pin",
+              "focus_neighbours": "both", "repetition_penalty": 1.1}
+    library.db["documents"].update(done.doc_id, {"config": json.dumps(config)})
+    assert stored_config(library.document(done.doc_id)) == engine.cfg
+    *_, answered = ReadingService.start(engine, Library(tmp_path / "lib")).ask(done.doc_id, "which words?",
+                                                                                max_new_tokens=10)
+    assert isinstance(answered, Answered) and answered.text and answered.trace["pinned"]
+    assert ingest(library, engine, book).doc_id == done.doc_id        # the stored memory is the one found
 
 
 def test_a_memory_from_another_model_is_never_used(tmp_path, engine, book):

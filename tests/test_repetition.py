@@ -1,7 +1,7 @@
 """Issue 12, defect 9: greedy answers looped ("The license also requires ..." again and again).
 
-The repetition guard (generate.decode: transformers' no-repeat-n-gram and repetition-penalty
-processors over the answer's own tokens) on a tiny random model, then on the real embedded model.
+The repetition guard (generate.decode: transformers' no-repeat-n-gram processor over the answer's own
+tokens) on a tiny random model, then on the real embedded model.
 """
 import re
 from pathlib import Path
@@ -15,7 +15,7 @@ from infllm_engine.stopping import loop_start, settled
 from .conftest import tiny_llama, tiny_tokenizer
 
 SMALL = dict(n_init=4, n_local=32, block_size=8, repr_topk=2, chunk_size=16, topk=2, cache_blocks=8)
-OFF = dict(repetition_penalty=1.0, no_repeat_ngram=0)
+OFF = dict(no_repeat_ngram=0)
 
 
 def repeated_sentence(text: str) -> str | None:
@@ -69,10 +69,6 @@ def test_the_last_words_wait_until_no_loop_can_take_them_back():
 
 
 @pytest.mark.parametrize("changes, words", [
-    ({"repetition_penalty": 0.5}, "repetition_penalty must be a number from 1.0 (off) to 3.0"),
-    ({"repetition_penalty": 12.0}, "repetition_penalty must be a number from 1.0 (off) to 3.0"),
-    ({"repetition_penalty": "high"}, "repetition_penalty must be a number"),
-    ({"repetition_penalty": float("nan")}, "repetition_penalty must be a number"),
     ({"no_repeat_ngram": 2}, "no_repeat_ngram must be 0 (off) or an integer of at least 3"),
     ({"no_repeat_ngram": -1}, "no_repeat_ngram must be 0 (off) or an integer of at least 3"),
     ({"no_repeat_ngram": 4.5}, "no_repeat_ngram must be 0 (off) or an integer of at least 3"),
@@ -83,10 +79,10 @@ def test_absurd_repetition_knobs_are_refused_with_the_reason(changes, words):
         InfLLMConfig(**changes)
 
 
-def test_the_repetition_knobs_never_change_a_stored_memory():
+def test_the_repetition_knob_never_changes_a_stored_memory():
     base = InfLLMConfig()
     assert base.memory_hash() == "6d962958fcad1c00"         # libraries read before the guard stay valid
-    assert base.replace(repetition_penalty=1.5, no_repeat_ngram=5).memory_hash() == base.memory_hash()
+    assert base.replace(no_repeat_ngram=5).memory_hash() == base.memory_hash()
     assert base.replace(**OFF).memory_hash() == base.memory_hash()
 
 
@@ -110,18 +106,11 @@ def test_no_repeat_ngram_changes_a_greedy_answer_only_at_the_token_that_would_re
     assert first_repeat(on, 3) == len(on) == 40
 
 
-def test_the_repetition_penalty_changes_nothing_before_the_first_repeated_token(tiny_engine):
-    off, on = answer_ids(tiny_engine), answer_ids(tiny_engine, repetition_penalty=1.5)
-    k = first_repeat(off, 1)
-    assert on[:k] == off[:k]                            # a new token is never penalized
-    assert len(set(on)) > 2 * len(set(off))
-
-
 def test_temperature_sampling_still_samples_under_the_guard(tiny_engine):
     answers = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        answers.append(answer_ids(tiny_engine, temperature=1.0, no_repeat_ngram=3, repetition_penalty=1.1))
+        answers.append(answer_ids(tiny_engine, temperature=1.0, no_repeat_ngram=3))
     assert answers[0] != answers[1]
     assert all(first_repeat(a, 3) == len(a) for a in answers)
 
@@ -179,7 +168,7 @@ def test_planted_facts_are_still_copied_exactly_under_the_default_guard(engine):
     memory = engine.read(engine.encode(engine.document_prompt(text)))
     key = engine.ask(memory, "What is the pass key?", max_new_tokens=24).wait().text
     name = engine.ask(memory, "Who is the lighthouse keeper of Port Emberly?", max_new_tokens=24).wait().text
-    # A year whose digits the answer has said before ("June 19, 1910"): a repetition penalty broke it.
+    # A year whose digits the answer has said before ("June 19, 1910"): a repetition penalty (removed) broke it.
     year = engine.ask(memory, "When was the Harwick Bridge opened?", max_new_tokens=24).wait().text
     print(repr(key), repr(name), repr(year))
     assert "51061" in key and "Mirela Vance" in name and "1910" in year
