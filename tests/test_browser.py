@@ -102,6 +102,16 @@ BROKEN_LABELS = """() => ['#new-chat', '#delete', '#ask', '#stop'].filter(id => 
 })"""
 
 
+CHAT_CLEAR = """() => {
+    // The chat's floating label and buttons against the box its messages scroll in: nothing may overlap.
+    const chat = document.querySelector('#chat'), box = chat.querySelector('.bubble-wrap').getBoundingClientRect();
+    return [...chat.querySelectorAll(':scope label, :scope .top-panel')].filter(e => {
+        const r = e.getBoundingClientRect();
+        return r.height > 0 && r.bottom > box.top && r.top < box.bottom && r.right > box.left && r.left < box.right;
+    }).map(e => e.tagName + ' ' + e.className);
+}"""
+
+
 LOADED_PAGE = "() => { const img = document.querySelector('#passage img.page'); return img && img.complete && img.naturalWidth > 0; }"
 HIGHLIGHTED = """() => {
     // Pixels of the page picture in the highlight's yellow (text on white never is).
@@ -165,6 +175,7 @@ def test_upload_ask_inspect_restart(tmp_path):
             assert "(p. 3)" in answer                       # the answer cites the page its evidence is on
             # The book's own sentence comes first, with its page, above the model's words.
             quote = page.locator("#chat blockquote").first.inner_text()
+            assert page.evaluate(CHAT_CLEAR) == []          # "Conversation" covers no line of a scrolled answer
             assert "The lighthouse keeper of Port Emberly is named Mirela Vance." in quote and "p. 3" in quote
             figures = page.locator("#inspector .figures").inner_text()
             assert "blocks retrieved" in figures and "tok/s" in figures

@@ -40,6 +40,9 @@ CSS = """
 #library .body-cell .text, #library th .header { white-space: nowrap; font-size: 12px; }
 #library .body-cell:nth-child(2) .text, #library th:nth-child(2) .header { white-space: normal; }
 #library .body-cell .cell-wrap, #library th .cell-wrap { padding-left: 6px; padding-right: 6px; }
+/* The chat's label and its buttons float over the top of the chat; the messages scroll in the strip below
+   them, or a long answer's first line scrolls under "Conversation". */
+#chat .bubble-wrap { margin-top: 36px; height: calc(100% - 36px); }
 """
 
 INTRO = """# InfLLM Reader
