@@ -6,7 +6,7 @@ from infllm_engine import Engine, InfLLMConfig
 from infllm_engine.focus import BASELINE_BEFORE, Focus
 from infllm_engine.generate import prefill
 from infllm_engine.trace import Trace
-from kernels import key_shares, span_mass
+from kernels import int8, key_shares, span_mass
 
 from .conftest import tiny_llama, tiny_tokenizer
 
@@ -24,13 +24,19 @@ def engine():
                                                         **SMALL))
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("chunk", [1, 3, 64])
 @pytest.mark.parametrize("heads, kv_heads, tail", [(4, 2, 0), (6, 3, 5), (2, 2, 8)])
-def test_span_mass_is_each_spans_share_of_one_softmax_over_every_key(chunk, heads, kv_heads, tail):
+def test_span_mass_is_each_spans_share_of_one_softmax_over_every_key(chunk, heads, kv_heads, tail, packed):
     torch.manual_seed(chunk + tail)
     q, blocks = torch.randn(heads, 5, 16), torch.randn(7, kv_heads, 8, 16)
     rest = torch.randn(kv_heads, tail, 16)
-    got = span_mass(q, blocks, 0.3, rest, chunk=chunk).spans
+    if packed:          # int8 blocks as memory stores them: the oracle reads them unpacked
+        codes, block_scale = int8.pack_keys(blocks, 8)
+        blocks = int8.unpack_keys(codes, block_scale, 8, torch.float32)
+        got = span_mass(q, codes, 0.3, rest, chunk=chunk, block_scale=block_scale).spans
+    else:
+        got = span_mass(q, blocks, 0.3, rest, chunk=chunk).spans
     keys = torch.cat([blocks.transpose(0, 1).reshape(kv_heads, -1, 16), rest], 1)
     probs = torch.softmax(torch.einsum("hnd,hkd->hnk", q, keys.repeat_interleave(heads // kv_heads, 0)) * 0.3, -1)
     per_key = probs.sum((0, 1)) / (heads * 5)
