@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from .fused import chunk_attention_fused
 from .stage import Stage, columns, merge_stages
@@ -117,6 +118,8 @@ def chunk_attention_torch(q_local, q_global, start, window: Keys, memory: Sequen
                           scale: float, window_mass: bool = False, memory_mass: bool = False) -> ChunkOut:
     """The torch twin (see the module doc)."""
     hkv, g, c, d = q_local.shape
+    if c == 1:
+        return _one_query(q_local, q_global, start, window, memory, n_local, scale, window_mass, memory_mass)
     dev = q_local.device
     parts = [(q_local * scale, window, 0, n_local)] + [(q_global * scale, m, n_local, _NO_LIMIT) for m in memory]
     masses = [torch.zeros(hkv, g, p.k.shape[1], dtype=torch.float32, device=dev) if want else None
@@ -140,8 +143,6 @@ def chunk_attention_torch(q_local, q_global, start, window: Keys, memory: Sequen
             tile.append((s, keys.v[:, a:b], mass, a, b))
         if not tile:
             out[:, :, i0:i1] = 0
-        elif t == 1:
-            out[:, :, i0:i1] = _one_query(tile).view(hkv, g, 1, d)
         else:
             out[:, :, i0:i1] = _many_queries(tile, t).view(hkv, g, t, d)
     return ChunkOut(out, masses[0], masses[1:] if memory_mass else None)
@@ -167,21 +168,44 @@ def _many_queries(tile: list, t: int) -> torch.Tensor:
     return acc * inv[..., None]                          # fp32; the caller's out has the inputs' dtype
 
 
-def _one_query(tile: list) -> torch.Tensor:
-    """Decode: the scores are one short row per head, so joining them and taking a single fp32 softmax
-    costs less than the per-part passes, whose fixed cost per operator dominates at this size."""
-    scores = torch.cat([s for s, *_ in tile], -1) if len(tile) > 1 else tile[0][0]
-    # One query sees every column of a part it sees at all (columns masks nothing), so no row is empty.
-    probs = torch.softmax(scores, dim=-1)
-    acc, at = None, 0
-    for _, v, mass, a, b in tile:
-        p = probs[..., at: at + b - a]
+def _one_query(q_local, q_global, start, window: Keys, memory: Sequence[Keys], n_local: int, scale: float,
+               window_mass: bool, memory_mass: bool) -> ChunkOut:
+    """Decode: one query sees one contiguous range of each part (columns masks nothing), a few hundred keys
+    when the question focus reads its evidence alone. The work is then the operators' fixed cost, not
+    their FLOPs, so the parts' scores are joined into one row per head, take one softmax, and the masses
+    are views of it: ~2x fewer operators than the tiled walk (tests/test_chunk_attention.py holds both
+    to the same oracle)."""
+    hkv, g, _, d = q_local.shape
+    parts = [(q_local, window, 0, n_local)] + [(q_global, m, n_local, _NO_LIMIT) for m in memory]
+    seen, scores = [], []                              # (part index, a, b), [Hkv, G, b - a] fp32
+    for i, (q, keys, lo, hi) in enumerate(parts):
+        a, b, _ = columns(start, start + 1, keys.start, keys.k.shape[1], lo, hi)
+        if a < b:
+            seen.append((i, a, b))
+            scores.append(torch.matmul(q.view(hkv, g, d), keys.k[:, a:b].transpose(1, 2)).float())
+    if not seen:
+        out, probs = q_local.new_zeros(hkv, g, 1, d), None
+    else:
+        probs = torch.softmax((torch.cat(scores, -1) if len(scores) > 1 else scores[0]) * scale, dim=-1)
+        out, at = None, 0
+        for i, a, b in seen:
+            p = probs[..., at: at + b - a].to(parts[i][1].v.dtype)
+            at += b - a
+            v = parts[i][1].v[:, a:b]
+            out = torch.matmul(p, v) if out is None else torch.baddbmm(out, p, v)
+        out = out.view(hkv, g, 1, d).to(q_local.dtype)
+    spans, masses, at = {i: (a, b) for i, a, b in seen}, [], 0
+    for i, (_, keys, _, _) in enumerate(parts):       # a part seen whole: its mass is a view of the probabilities
+        (a, b), n = spans.get(i, (0, 0)), keys.k.shape[1]
+        row = probs[..., at: at + b - a] if b > a else None
         at += b - a
-        if mass is not None:
-            mass[..., a:b] += p.view(mass.shape[0], -1, b - a)
-        p = p.to(v.dtype)
-        acc = torch.matmul(p, v) if acc is None else torch.baddbmm(acc, p, v)
-    return acc
+        if not (window_mass if i == 0 else memory_mass):
+            masses.append(None)
+        elif row is None:
+            masses.append(torch.zeros(hkv, g, n, dtype=torch.float32, device=q_local.device))
+        else:
+            masses.append(row if (a, b) == (0, n) else F.pad(row, (a, n - b)))
+    return ChunkOut(out, masses[0], masses[1:] if memory_mass else None)
 
 
 def chunk_attention_triton(q_local, q_global, start, window: Keys, memory: Sequence[Keys], n_local: int,

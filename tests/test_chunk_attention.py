@@ -77,6 +77,8 @@ CASES = {
     "window past NEAR": (300, 1000, 1000 - 399, 399 + 300, [(32, None), (16, 0), (90, 540)], 400),
     "text start": (100, 0, 0, 100, [(16, 0)], 64),
     "decode": (1, 900, 900 - 63, 64, [(48, None), (16, 0), (20, 800)], 64),
+    # the window's first keys and the recent part's last ones too near / too far for the query; a part unseen
+    "decode, parts seen in part": (1, 900, 900 - 80, 81, [(48, None), (16, 0), (40, 820), (10, 890)], 64),
     "no memory seen": (70, 40, 0, 110, [(16, 0)], 128),
     "no memory parts": (70, 40, 0, 110, [], 128),
 }
