@@ -15,6 +15,7 @@ from .focus import Focus
 from .generate import decode, prefill
 from .loading import default_data_dir, load_model, prepare
 from .memory import ContextMemory
+from .precision import on_own_thread
 from .rope import Rotary
 from .shelf import Shelf
 from .trace import Trace
@@ -68,8 +69,10 @@ class Engine:
 
     @classmethod
     def load(cls, model: str | None = None, cfg: InfLLMConfig = InfLLMConfig(), data_dir: Path | None = None) -> "Engine":
-        lm, tokenizer, fingerprint = load_model(model, Path(data_dir or default_data_dir()), cfg.device, cfg.torch_dtype)
-        return cls(lm, tokenizer, cfg, fingerprint)
+        def load() -> "Engine":
+            lm, tokenizer, fingerprint = load_model(model, Path(data_dir or default_data_dir()), cfg.device, cfg.torch_dtype)
+            return cls(lm, tokenizer, cfg, fingerprint)
+        return on_own_thread(load)          # the threads OpenMP starts for it end with it
 
     def with_config(self, cfg: InfLLMConfig) -> "Engine":
         """The same model under other knobs (another method, topk, ...): nothing is reloaded."""

@@ -8,11 +8,15 @@ bf16. The memory is stored packed whatever is chosen (kernels.int8), so the choi
 from __future__ import annotations
 
 import functools
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
+T = TypeVar("T")
 NATIVE_BF16 = ("amx_bf16", "avx512_bf16")     # /proc/cpuinfo flags
 MARGIN = 1.2                                   # bf16 must win by this much: a tie is not worth the precision
 
@@ -37,6 +41,33 @@ def matmul_seconds(dtype: torch.dtype, n: int = 512, hidden: int = 576, inner: i
     return best
 
 
+def on_own_thread(fn: Callable[[], T]) -> T:
+    """fn() on a short-lived thread: its result, or its exception raised here.
+
+    torch's CPU kernels run on OpenMP (libgomp), which gives every thread that runs a parallel region a
+    pool of worker threads, kept until that thread ends. Two pools on 2 cores are more threads than CPUs,
+    and libgomp then stops spinning between regions: each region wakes its workers from sleep. The app
+    loads the model on its main thread and computes on the model thread (reading.worker), so everything
+    ran that way: an answer about a 123K-token book decoded at 7-8 tok/s on the model thread against
+    15-17 on the thread that loaded it (bench/results/throughput-cpu.md). Start-up work (loading the
+    model, timing a matmul) runs here instead, and its pool ends with the thread.
+    """
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as err:         # raised again on the caller's thread
+            out["error"] = err
+
+    thread = threading.Thread(target=run, name="start-up")
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
 @functools.cache
 def best_dtype(device: str) -> str:
     """"bfloat16" or "float32" for this device (measured once per process on the CPU, about 0.1 s)."""
@@ -44,4 +75,5 @@ def best_dtype(device: str) -> str:
         return "bfloat16"
     if not cpu_flags() & set(NATIVE_BF16):
         return "float32"
-    return "bfloat16" if matmul_seconds(torch.bfloat16) * MARGIN < matmul_seconds(torch.float32) else "float32"
+    return on_own_thread(lambda: "bfloat16" if matmul_seconds(torch.bfloat16) * MARGIN < matmul_seconds(torch.float32)
+                         else "float32")

@@ -84,3 +84,30 @@ def test_auto_dtype_is_what_this_machine_measures_faster(monkeypatch):
     precision.best_dtype.cache_clear()
     assert InfLLMConfig(dtype="auto", device="cuda").dtype == "bfloat16"
     precision.best_dtype.cache_clear()
+
+
+def test_start_up_work_runs_on_its_own_thread_so_its_openmp_threads_end_with_it(monkeypatch):
+    # Two OpenMP pools on 2 cores halved the app's decode (precision.on_own_thread): the model's load and the
+    # dtype's timing must not leave one on the caller's thread.
+    import threading
+
+    from infllm_engine import Engine, engine, precision
+
+    from .conftest import tiny_llama, tiny_tokenizer
+
+    caller, seen = threading.current_thread(), []
+    assert precision.on_own_thread(lambda: threading.current_thread()) is not caller
+    with pytest.raises(ValueError, match="raised there"):
+        precision.on_own_thread(lambda: (_ for _ in ()).throw(ValueError("raised there")))
+
+    def load_model(*args):
+        seen.append(threading.current_thread())
+        return tiny_llama(), tiny_tokenizer(), "tiny"
+    monkeypatch.setattr(engine, "load_model", load_model)
+    assert Engine.load(None, InfLLMConfig(n_local=64, chunk_size=16)).fingerprint == "tiny"
+    precision.best_dtype.cache_clear()
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(precision, "matmul_seconds", lambda dtype: seen.append(threading.current_thread()) or 1.0)
+    assert InfLLMConfig(dtype="auto").dtype == "float32"
+    precision.best_dtype.cache_clear()
+    assert len(seen) == 3 and caller not in seen
