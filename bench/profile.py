@@ -6,8 +6,9 @@ First times the two matmul shapes that matter in fp32 and bf16 (whether bf16 pay
 depends on AMX), and each pass of the attention twin's softmax over one tile in both. Then reads the passkey filler (bench.passkey) into an in-memory context with
 `Engine.read`, and profiles the next 512-token chunk and `--decode` greedy steps after it. The
 output is the reproducible source of the "what dominates" figures in bench/results/throughput-cpu.md.
-Last, it counts the host reads (bench.syncs: what would stall a GPU's stream) in one more chunk and
-in the decode steps, by the line that made them.
+Last, it counts the host reads (bench.syncs: what would stall a GPU's stream) and the operators
+dispatched in one more chunk, in the decode steps and in an answer's decode through `Engine.ask` (the
+app's path: the question focus, its blocks read alone, every step traced), by the line that made them.
 """
 from __future__ import annotations
 
@@ -130,14 +131,28 @@ def main(argv: list[str] | None = None) -> None:
     for label, run, n in (("prefill chunk", read_chunk, 1), (f"decode, {args.decode} steps", answer, args.decode)):
         with HostReads(ops=True) as reads:
             run()
-        unit = "chunk" if n == 1 else "token"
-        print(f"\n## {label}, blocks on the {'device' if cfg.resident_blocks else 'host'}, {cfg.kernels} kernels: "
-              f"{sum(reads.ops.values()) / n:,.0f} operators dispatched per {unit} (not nested: a GPU's launches, "
-              f"Triton's aside), {sum(reads.seen.values()) / n:,.1f} host reads per {unit}")
-        for where, count in reads.seen.most_common():
-            print(f"{count / n:10,.1f}  host reads at {where}")
-        for where, count in reads.ops.most_common(args.rows):
-            print(f"{count / n:10,.1f}  operators at {where}")
+        _operators(label, reads, n, "chunk" if n == 1 else "token", cfg, args.rows)
+
+    # The app's own answers (Engine.ask): the question focus's blocks read alone, and every step traced.
+    engine.stop_ids = set()
+    asked = engine.ask(memory, "What is the pass key?", max_new_tokens=args.decode + 8)
+    pieces = iter(asked)
+    next(pieces, None)                  # past the probe, the question's prefill and the first tokens
+    first = len(asked.token_ids)
+    with HostReads(ops=True) as reads:
+        for _ in pieces:
+            pass
+    _operators("an answer's decode (Engine.ask)", reads, max(1, len(asked.token_ids) - first), "token", cfg, args.rows)
+
+
+def _operators(label: str, reads: HostReads, n: int, unit: str, cfg: InfLLMConfig, rows: int) -> None:
+    print(f"\n## {label}, blocks on the {'device' if cfg.resident_blocks else 'host'}, {cfg.kernels} kernels: "
+          f"{sum(reads.ops.values()) / n:,.0f} operators dispatched per {unit} (not nested: a GPU's launches, "
+          f"Triton's aside), {sum(reads.seen.values()) / n:,.1f} host reads per {unit}")
+    for where, count in reads.seen.most_common():
+        print(f"{count / n:10,.1f}  host reads at {where}")
+    for where, count in reads.ops.most_common(rows):
+        print(f"{count / n:10,.1f}  operators at {where}")
 
 
 if __name__ == "__main__":
