@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.passkey import build_prompt
 from bench.syncs import HostReads
-from infllm_engine import Engine, InfLLMConfig
+from infllm_engine import Engine, InfLLMConfig, Trace
 from infllm_engine.generate import decode, prefill
 
 
@@ -133,16 +133,16 @@ def main(argv: list[str] | None = None) -> None:
             run()
         _operators(label, reads, n, "chunk" if n == 1 else "token", cfg, args.rows)
 
-    # The app's own answers (Engine.ask): the question focus's blocks read alone, and every step traced.
-    engine.stop_ids = set()
-    asked = engine.ask(memory, "What is the pass key?", max_new_tokens=args.decode + 8)
-    pieces = iter(asked)
-    next(pieces, None)                  # past the probe, the question's prefill and the first tokens
-    first = len(asked.token_ids)
+    # An answer's decode as Engine.ask runs it: the question focus's blocks read alone, every step traced.
+    ids, (a, b) = engine.question_ids("What is the pass key?")
+    focus = engine.focus(memory, ids, (memory.length + a, memory.length + b))
+    fork, trace = memory.fork(), Trace()
+    logits = prefill(engine.model, fork, engine.rope, ids, trace, focus=focus, cfg=cfg)
     with HostReads(ops=True) as reads:
-        for _ in pieces:
+        for _ in decode(engine.model, fork, engine.rope, logits, args.decode + 1, set(), trace, focus=focus,
+                        no_repeat_ngram=cfg.no_repeat_ngram, cfg=cfg):
             pass
-    _operators("an answer's decode (Engine.ask)", reads, max(1, len(asked.token_ids) - first), "token", cfg, args.rows)
+    _operators("an answer's decode (as Engine.ask)", reads, args.decode, "token", cfg, args.rows)
 
 
 def _operators(label: str, reads: HostReads, n: int, unit: str, cfg: InfLLMConfig, rows: int) -> None:

@@ -173,7 +173,7 @@ def _one_query(q_local, q_global, start, window: Keys, memory: Sequence[Keys], n
     """Decode: one query sees one contiguous range of each part (columns masks nothing), a few hundred keys
     when the question focus reads its evidence alone. The work is then the operators' fixed cost, not
     their FLOPs, so the parts' scores are joined into one row per head, take one softmax, and the masses
-    are views of it: ~2x fewer operators than the tiled walk (tests/test_chunk_attention.py holds both
+    are views of it: ~1.5x fewer operators than the tiled walk (tests/test_chunk_attention.py holds both
     to the same oracle)."""
     hkv, g, _, d = q_local.shape
     parts = [(q_local, window, 0, n_local)] + [(q_global, m, n_local, _NO_LIMIT) for m in memory]

@@ -33,7 +33,8 @@ def test_the_profile_prints_operator_tables_for_a_prefill_chunk_and_decode(tiny_
     prefill, decode = out.split("## prefill")[1].split("## decode")
     assert "ms per chunk" in prefill and "aten::mm" in prefill
     assert "3 steps" in decode and "ms per token" in decode and "aten::mm" in decode      # the model ran
-    assert "an answer's decode (Engine.ask)" in out and "operators at infllm_engine/generate.py" in out.split("Engine.ask")[1]
+    answer = out.split("an answer's decode (as Engine.ask)")[1]
+    assert "operators at infllm_engine/generate.py" in answer and "operators at infllm_engine/attention.py" in answer
 
 
 def test_the_needle_bench_plants_every_fact_once_and_records_each_question(tmp_path, tiny_model_dir):
