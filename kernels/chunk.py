@@ -183,28 +183,27 @@ def _one_query(q_local, q_global, start, window: Keys, memory: Sequence[Keys], n
         if a < b:
             seen.append((i, a, b))
             scores.append(torch.matmul(q.view(hkv, g, d), keys.k[:, a:b].transpose(1, 2)).float())
+    rows = {}                                          # part index -> (a, b, its probabilities [Hkv, G, b - a])
     if not seen:
-        out, probs = q_local.new_zeros(hkv, g, 1, d), None
+        out = q_local.new_zeros(hkv, g, 1, d)
     else:
         probs = torch.softmax((torch.cat(scores, -1) if len(scores) > 1 else scores[0]) * scale, dim=-1)
-        out, at = None, 0
-        for i, a, b in seen:
-            p = probs[..., at: at + b - a].to(parts[i][1].v.dtype)
-            at += b - a
+        out = None
+        for (i, a, b), p in zip(seen, probs.split([b - a for _, a, b in seen], -1)):
+            rows[i] = (a, b, p)
             v = parts[i][1].v[:, a:b]
-            out = torch.matmul(p, v) if out is None else torch.baddbmm(out, p, v)
+            out = torch.matmul(p.to(v.dtype), v) if out is None else torch.baddbmm(out, p.to(v.dtype), v)
         out = out.view(hkv, g, 1, d).to(q_local.dtype)
-    spans, masses, at = {i: (a, b) for i, a, b in seen}, [], 0
+    masses = []
     for i, (_, keys, _, _) in enumerate(parts):       # a part seen whole: its mass is a view of the probabilities
-        (a, b), n = spans.get(i, (0, 0)), keys.k.shape[1]
-        row = probs[..., at: at + b - a] if b > a else None
-        at += b - a
+        n = keys.k.shape[1]
         if not (window_mass if i == 0 else memory_mass):
             masses.append(None)
-        elif row is None:
+        elif i not in rows:
             masses.append(torch.zeros(hkv, g, n, dtype=torch.float32, device=q_local.device))
         else:
-            masses.append(row if (a, b) == (0, n) else F.pad(row, (a, n - b)))
+            a, b, p = rows[i]
+            masses.append(p if (a, b) == (0, n) else F.pad(p, (a, n - b)))
     return ChunkOut(out, masses[0], masses[1:] if memory_mass else None)
 
 
