@@ -24,6 +24,7 @@ import functools
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .stage import Stage, columns, fused_stage, merge_stages
 
@@ -112,7 +113,9 @@ def estimated_mass(q_local: torch.Tensor, window, start: int, n_local: int, scal
     near = min(NEAR, n_local)
     mass = torch.zeros(hkv, g, n, dtype=torch.float32, device=q_local.device)
     qs = q_local * scale
-    for i0 in range(0, c, _TILE):                  # near: a tile's queries see ~NEAR + _TILE keys
+    # near: a tile's queries see ~NEAR + _TILE keys; the tiles whose keys all lie in the window in one product
+    first = _near_tiles(mass, qs, k, lse, start - k0, near) if start - k0 >= near - 1 else 0
+    for i0 in range(first, c, _TILE):
         i1 = min(c, i0 + _TILE)
         a, b = max(0, start + i0 - k0 - near + 1), min(n, start + i1 - k0)
         if a >= b:
@@ -128,6 +131,33 @@ def estimated_mass(q_local: torch.Tensor, window, start: int, n_local: int, scal
             s = _scores(qs[:, :, rows], k).sub_(lse[:, :, rows, None])
             mass += (s if bias is None else s.add_(bias)).exp_().sum(2).mul_(EVERY)
     return mass
+
+
+def _near_tiles(mass: torch.Tensor, qs: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, at: int, near: int) -> int:
+    """The near pass of the chunk's whole tiles at once, when the window holds near - 1 keys before the first
+    query (at = its index in the window): tile i's queries see the keys [a + i*_TILE, a + i*_TILE + w), a =
+    at - near + 1, w = near - 1 + _TILE, the same band in every tile. One product over overlapping views of
+    the keys instead of one per tile (~80 operators a layer fewer). Returns the queries done."""
+    hkv, g, c, d = qs.shape
+    t = c // _TILE
+    if t < 2:
+        return 0
+    a, w = at - near + 1, near - 1 + _TILE
+    kw = k.as_strided((hkv, t, w, d), (k.stride(0), _TILE * k.stride(1), k.stride(1), k.stride(2)),
+                      k.storage_offset() + a * k.stride(1))                       # [Hkv, t, w, d], overlapping
+    q = qs[:, :, : t * _TILE].reshape(hkv, g, t, _TILE, d).transpose(1, 2)        # [Hkv, t, G, T, d]
+    s = torch.matmul(q.reshape(hkv, t, g * _TILE, d), kw.transpose(2, 3)).float().view(hkv, t, g, _TILE, w)
+    s.sub_(lse[:, :, : t * _TILE].reshape(hkv, g, t, _TILE).transpose(1, 2)[..., None])
+    bias, _ = visibility(at, _TILE, 1, ((a, w),), 0, near, qs.device)           # the same for every tile
+    got = (s if bias is None else s.add_(bias)).exp_().sum(3)                      # [Hkv, t, G, w]
+    m = -(-w // _TILE)                                 # the band in m slices of _TILE keys: tile i's slice j is
+    got = F.pad(got, (0, m * _TILE - w)).view(hkv, t, g, m, _TILE).transpose(1, 2)   # the chunk's slice i + j
+    acc = got.new_zeros(hkv, g, t + m - 1, _TILE)
+    for j in range(m):
+        acc[:, :, j: j + t] += got[:, :, :, j]
+    end = min(mass.shape[-1], a + acc.shape[2] * _TILE)                           # past it: padding, zeros
+    mass[..., a: end] += acc.view(hkv, g, -1)[..., : end - a]
+    return t * _TILE
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,8 @@ CASES = {
     # name: (c, start, window start, window length, memory parts (length, start or None), n_local)
     "prefill": (150, 600, 600 - 95, 95 + 150, [(40, None), (16, 0), (70, 460)], 96),
     "window past NEAR": (300, 1000, 1000 - 399, 399 + 300, [(32, None), (16, 0), (90, 540)], 400),
+    # a chunk of whole near tiles (kernels.fused takes them in one product)
+    "reading's chunk": (256, 1000, 1000 - 399, 399 + 256, [(32, None), (16, 0), (90, 540)], 400),
     "text start": (100, 0, 0, 100, [(16, 0)], 64),
     "decode": (1, 900, 900 - 63, 64, [(48, None), (16, 0), (20, 800)], 64),
     # the window's first keys and the recent part's last ones too near / too far for the query; a part unseen
