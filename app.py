@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     common.add_argument("--device", default=argparse.SUPPRESS, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     common.add_argument("--dtype", choices=("auto", *DTYPES), default=argparse.SUPPRESS,
-                        help="compute precision (default auto: bf16 on CUDA, and on a CPU where it measures faster)")
+                        help="compute precision (default auto: bf16 on CUDA, and on a CPU where it measures faster; "
+                             "mixed: read in bf16, answer in fp32, where one-row products are faster in fp32)")
     common.add_argument("--full-traces", action="store_true", default=argparse.SUPPRESS,
                         help="store every step's retrieval with each answer (debugging: ~340 KB an answer, not ~6)")
     web = argparse.ArgumentParser(add_help=False)

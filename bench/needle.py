@@ -170,13 +170,14 @@ def run_document(engine: Engine, library: Library, book: Document, length: int, 
     t0 = time.perf_counter()
     done = ingest_document(library, engine, doc)
     read_s = time.perf_counter() - t0
-    memory = load_memory(library, engine, done.doc_id)
+    answering = engine.answering()                      # as the app asks ("mixed" answers in fp32)
+    memory = load_memory(library, answering, done.doc_id)
     out = []
     for depth, fact in placed:
         spans, first_token = fact_spans(engine, doc, fact, engine.cfg)
         blocks = [b for b in spans if b < memory.n_blocks]
         for name, changes in variants:
-            asker = engine.with_config(engine.cfg.replace(**changes))
+            asker = answering.with_config(answering.cfg.replace(**changes))
             for q in fact.questions:
                 t1 = time.perf_counter()
                 answer = asker.ask(memory, q, max_new_tokens=max_new_tokens, lexical=library.search(done.doc_id, q)).wait()

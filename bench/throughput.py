@@ -103,11 +103,12 @@ def run_infllm(engine: Engine, ids: torch.Tensor, n_decode: int) -> dict:
         _evict(library.memory_dir(done.doc_id))
         resident = _resident(library.memory_dir(done.doc_id))
         t = time.perf_counter()                    # cold: the memory's files are not in the page cache
-        memory = load_memory(library, engine, done.doc_id)
-        engine.generate(memory, engine.encode(QUESTION), max_new_tokens=1).wait()
+        asking = engine.answering()                # as the app asks ("mixed" answers in fp32)
+        memory = load_memory(library, asking, done.doc_id)
+        asking.generate(memory, asking.encode(QUESTION), max_new_tokens=1).wait()
         cold_s = time.perf_counter() - t
-        engine.stop_ids = set()                    # always n_decode tokens
-        answer = engine.generate(memory, engine.encode(QUESTION), max_new_tokens=n_decode + 1)
+        asking.stop_ids = set()                    # always n_decode tokens
+        answer = asking.generate(memory, asking.encode(QUESTION), max_new_tokens=n_decode + 1)
         answer.wait()
         return {**_row(done.tokens, ingest_s, answer.timings["decode_tokens_per_s"]), "disk_bytes": disk,
                 "disk_mib_per_1k_tokens": round(disk / 2**20 / (done.tokens / 1000), 2),

@@ -1,6 +1,7 @@
 """The engine's API: read a text into a context memory, then ask questions against forks of it."""
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -54,9 +55,15 @@ class Answer:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, cfg: InfLLMConfig = InfLLMConfig(), fingerprint: str = "in-memory"):
+    def __init__(self, model, tokenizer, cfg: InfLLMConfig = InfLLMConfig(), fingerprint: str = "in-memory",
+                 reader=None):
+        """model: the weights, in cfg.weights_dtype. Under "mixed" (config.DTYPES) this engine computes on a
+        bf16 copy of them, `reader` when given (engines of one load share it), and answering() on them."""
         prepare(model)
-        self.model, self.tokenizer, self.cfg, self.fingerprint = model, tokenizer, cfg, fingerprint
+        self.weights, self.tokenizer, self.cfg, self.fingerprint = model, tokenizer, cfg, fingerprint
+        # A copy, not autocast over the fp32 weights: autocast casts every weight at every chunk, and read 8-10 %
+        # slower (bench/results/throughput-cpu.md); the copy costs 2 bytes a parameter (270 MB for the 135M model).
+        self.model = model if cfg.torch_dtype == cfg.weights_dtype else reader or _copy_in(model, cfg.torch_dtype)
         mc = model.config
         self.n_layers = mc.num_hidden_layers
         self.n_heads = mc.num_attention_heads
@@ -70,15 +77,23 @@ class Engine:
     @classmethod
     def load(cls, model: str | None = None, cfg: InfLLMConfig = InfLLMConfig(), data_dir: Path | None = None) -> "Engine":
         def load() -> "Engine":
-            lm, tokenizer, fingerprint = load_model(model, Path(data_dir or default_data_dir()), cfg.device, cfg.torch_dtype)
+            lm, tokenizer, fingerprint = load_model(model, Path(data_dir or default_data_dir()), cfg.device, cfg.weights_dtype)
             return cls(lm, tokenizer, cfg, fingerprint)
         return on_own_thread(load)          # the threads OpenMP starts for it end with it
 
     def with_config(self, cfg: InfLLMConfig) -> "Engine":
-        """The same model under other knobs (another method, topk, ...): nothing is reloaded."""
-        if (cfg.device, cfg.dtype) != (self.cfg.device, self.cfg.dtype):
-            raise EngineError("device and dtype are fixed when the model loads")
-        return Engine(self.model, self.tokenizer, cfg, self.fingerprint)
+        """The same model under other knobs (another method, topk, ...): nothing is reloaded. The dtype may
+        change only where the weights stay as they are ("mixed" <-> "float32")."""
+        if (cfg.device, cfg.weights_dtype) != (self.cfg.device, self.cfg.weights_dtype):
+            raise EngineError("the device and the weights' dtype are fixed when the model loads")
+        reader = self.model if self.model is not self.weights and cfg.torch_dtype == self.cfg.torch_dtype else None
+        return Engine(self.weights, self.tokenizer, cfg, self.fingerprint, reader)
+
+    def answering(self) -> "Engine":
+        """The engine to ask questions with: under "mixed", the same weights in fp32 (config.DTYPES)."""
+        if self.cfg.answer_dtype == self.cfg.dtype:
+            return self
+        return self.with_config(self.cfg.replace(dtype=self.cfg.answer_dtype))
 
     # -- text <-> tokens --------------------------------------------------------------------------
     def encode(self, text: str) -> torch.Tensor:
@@ -240,6 +255,9 @@ class Engine:
             raise EngineError(
                 f"this memory was built as {memory.cfg.method} with n_init={memory.cfg.n_init}, n_local="
                 f"{memory.cfg.n_local}, block_size={memory.cfg.block_size}; read the document again for these settings")
+        if memory.cfg.torch_dtype != self.cfg.torch_dtype:
+            raise EngineError(f"this memory holds {memory.cfg.dtype} tensors and the engine computes in {self.cfg.dtype}: "
+                              "load it from its library with this engine (a stored memory loads in any dtype)")
         if memory.length + ids.numel() > self.cfg.max_tokens:
             raise EngineError(
                 f"the input is too long: {memory.length + ids.numel():,} tokens, over the configured maximum "
@@ -277,3 +295,8 @@ class Engine:
                 text += " …"            # cut mid-sentence: the reader sees that it was cut
         if len(text) > len(shown):
             yield text[len(shown):]
+
+
+def _copy_in(model, dtype: torch.dtype):
+    """The model with its weights in dtype, the original untouched."""
+    return copy.deepcopy(model).to(dtype)

@@ -130,7 +130,7 @@ class ReadingService:
         focus are this service's engine's, whatever they were when it was read; topk may change per call.
         """
         own = self.engine.cfg
-        changes = {k: getattr(own, k) for k in QUESTION_ONLY}
+        changes = {k: getattr(own, k) for k in QUESTION_ONLY} | {"dtype": own.answer_dtype}   # "mixed" answers in fp32
         return stored_config(doc).replace(topk=own.topk if topk is None else int(topk), **changes)
 
     def ask(self, doc_ref: int | str | Sequence[int], question: str, conversation: int | None = None,

@@ -127,7 +127,9 @@ class Worker:
             path = self.library.upload_path(doc["id"]) if doc["status"] == Status.READING else None
             if path is None or doc["model_fingerprint"] != engine.fingerprint:
                 continue
-            jobs.append(self.submit(path, doc["source_name"], engine.with_config(stored_config(doc))))
+            # read on where and in the precision this engine runs (a stored memory is packed the same in every dtype)
+            cfg = stored_config(doc).replace(device=engine.cfg.device, dtype=engine.cfg.dtype)
+            jobs.append(self.submit(path, doc["source_name"], engine.with_config(cfg)))
         return jobs
 
     def active(self) -> list[Job]:

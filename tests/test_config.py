@@ -76,10 +76,21 @@ def test_auto_dtype_is_what_this_machine_measures_faster(monkeypatch):
     assert InfLLMConfig(dtype="auto").dtype == "float32"
     precision.best_dtype.cache_clear()
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16", "amx_bf16"})
-    monkeypatch.setattr(precision, "matmul_seconds", lambda dtype: {torch.bfloat16: 1.0, torch.float32: 5.0}[dtype])
+    # seconds by (rows, dtype): a 512-row product (reading), a one-row product (decoding)
+    timings = lambda table: lambda dtype, n=512, **_: table[n][dtype]
+    fast_bf16 = {torch.bfloat16: 1.0, torch.float32: 5.0}
+    monkeypatch.setattr(precision, "matmul_seconds", timings({512: fast_bf16, 1: fast_bf16}))
     assert InfLLMConfig(dtype="auto").dtype == "bfloat16"
     precision.best_dtype.cache_clear()
-    monkeypatch.setattr(precision, "matmul_seconds", lambda dtype: {torch.bfloat16: 1.0, torch.float32: 1.1}[dtype])
+    # The AMX Xeon: bf16 7x faster on 512 rows, 2x slower on one: read in bf16, answer in fp32.
+    monkeypatch.setattr(precision, "matmul_seconds", timings({512: {torch.bfloat16: 0.37, torch.float32: 2.7},
+                                                              1: {torch.bfloat16: 63e-6, torch.float32: 33e-6}}))
+    cfg = InfLLMConfig(dtype="auto")
+    assert (cfg.dtype, cfg.torch_dtype, cfg.weights_dtype, cfg.answer_dtype) == (
+        "mixed", torch.bfloat16, torch.float32, "float32")
+    precision.best_dtype.cache_clear()
+    tie = {torch.bfloat16: 1.0, torch.float32: 1.1}
+    monkeypatch.setattr(precision, "matmul_seconds", timings({512: tie, 1: fast_bf16}))
     assert InfLLMConfig(dtype="auto").dtype == "float32"                       # a tie keeps fp32's precision
     precision.best_dtype.cache_clear()
     assert InfLLMConfig(dtype="auto", device="cuda").dtype == "bfloat16"
@@ -107,7 +118,7 @@ def test_start_up_work_runs_on_its_own_thread_so_its_openmp_threads_end_with_it(
     assert Engine.load(None, InfLLMConfig(n_local=64, chunk_size=16)).fingerprint == "tiny"
     precision.best_dtype.cache_clear()
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
-    monkeypatch.setattr(precision, "matmul_seconds", lambda dtype: seen.append(threading.current_thread()) or 1.0)
+    monkeypatch.setattr(precision, "matmul_seconds", lambda *_, **__: seen.append(threading.current_thread()) or 1.0)
     assert InfLLMConfig(dtype="auto").dtype == "float32"
     precision.best_dtype.cache_clear()
     assert len(seen) == 3 and caller not in seen

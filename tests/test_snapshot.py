@@ -90,3 +90,33 @@ def test_a_memory_saved_in_format_1_converts_to_what_saving_it_today_gives(engin
     assert state.keys() == today_state.keys() and all(torch.equal(state[k], today_state[k]) for k in state)
     assert blocks.keys() == today_blocks.keys() and all(torch.equal(blocks[k], today_blocks[k]) for k in blocks)
     assert bool(blocks) == (method == "infllm")
+
+
+def test_mixed_reads_in_bf16_and_answers_in_fp32_from_what_it_stored():
+    """dtype "mixed" (what "auto" picks on an AMX Xeon): fp32 weights, and a bf16 copy of them that reads;
+    every engine made from it shares the copy, and the stored memory is asked with the fp32 weights."""
+    model = tiny_llama()
+    fp32 = Engine(model, tiny_tokenizer(), InfLLMConfig(**SMALL))
+    mixed = fp32.with_config(fp32.cfg.replace(dtype="mixed"))
+    assert mixed.weights is model and next(mixed.model.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32                    # the original is untouched
+    again = mixed.with_config(mixed.cfg.replace(topk=1))
+    assert again.model is mixed.model                                         # one copy per load
+    memory = mixed.read(DOC)
+    layer = memory.layers[0]
+    assert layer.recent_k.dtype == torch.bfloat16 and layer.recent_score.dtype == torch.float32
+    # Read in bf16, the memory is fp32's within bf16 rounding: the same blocks, close keys.
+    exact = fp32.read(DOC)
+    assert memory.n_blocks == exact.n_blocks > 20
+    k, k32 = layer.recent_k.float(), exact.layers[0].recent_k
+    assert (k - k32).abs().max() <= 0.05 * k32.abs().max()
+    with pytest.raises(EngineError, match="the device and the weights' dtype are fixed"):
+        mixed.with_config(mixed.cfg.replace(dtype="bfloat16"))
+    asking = mixed.answering()
+    assert asking.cfg.dtype == "float32" and asking.model is model and fp32.answering() is fp32
+    with pytest.raises(EngineError, match="holds mixed tensors and the engine computes in float32"):
+        asking.ask(memory, "and then?", max_new_tokens=2)
+    stored = snapshot.restore(asking.new_memory(), snapshot.state(memory), [snapshot.blocks(memory)])
+    assert stored.layers[0].recent_k.dtype == torch.float32
+    answer = asking.ask(stored, "and then?", max_new_tokens=8).wait()
+    assert len(answer.token_ids) == 8 and answer.trace.records
