@@ -11,7 +11,9 @@ from storage.library import Library, Status
 from .conftest import tiny_llama, tiny_tokenizer
 
 SMALL = dict(n_init=4, n_local=64, block_size=16, repr_topk=2, chunk_size=32, topk=2, cache_blocks=8)
-BOOK = "\f".join(f"Page {p}. " + " ".join(f"word{p}x{i}" for i in range(60)) for p in range(1, 4))
+# Long enough for several reading turns between questions on a fast CPU: with 3 pages, an AMX Xeon read
+# the tiny model's book in two turns, and the test saw one question during the read instead of two.
+BOOK = "\f".join(f"Page {p}. " + " ".join(f"word{p}x{i}" for i in range(60)) for p in range(1, 13))
 
 
 @pytest.fixture
