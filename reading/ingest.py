@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from infllm_engine import ContextMemory, Engine, InfLLMConfig, snapshot
+from infllm_engine.config import QUESTION_ONLY
 from infllm_engine.engine import Progress
 from storage.library import Library, LibraryError, Status
 from storage.readers import MAX_BYTES, Document, DocumentError, Page, read_document
@@ -57,6 +58,12 @@ class Tokens(NamedTuple):
 def stored_config(doc: dict) -> InfLLMConfig:
     """The engine config a library document was read with."""
     return InfLLMConfig.from_dict(json.loads(doc["config"]))
+
+
+def config_here(doc: dict, own: InfLLMConfig) -> InfLLMConfig:
+    """A document's stored config with this engine's knobs that never shape a stored memory (where and in what
+    precision it runs, the question focus: QUESTION_ONLY): what to read on or ask it with on this machine."""
+    return stored_config(doc).replace(**{k: getattr(own, k) for k in QUESTION_ONLY})
 
 
 def tokenize(engine: Engine, doc: Document) -> Tokens:

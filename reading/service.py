@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infllm_engine import Engine, EngineError, InfLLMConfig, Trace
-from infllm_engine.config import QUESTION_ONLY
 from infllm_engine.engine import Progress
 from storage import page_images
 from storage.library import Library, LibraryError, Status
@@ -21,7 +20,7 @@ from storage.readers import MAX_BYTES, DocumentError
 
 from . import quotes
 from .citations import citation, cite, passages, shelf_passages, stored_text
-from .ingest import Ingested, backfill, ingest, load_memory, stored_config
+from .ingest import Ingested, backfill, config_here, ingest, load_memory, stored_config
 from .worker import Job, Worker
 
 
@@ -130,8 +129,8 @@ class ReadingService:
         focus are this service's engine's, whatever they were when it was read; topk may change per call.
         """
         own = self.engine.cfg
-        changes = {k: getattr(own, k) for k in QUESTION_ONLY} | {"dtype": own.answer_dtype}   # "mixed" answers in fp32
-        return stored_config(doc).replace(topk=own.topk if topk is None else int(topk), **changes)
+        # "mixed" answers in fp32 (config.DTYPES)
+        return config_here(doc, own).replace(topk=own.topk if topk is None else int(topk), dtype=own.answer_dtype)
 
     def ask(self, doc_ref: int | str | Sequence[int], question: str, conversation: int | None = None,
             topk: int | None = None, max_new_tokens: int = ANSWER_TOKENS,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from infllm_engine import Engine, InfLLMConfig, snapshot
-from reading.ingest import Outcome, backfill, ingest, load_memory, stored_config, tokenize
+from reading.ingest import Outcome, backfill, config_here, ingest, load_memory, stored_config, tokenize
 from reading.service import Answered, ReadingService
 from storage import tensors
 from storage.library import Library, LibraryError
@@ -409,3 +409,25 @@ def test_a_pdf_read_with_its_running_heads_gets_its_printed_numbers_but_no_text(
     pages = library.pages(doc_id)
     assert [p["label"] for p in pages] == [f"PDF p. {n}" for n in range(1, 5)] + [f"p. {n}" for n in range(1, 9)]
     assert [p["physical"] for p in pages] == list(range(1, 13)) and pages[4]["printed"] == "1"
+
+
+def test_a_mixed_service_reads_with_the_bf16_copy_and_answers_with_the_fp32_weights(tmp_path, engine, book, monkeypatch):
+    mixed = engine.with_config(engine.cfg.replace(dtype="mixed"))
+    service = ReadingService.start(mixed, Library(tmp_path / "lib"))
+    done = service.read_now(book)
+    row = service.library.document(done.doc_id)
+    assert stored_config(row).dtype == "mixed"
+    asked = service.question_config(row)                   # the stored layout, asked in fp32 on this machine
+    assert asked.dtype == "float32" and asked.layout() == mixed.cfg.layout()
+    used = []
+    real_ask = Engine.ask
+    monkeypatch.setattr(Engine, "ask", lambda self, memory, *a, **k: used.append(
+        (self.model, memory.layers[0].recent_k.dtype)) or real_ask(self, memory, *a, **k))
+    *_, answered = service.ask(done.doc_id, "which words?", max_new_tokens=6)
+    assert isinstance(answered, Answered) and answered.text
+    assert used == [(engine.model, torch.float32)]         # the fp32 weights, the memory loaded in fp32
+    # A config stored elsewhere (another device, dtype and kernels) is read on and asked here with this engine's.
+    config = {**json.loads(row["config"]), "device": "cuda", "dtype": "bfloat16", "kernels": "triton"}
+    service.library.db["documents"].update(done.doc_id, {"config": json.dumps(config)})
+    here = config_here(service.library.document(done.doc_id), mixed.cfg)
+    assert (here.device, here.dtype, here.kernels) == ("cpu", "mixed", "auto") and here.layout() == mixed.cfg.layout()
