@@ -24,17 +24,19 @@ ROOT = Path(__file__).resolve().parents[1]
 playwright = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM), reason="Debian's chromium is not installed")
 QUESTION = "Who is the lighthouse keeper of Port Emberly?"
+NOTE = "O'Brien <draft> & notes"     # the second document's title
 
 
 def market_records(path: Path) -> Path:
-    """Eight pages of market records (7.4K tokens) with one fact planted on page 3."""
+    """Eight pages of market records (7.4K tokens) with one fact planted on page 3, which prints "1": the
+    first two are numbered i and ii (/PageLabels), as most books' front matter is."""
     rng = random.Random(0)
     towns = ["Ashford", "Brightwater", "Coldharbour", "Dunmore", "Eastwick", "Fairhaven", "Glenrock", "Hollowmere"]
     trades = ["baker", "smith", "miller", "weaver", "potter", "cooper", "mason", "tanner"]
     pages = [[f"In {rng.choice(towns)} the {rng.choice(trades)} number {p * 40 + i} sold goods at the market "
               f"on day {rng.randint(1, 300)}." for i in range(40)] for p in range(8)]
     pages[2][10] = "The lighthouse keeper of Port Emberly is named Mirela Vance."
-    path.write_bytes(make_pdf(pages, title="Market Records"))
+    path.write_bytes(make_pdf(pages, title="Market Records", page_labels=[(0, "r", 1), (2, "D", 1)]))
     return path
 
 
@@ -127,12 +129,13 @@ HIGHLIGHTED = """() => {
 
 
 def short_note(path: Path) -> Path:
-    """Two pages (about 700 tokens), far shorter than the local window: nothing is evicted to memory."""
+    """Two pages (about 700 tokens), far shorter than the local window: nothing is evicted to memory. Its title
+    holds quotes and brackets, which the page shows as they are."""
     rng = random.Random(1)
     lines = [f"Crate {i} of {rng.choice(['apples', 'nails', 'rope', 'salt', 'wool'])} was loaded on day "
              f"{rng.randint(1, 90)}." for i in range(60)]
     lines[40] = "The ferry to Saltmarsh leaves at dawn from pier nine."
-    path.write_bytes(make_pdf([lines[:30], lines[30:]], title="Short Note"))
+    path.write_bytes(make_pdf([lines[:30], lines[30:]], title=NOTE))
     return path
 
 
@@ -172,19 +175,20 @@ def test_upload_ask_inspect_restart(tmp_path):
             assert page.locator("#inspector svg.heatmap rect.cell.window").count() == 0
             answer = page.locator("#chat").inner_text()
             assert QUESTION in answer and "Mirela Vance" in answer
-            assert "(p. 3)" in answer                       # the answer cites the page its evidence is on
+            assert "(p. 1)" in answer                       # the answer cites the printed page of its evidence
             # The book's own sentence comes first, with its page, above the model's words.
             quote = page.locator("#chat blockquote").first.inner_text()
             assert page.evaluate(CHAT_CLEAR) == []          # "Conversation" covers no line of a scrolled answer
-            assert "The lighthouse keeper of Port Emberly is named Mirela Vance." in quote and "p. 3" in quote
+            assert "The lighthouse keeper of Port Emberly is named Mirela Vance." in quote and "p. 1" in quote
+
             figures = page.locator("#inspector .figures").inner_text()
             assert "blocks retrieved" in figures and "tok/s" in figures
-            # Clicking the quote shows its page, the sentence highlighted, within a second.
+            # Clicking the inspector's quote shows its page, the sentence highlighted, within a second.
             started = time.perf_counter()
             page.locator("#inspector blockquote.quote").click()
             page.wait_for_function(LOADED_PAGE, timeout=10_000)
             opened_s = time.perf_counter() - started
-            assert "p. 3" in page.locator("#passage .source-head").inner_text()
+            assert "p. 1" in page.locator("#passage .source-head").inner_text()
             assert page.evaluate(HIGHLIGHTED) > 200                  # yellow pixels: the sentence is marked
             print(f"quote's page shown in {opened_s:.2f} s")
             assert opened_s <= 1.0
@@ -194,7 +198,17 @@ def test_upload_ask_inspect_restart(tmp_path):
             page.locator("#inspector ol.passages li").first.click()    # the first passage: its block, same page
             page.wait_for_function("s => document.querySelector('#passage img.page').src !== s", arg=shown,
                                    timeout=10_000)
-            assert "p. 3" in page.locator("#passage .source-head").inner_text()
+            assert "p. 1" in page.locator("#passage .source-head").inner_text()
+            # Clicking the quote in the chat shows its page too: the picture, not its markup (issue 41).
+            shown = page.locator("#passage img.page").get_attribute("src")
+            page.locator("#chat blockquote").first.click()
+            page.wait_for_function("s => document.querySelector('#passage img.page').src !== s", arg=shown,
+                                   timeout=10_000)
+            page.wait_for_function(LOADED_PAGE, timeout=10_000)
+            head = page.locator("#passage .source-head").inner_text()
+            assert "p. 1" in head and "(page 3 of the file)" in head, head
+            assert "data:image" not in page.locator("#passage").inner_text()
+            assert page.evaluate(HIGHLIGHTED) > 200
             server.stop()
 
             server = Server(data_dir)
@@ -209,8 +223,10 @@ def test_upload_ask_inspect_restart(tmp_path):
             time.sleep(3)
             assert len(joins) == settled, joins[settled:]      # nothing is read: the page does not poll
 
-            page.locator("#upload input[type=file]").set_input_files(str(short_note(tmp_path / "short-note.pdf")))
-            chosen(page, "Short Note")                    # read, and chosen over the one that was
+            page.locator("#upload input[type=file]").set_input_files(str(short_note(tmp_path / "O'Brien's notes.pdf")))
+            chosen(page, NOTE)                            # read, and chosen over the one that was
+            assert NOTE in page.locator("#library").inner_text()
+            assert "O'Brien's notes.pdf" in page.locator("#note").inner_text()
             page.locator("#question textarea").fill("When does the ferry to Saltmarsh leave?")
             page.locator("#question textarea").press("Enter")
             page.wait_for_selector("#inspector svg.heatmap rect.cell.window", timeout=300_000)
@@ -225,12 +241,12 @@ def test_upload_ask_inspect_restart(tmp_path):
             page.wait_for_selector("#inspector svg.heatmap rect.cell[data-document]", timeout=300_000)
             quote, answer = page.locator("#chat blockquote").first.inner_text(), page.locator("#chat").inner_text()
             assert "The ferry to Saltmarsh leaves at dawn from pier nine." in quote, answer
-            assert "Short Note, p. 2" in quote and "(Short Note, p. 2)" in answer, answer   # its name and page
+            assert f"{NOTE}, p. 2" in quote and f"({NOTE}, p. 2)" in answer, answer   # its name and page
             labels = page.locator("#inspector svg.heatmap").text_content()
-            assert "Short Note" in labels and "Market Records" in labels      # columns grouped by document
+            assert NOTE in labels and "Market Records" in labels         # columns grouped by document
             page.locator("#inspector blockquote.quote").click()               # its page is the second document's
             page.wait_for_function("() => (document.querySelector('#passage .source-head') || {innerText: ''})"
-                                   ".innerText.includes('Short Note')", timeout=10_000)
+                                   ".innerText.includes('O\\'Brien <draft>')", timeout=10_000)
             assert "p. 2" in page.locator("#passage .source-head").inner_text()
             browser.close()
     finally:

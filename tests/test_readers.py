@@ -28,14 +28,21 @@ def _pdf_string(s: str) -> str:
     return s.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
 
 
-def make_pdf(pages: list[list[str] | str], title: str | None = None, xref_shift: int = 0) -> bytes:
+def make_pdf(pages: list[list[str] | str], title: str | None = None, xref_shift: int = 0,
+             page_labels: list[tuple[int, str, int]] | None = None) -> bytes:
     """A minimal valid PDF written by hand, since pypdf cannot lay out text.
 
     A page given as a list of strings gets one Helvetica text line per entry; a page given as a
     str is used as its raw content stream (e.g. a drawing with no text). `xref_shift` moves every
-    xref offset to make pypdf repair the file and log warnings about it.
+    xref offset to make pypdf repair the file and log warnings about it. page_labels: /PageLabels ranges,
+    each (first page index, style "D" | "r" | "R" | ..., first number): [(0, "r", 1), (2, "D", 1)] prints
+    i, ii, 1, 2, ...
     """
-    objs: list[bytes] = [b"<< /Type /Catalog /Pages 2 0 R >>", b"",
+    labels = b""
+    if page_labels:
+        ranges = b" ".join(b"%d << /S /%s /St %d >>" % (i, style.encode(), first) for i, style, first in page_labels)
+        labels = b" /PageLabels << /Nums [%s] >>" % ranges
+    objs: list[bytes] = [b"<< /Type /Catalog /Pages 2 0 R%s >>" % labels, b"",
                          b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
     kids = []
     for page in pages:

@@ -101,7 +101,7 @@ def test_an_answer_streams_is_saved_and_comes_back_with_its_heatmap(app, tmp_pat
     assert len(steps) >= 2 and "class='heatmap'" in html and "data-block=" in html
     saved = app.library.messages(conversation)
     assert saved[0]["content"] == chat[0]["content"]
-    assert chat[1]["content"] == h.quote_markdown(saved[1]["quote"]) + saved[1]["content"]   # the quote first
+    assert chat[1]["content"] == h.quote_markdown(saved[1]["quote"]) + h.prose_markdown(saved[1]["content"])  # quote first
     assert saved[1]["trace"]["blocks"]["span"] and saved[1]["timings"]["decode_tokens_per_s"] > 0
     assert "records" not in saved[1]["trace"]          # the summary, not every step's record (full_traces)
     # After a restart (a new App on the same library), the conversation and its inspector are back.
@@ -162,7 +162,7 @@ def test_stop_ends_the_answer_early_and_keeps_what_was_said(app, tmp_path):
     h.stop(app, "s1")
     chat, conversation, _ = list(steps)[-1]
     assert chat[-1]["content"].endswith("…(stopped)")
-    assert chat[-1]["content"].endswith(app.library.messages(conversation)[-1]["content"])
+    assert chat[-1]["content"].endswith(h.prose_markdown(app.library.messages(conversation)[-1]["content"]))
     assert app.library.messages(conversation)[-1]["trace"]["tokens"]["decode"] < 200
 
 
@@ -186,7 +186,7 @@ def test_an_answer_shows_the_documents_sentence_first_and_clicking_it_shows_its_
     quote = saved["quote"]
     text, _ = app.library.text(doc_id)
     assert quote["text"] == " ".join(text[slice(*quote["chars"])].split()) and quote["document"] == doc_id
-    assert chat[-1]["content"].startswith("> “") and chat[-1]["content"].endswith(saved["content"])
+    assert chat[-1]["content"].startswith("> “") and chat[-1]["content"].endswith(h.prose_markdown(saved["content"]))
     assert saved["content"].endswith(f"({quote['page']})")                   # the answer cites the quote's page
     assert f"data-chars='{quote['chars'][0]},{quote['chars'][1]}'" in html   # the inspector's quote is clickable
     page = h.answer_source(app, doc_id, conversation, 1)

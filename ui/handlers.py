@@ -129,7 +129,7 @@ def target(doc: int | str | None, several: Sequence[int] | None = None) -> Targe
 
 
 def upload_job_note(job: Job) -> str:
-    return f"• {job.name}: queued for reading ({job.engine.cfg.method})"
+    return f"• {_markdown_text(job.name)}: queued for reading ({job.engine.cfg.method})"
 
 
 def upload(app: App, files: Sequence[str] | None, settings: Settings) -> str:
@@ -143,7 +143,7 @@ def upload(app: App, files: Sequence[str] | None, settings: Settings) -> str:
         try:
             notes.append(upload_job_note(app.service.read(Path(file), name, cfg)))
         except (*USER_ERRORS, OSError) as err:
-            notes.append(f"✗ {err}")
+            notes.append(f"✗ {_markdown_text(str(err))}")
     return "\n\n".join(notes)
 
 
@@ -158,7 +158,7 @@ def delete(app: App, doc_id: int | None) -> str:
     doc = _document(app, doc_id)
     with _shown_as_user_error():
         app.service.delete(doc["id"])
-    return f"Deleted “{doc['title']}” and its memory ({size(doc['bytes'])} freed)."
+    return f"Deleted “{_markdown_text(doc['title'])}” and its memory ({size(doc['bytes'])} freed)."
 
 
 @dataclass(frozen=True)
@@ -275,7 +275,7 @@ def ask(app: App, asked: Target | None, conversation: int | None, question: str,
     settings.config(app.service.engine.cfg)         # the page's knobs are checked before anything runs
     conversation = _own(app, scope, conversation)   # about other documents: this question starts a new one
     messages = app.library.messages(conversation) if conversation else []
-    chat = _chat(messages, isinstance(scope, str)) + [{"role": "user", "content": question.strip()},
+    chat = _chat(messages, isinstance(scope, str)) + [{"role": "user", "content": prose_markdown(question.strip())},
                                                       {"role": "assistant", "content": ""}]
     stopped = app.stops.setdefault(session, threading.Event())
     stopped.clear()
@@ -284,19 +284,19 @@ def ask(app: App, asked: Target | None, conversation: int | None, question: str,
     with _shown_as_user_error():
         for piece in app.service.ask(asked, question, conversation, settings.topk, settings.max_new_tokens, stopped):
             if isinstance(piece, Answered):
-                chat[-1]["content"] = quoted + piece.text
+                chat[-1]["content"] = quoted + prose_markdown(piece.text)
                 yield chat, piece.conversation, _inspector(app, scope, piece.trace, piece.timings, piece.method,
                                                            piece.quote)
                 return
             if isinstance(piece, Queued):       # behind other questions, or a reading's turn: say so, and where
-                chat[-1]["content"] = f"*{piece}…*"
+                chat[-1]["content"] = f"*{_markdown_text(str(piece))}…*"
                 yield chat, conversation, f"<div class='inspector muted'>{html.escape(str(piece))}…</div>"
                 continue
             if isinstance(piece, dict):         # the quote: shown at once, before the model's words
                 quoted = quote_markdown(piece, titled=isinstance(scope, str))
             else:
                 text += piece
-            chat[-1]["content"] = quoted + text
+            chat[-1]["content"] = quoted + prose_markdown(text)
             # Each update re-sends the chat; many a second would take the cores from decoding.
             if not piece or time.perf_counter() - shown > STREAM_INTERVAL_S:
                 yield chat, conversation, "<div class='inspector muted'>answering…</div>"
@@ -386,7 +386,7 @@ def _shown_as_user_error():
 
 def _chat(messages: list[dict], titled: bool = False) -> list[dict]:
     return [{"role": m["role"], "content": (quote_markdown(m["quote"], titled) if m.get("quote") else "")
-             + m["content"]} for m in messages]
+             + prose_markdown(m["content"])} for m in messages]
 
 
 def quote_markdown(quote: dict, titled: bool = False) -> str:
@@ -394,6 +394,12 @@ def quote_markdown(quote: dict, titled: bool = False) -> str:
     titled (asked across documents): after the document's title, "— lshort, p. 58"."""
     where = f"{short_title(quote['title'])}, {quote['page']}" if titled else quote["page"]
     return f"> “{_markdown_text(quote['text'])}”  \n> — {_markdown_text(where)}\n\n"
+
+
+def prose_markdown(text: str) -> str:
+    """A question or an answer as the chat shows it: the model's prose keeps its Markdown (a list, a code
+    span), but what the chat would take as HTML or eat as an escape ("<draft>", "&amp;", "\\{") shows as typed."""
+    return re.sub(r"([\\<>&])", r"\\\1", text)
 
 
 def _markdown_text(text: str) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import html
 import inspect as py_inspect
 
 import gradio as gr
@@ -53,6 +54,7 @@ For every answer, the heatmap shows which memory blocks (which pages) each layer
 def _shown(fn, n_outputs: int = 1):
     """Turn a UserError into a message on the page, for plain and generator handlers.
 
+    Gradio renders a toast's message as HTML: it is escaped, so a title like "O'Brien <draft>" shows as itself.
     A plain handler's is an error (gr.Error). A generator's (the ask) refused before its first update (no
     document chosen, one still being read, an empty question) is a warning toast that leaves its
     n_outputs as they are: an error also marks the handler's components, and a red "Error" over the chat
@@ -68,8 +70,8 @@ def _shown(fn, n_outputs: int = 1):
                     yield update
             except UserError as err:
                 if started:
-                    raise gr.Error(str(err)) from err
-                gr.Warning(str(err))
+                    raise gr.Error(html.escape(str(err))) from err
+                gr.Warning(html.escape(str(err)))
                 yield tuple(gr.skip() for _ in range(n_outputs))
         return stream
 
@@ -78,7 +80,7 @@ def _shown(fn, n_outputs: int = 1):
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            raise gr.Error(str(err)) from err
+            raise gr.Error(html.escape(str(err))) from err
     return call
 
 

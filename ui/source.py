@@ -13,15 +13,18 @@ NOTHING_YET = ("<div class='source muted'>Click an answer, its quote, a heatmap 
 
 def render(source: Source) -> str:
     page = source.page
-    where = html.escape(page["label"])
-    if page.get("physical") and page.get("printed") and page["label"] != f"p. {page['physical']}":
-        where += f" <span class='muted'>(page {page['physical']} of the file)</span>"
-    head = f"<div class='source-head'><b>{where}</b> · {html.escape(source.title)}</div>"
+    where = page["label"]                       # plain text: escaped for each place it goes
+    physical = page.get("physical") if page.get("printed") and where != f"p. {page.get('physical')}" else None
+    file_page = f"(page {physical} of the file)" if physical else ""
+    head = (f"<div class='source-head'><b>{html.escape(where)}</b>"
+            + (f" <span class='muted'>{file_page}</span>" if file_page else "")
+            + f" · {html.escape(source.title)}</div>")
     if source.image is not None:
         image = source.image
         data = base64.b64encode(image.png).decode()
+        alt = html.escape(" ".join(filter(None, (where, file_page, "·", source.title))), quote=True)
         found = "" if image.boxes else "<div class='muted'>(the passage could not be found on the rendered page)</div>"
-        return (f"<div class='source'>{head}{found}<img class='page' alt='{where}' width='{image.width}' "
+        return (f"<div class='source'>{head}{found}<img class='page' alt=\"{alt}\" width='{image.width}' "
                 f"height='{image.height}' src='data:image/png;base64,{data}'></div>")
     if source.excerpt is not None:
         before, mark, after = (html.escape(part) for part in source.excerpt)
