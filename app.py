@@ -24,6 +24,7 @@ import torch
 from infllm_engine import Engine, InfLLMConfig
 from infllm_engine.config import DTYPES, METHODS
 from infllm_engine.loading import default_data_dir
+from reading.asked import parse
 from reading.citations import short_title
 from reading.ingest import Outcome
 from reading.service import ANSWER_TOKENS, USER_ERRORS, Answered, ReadingService
@@ -102,7 +103,13 @@ def make_service(args: argparse.Namespace, library: Library, resume: bool = Fals
     cfg = InfLLMConfig(method=args.method, topk=args.topk, n_local=args.n_local, device=args.device, dtype=args.dtype)
     engine = Engine.load(args.model, cfg, args.data_dir)
     make = ReadingService.start if resume else ReadingService
-    return make(engine, library, args.max_upload_mb * 2**20, args.full_traces)
+    return make(engine, library, args.max_upload_mb * 2**20, args.full_traces, upgrading)
+
+
+def upgrading(done: int, total: int) -> None:
+    """An old library's documents brought to today's formats, once (reading.upgrade)."""
+    print(f"\rupgrading the library to this version's formats: {done}/{total} documents", end="\n" if done == total
+          else "", file=sys.stderr, flush=True)
 
 
 def progress_bar(name: str):
@@ -150,10 +157,10 @@ def cmd_list(args, library: Library) -> int:
 
 
 def cmd_ask(args, library: Library) -> int:
-    target = asked_documents(args.doc, library)     # a wrong name fails before the model loads
+    asked = parse(args.doc, library)        # a wrong name fails before the model loads
     service = make_service(args, library)
     answered = None         # --topk is the engine's; the mode and window are the document's own
-    for piece in service.ask(target, args.question, max_new_tokens=args.max_tokens):
+    for piece in service.ask(asked, args.question, max_new_tokens=args.max_tokens):
         if isinstance(piece, Answered):
             answered = piece
         elif isinstance(piece, Queued):         # this process's model thread is its own: not in practice
@@ -161,17 +168,17 @@ def cmd_ask(args, library: Library) -> int:
         elif args.json:
             continue
         elif isinstance(piece, dict):           # the quote comes first: the document's own words
-            where = piece["page"] if isinstance(target, int) else f"{short_title(piece['title'])}, {piece['page']}"
+            where = piece["page"] if asked.one else f"{short_title(piece['title'])}, {piece['page']}"
             print(f"“{piece['text']}” ({where})\n", flush=True)
         else:
             print(piece, end="", flush=True)
     timings = {k: round(v, 3) for k, v in answered.timings.items()}
     evidence = [{"block": p["block"], "tokens": p["tokens"], "pages": p["pages"], "in_memory": p["in_memory"],
-                 p["by"]: round(p["weight"], 4), **({"document": p["document"]} if "document" in p else {})}
-                for p in answered.evidence]
+                 p["by"]: round(p["weight"], 4), "document": p["document"]} for p in answered.evidence]
     if args.json:
-        print(json.dumps({"document": target if isinstance(target, int) else answered.quote["document"]
-                          if answered.quote else None, "documents": target, "answer": answered.text,
+        documents = list(asked.ids) if asked.ids is not None else "all"
+        print(json.dumps({"document": asked.scope if asked.one else answered.quote["document"]
+                          if answered.quote else None, "documents": documents, "answer": answered.text,
                           "quote": answered.quote, "citation": answered.citation, "timings": timings,
                           "evidence": evidence}))
     else:
@@ -183,15 +190,6 @@ def cmd_ask(args, library: Library) -> int:
               f"first token {timings.get('first_token_s', 0):.1f} s after it, "
               f"{timings.get('decode_tokens_per_s', 0):.1f} tok/s; evidence: {where or 'none'}]", file=sys.stderr)
     return 0
-
-
-def asked_documents(ref: str, library: Library) -> int | str | list[int]:
-    """ask's DOC: "all", ids as "1,3" (a question across them), or one document's id or title."""
-    if ref.strip().lower() == "all":
-        return "all"
-    if "," in ref and all(p.strip().isdigit() for p in ref.split(",")):
-        return [library.document(int(p))["id"] for p in ref.split(",")]
-    return library.document(ref)["id"]
 
 
 def cmd_delete(args, library: Library) -> int:

@@ -40,8 +40,7 @@ def fact_page(doc, fact) -> str:
 
 def ask(service: ReadingService, target, question: str, max_new_tokens: int, probed) -> tuple[Answered, float]:
     t0, first = time.perf_counter(), None
-    pieces = service.ask_shelf(target, question, max_new_tokens=max_new_tokens, probed=probed) \
-        if target == ALL else service.ask(target, question, max_new_tokens=max_new_tokens)
+    pieces = service.ask(target, question, max_new_tokens=max_new_tokens, probed=probed)
     for piece in pieces:
         if first is None and (isinstance(piece, dict) or isinstance(piece, str) and piece):
             first = time.perf_counter() - t0          # what a reader sees first: the quote, or the answer's first words

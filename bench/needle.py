@@ -31,7 +31,7 @@ from pathlib import Path
 
 from bench.passkey import machine
 from infllm_engine import Engine, InfLLMConfig, Trace
-from infllm_engine.focus import Focus
+from infllm_engine.probe import voting_layers
 from reading.ingest import ingest_document, load_memory
 from storage.library import Library
 from storage.readers import Document, Page, read_document
@@ -127,8 +127,9 @@ def fact_spans(engine: Engine, doc: Document, fact: Fact, cfg: InfLLMConfig) -> 
 
 
 def rankings(trace: Trace, n_blocks: int, n_layers: int, layers: range) -> dict[str, list[int]]:
-    """Candidate orders of evidence, to measure which one puts the fact first (the app uses trace.evidence)."""
-    out = {"evidence": trace.evidence(n_blocks)}
+    """Candidate orders of evidence, to measure which one puts the fact first (the app uses trace.evidence).
+    The heat-based ones rank the memory blocks."""
+    out = {"evidence": trace.evidence(trace.parts[0] if trace.parts else n_blocks)}
     heat = trace.heat(n_layers, n_blocks)
     out["mass"] = [int(i) for i in heat.sum(0).argsort(descending=True) if heat.sum(0)[i] > 0]
     decode = {i for i, s in enumerate(trace.steps) if s.kind == "decode"}
@@ -138,7 +139,7 @@ def rankings(trace: Trace, n_blocks: int, n_layers: int, layers: range) -> dict[
         out["votes"] = [int(i) for i in trace.votes.argsort(descending=True)]
         if trace.pinned is not None and trace.pinned.numel():
             pinned = trace.pinned.cpu()            # on the compute device; the heat is on the host
-            read = trace.heat(n_layers, n_blocks, decode).sum(0)[pinned]
+            read = trace.heat(n_layers, int(pinned.max()) + 1, decode).sum(0)[pinned]
             first = pinned[read.argsort(descending=True)].tolist()
             out["answer_pinned"] = first + [b for b in out["votes"] if b not in first]
     return out
@@ -180,9 +181,10 @@ def run_document(engine: Engine, library: Library, book: Document, length: int, 
             asker = answering.with_config(answering.cfg.replace(**changes))
             for q in fact.questions:
                 t1 = time.perf_counter()
-                answer = asker.ask(memory, q, max_new_tokens=max_new_tokens, lexical=library.search(done.doc_id, q)).wait()
+                lexical = library.search([done.doc_id], q).get(done.doc_id)
+                answer = asker.ask(memory, q, max_new_tokens=max_new_tokens, lexical=lexical).wait()
                 trace = answer.trace.to_dict()
-                focus_layers = Focus.voting_layers(engine.n_layers, asker.cfg.focus_layers)
+                focus_layers = voting_layers(engine.n_layers, asker.cfg.focus_layers)
                 ranked = rankings(answer.trace, memory.n_blocks, engine.n_layers, focus_layers)
                 rank = {k: next((i + 1 for i, b in enumerate(v) if b in spans), None) for k, v in ranked.items()}
                 n_layers, n_decode_layers = layers_with(trace, blocks)

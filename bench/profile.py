@@ -21,7 +21,8 @@ from torch.profiler import ProfilerActivity, profile
 from bench.passkey import build_prompt
 from bench.syncs import HostReads
 from infllm_engine import Engine, InfLLMConfig, Trace
-from infllm_engine.generate import decode, prefill
+from infllm_engine.evidence import choose
+from infllm_engine.generate import Call, decode, prefill
 
 
 def _profiled(label: str, run, n: int, unit: str, rows: int) -> None:
@@ -133,14 +134,16 @@ def main(argv: list[str] | None = None) -> None:
             run()
         _operators(label, reads, n, "chunk" if n == 1 else "token", cfg, args.rows)
 
-    # An answer's decode as Engine.ask runs it: the question focus's blocks read alone, every step traced.
-    ids, (a, b) = engine.question_ids("What is the pass key?")
-    focus = engine.focus(memory, ids, (memory.length + a, memory.length + b))
-    fork, trace = memory.fork(), Trace()
-    logits = prefill(engine.model, fork, engine.rope, ids, trace, focus=focus, cfg=cfg)
+    # An answer's decode as Engine.ask runs it: the question's evidence read alone, every step traced.
+    ids, span = engine.question_ids("What is the pass key?")
+    probe = engine.probe(memory, ids, span)
+    evidence = choose([memory], [probe.attention()], [], cfg.focus_blocks, cfg.focus_lexical, cfg.focus_alone,
+                      cfg.focus_gap)
+    fork, call = memory.fork(), Call(cfg, Trace(), evidence=evidence)
+    logits = prefill(engine.model, fork, engine.rope, ids, call)
     with HostReads(ops=True) as reads:
-        for _ in decode(engine.model, fork, engine.rope, logits, args.decode + 1, set(), trace, focus=focus,
-                        no_repeat_ngram=cfg.no_repeat_ngram, cfg=cfg):
+        for _ in decode(engine.model, fork, engine.rope, logits, args.decode + 1, set(), call,
+                        no_repeat_ngram=cfg.no_repeat_ngram):
             pass
     _operators("an answer's decode (as Engine.ask)", reads, args.decode, "token", cfg, args.rows)
 

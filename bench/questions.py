@@ -33,7 +33,7 @@ from bench.passkey import machine
 from infllm_engine import Engine, InfLLMConfig
 from reading import quotes
 from reading.citations import short_title
-from reading.ingest import ingest_document, load_memory, tokenize
+from reading.ingest import ingest_document, load_memory, stored_config, tokenize
 from reading.service import Answered, ReadingService
 from storage.library import Library
 from storage.readers import Document, read_document
@@ -176,7 +176,7 @@ def run(args) -> dict:
                 print(json.dumps(samples[-1]), file=sys.stderr, flush=True)
             if "bm25" in args.systems:
                 t1 = time.perf_counter()
-                best = list(library.search(done.doc_id, q, limit=PASSAGES))
+                best = list(library.search([done.doc_id], q, limit=PASSAGES).get(done.doc_id, {}))
                 context = "\n\n".join(" ".join(spans[i]["text"].split()) for i in best)
                 text = full_answer(full, context, q, args.max_new_tokens) if best else ""
                 top = page_of[spans[best[0]]["first_page"]] if best else None
@@ -205,12 +205,12 @@ def ask_vague(service: ReadingService, engine: Engine, doc_id: int, max_new_toke
     """The VAGUE questions on the app's engine path (its question config and word matches; no quote): the
     answer shown, whether the loop stop cut it, and what the model would have gone on to say."""
     doc = service.library.document(doc_id)
-    asking = engine.with_config(service.question_config(doc))
+    asking = engine.answering(stored_config(doc))
     memory = load_memory(service.library, asking, doc_id)
     rows = []
     for q in VAGUE:
         t1 = time.perf_counter()
-        lexical = service.library.search(doc_id, q) if asking.cfg.focus_lexical else None
+        lexical = service.library.search([doc_id], q).get(doc_id) if asking.cfg.focus_lexical else None
         answer = asking.ask(memory, q, max_new_tokens, lexical=lexical).wait()
         rows.append({"question": q, "answer": answer.text, "repeats": repeats(answer.text), "cut": answer.cut,
                      "chars": len(answer.text), "seconds": round(time.perf_counter() - t1, 2)})

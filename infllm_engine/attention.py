@@ -21,8 +21,9 @@ from kernels import Keys, chunk_attention
 
 from .config import InfLLMConfig
 from .errors import EngineError
-from .focus import Focus
+from .evidence import Evidence
 from .memory import ContextMemory, DenseLayer, LayerMemory
+from .probe import Probe
 from .rope import Rotary
 from .trace import Retrieval, Trace
 
@@ -32,12 +33,14 @@ class ForwardState:
     """What one model forward over a chunk needs besides the hidden states."""
 
     memory: ContextMemory
-    cfg: InfLLMConfig           # the knobs of this call (topk, focus, kernels...); the memory's layout must match
+    cfg: InfLLMConfig           # the knobs of this call (topk, kernels...); the memory's layout must match
     rope: Rotary
     start: int                  # absolute position of the chunk's first token
     trace: Trace | None
     step: int
-    focus: Focus | None = None  # question time: the probe's votes, then the pinned blocks
+    probe: Probe | None = None          # a question's probe: its words vote (infllm_engine.probe)
+    evidence: Evidence | None = None    # an answer's: the ranges it re-reads (infllm_engine.evidence)
+    first_span: int = 0         # the span id of this memory's span 0, spans numbered over the memories asked
 
 
 def infllm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, infllm=None, **kwargs):
@@ -78,34 +81,26 @@ def _infllm(layer: LayerMemory, layer_idx: int, q, k, v, state: ForwardState, sc
     tracing = keep_mass and state.trace is not None
 
     q_global = rope.apply_at(q, n_local)
-    focus, ids, near = state.focus, None, None
-    if focus is not None and keep_mass:
-        # A document shorter than the window has no blocks, but its window is voted on all the same (quotes).
-        if focus.probing and (layer.blocks.n > 0 or focus.doc_end > layer.r0):
-            tail = layer.recent_k[:, : max(0, focus.doc_end - layer.r0)]
-            focus.vote(layer_idx, q_global, s, layer.blocks.keys(), tail, scale)
-        if layer.blocks.n > 0 or focus.reads is not None:
-            near = focus.near(layer_idx, layer, rope, n_local)
+    probe, evidence = state.probe, state.evidence if keep_mass else None
+    # A document shorter than the window has no blocks, but its window is voted on all the same (quotes).
+    if probe is not None and keep_mass and (layer.blocks.n > 0 or probe.doc_end > layer.r0):
+        tail = layer.recent_k[:, : max(0, probe.doc_end - layer.r0)]
+        probe.vote(layer_idx, q_global, s, layer.blocks.keys(), tail, scale)
+    near = evidence.keys(layer_idx, rope, n_local) if evidence is not None and evidence.reads else None
     # Window [lo, e) at real relative positions; memory at the fixed distance n_local, keys raw (position 0).
-    # When the evidence is read alone, the document's recent tokens (but the evidence) are left out.
-    alone = near is not None and (focus.alone is not None or focus.blocks_alone)
-    lo = max(0, s - n_local + 1, focus.doc_end if alone else 0)
+    # Evidence read alone leaves out the document's recent tokens (and sinks-side recent ones) but the question.
+    alone = near is not None and evidence.alone
+    lo = max(0, s - n_local + 1, evidence.doc_end if alone else 0)
     k_win, v_win, base = layer.window(lo, e, rope)
     q_local = rope.apply(q, s - base).view(-1, g, c, d)
     memory = layer.memory(layer.r0 if alone else e - n_local)
-    # The focus replaces most per-layer retrieval, also when it pinned nothing (its evidence is in the
-    # window), and all of it when its evidence is read alone.
-    topk = 0 if alone else cfg.focus_topk if focus is not None and not focus.probing else cfg.topk
-    if keep_mass and topk > 0 and layer.blocks.n > 0:
-        extra = focus.pinned.numel() if near is not None else 0
-        ids, scores = layer.blocks.retrieve(q_global.mean(dim=1), topk + extra, cfg.kernels)
-        if near is not None:
-            ids, scores = focus.without_pinned(ids, scores, topk)
-        if ids.numel():
-            k_blk, v_blk, slot_ids = layer.blocks.gather(ids, reuse=c == 1)
-            memory.append(Keys(k_blk, v_blk, None))
-        else:
-            ids = None
+    # An answer with evidence re-reads it instead of retrieving (also when it re-reads nothing: its
+    # evidence is in the window); plain InfLLM, and the probe, retrieve per layer.
+    ids = None
+    if keep_mass and evidence is None and cfg.topk > 0 and layer.blocks.n > 0:
+        ids, scores = layer.blocks.retrieve(q_global.mean(dim=1), cfg.topk, cfg.kernels)
+        k_blk, v_blk, slot_ids = layer.blocks.gather(ids, reuse=c == 1)
+        memory.append(Keys(k_blk, v_blk, None))
     if near is not None:
         memory.append(near)
     res = chunk_attention(q_local, q_global.view(-1, g, c, d), s, Keys(k_win, v_win, lo), memory, n_local,
@@ -114,51 +109,39 @@ def _infllm(layer: LayerMemory, layer_idx: int, q, k, v, state: ForwardState, sc
         layer.add_mass(lo, res.window_mass.reshape(h, -1))
     if tracing:
         own = (ids, scores, slot_ids) if ids is not None else None
-        _record(state, layer_idx, res, lo, own, focus if near is not None else None, cfg)
+        _record(state, layer_idx, res, lo, own, evidence if near is not None else None, cfg)
     layer.evict(e - n_local)
     return res.out.reshape(h, c, d)
 
 
-def _record(state: ForwardState, layer_idx: int, res, lo: int, own, focus: Focus | None, cfg: InfLLMConfig) -> None:
-    """One trace record: the layer's own blocks (ids, scores, slot ids), the pinned ones, by id, and the
+def _record(state: ForwardState, layer_idx: int, res, lo: int, own, evidence: Evidence | None,
+            cfg: InfLLMConfig) -> None:
+    """One trace record: the spans the step attended, by id (numbered over the memories asked), with the
+    share of its attention each got: the re-read ranges, or the layer's own retrieved blocks; and the
     document's spans in the window [lo, ..). Nothing when the step attended none of them.
 
-    Their masses are the last memory parts: own blocks, then the pinned blocks (scored by their vote).
+    The memory parts' masses come last: the layer's own blocks, then the re-read ranges.
     """
     h, c, bs = res.out.shape[0] * res.out.shape[1], res.out.shape[2], cfg.block_size
     per_key = res.window_mass.sum(dim=(0, 1)) / (h * c)          # [N] share of each window key, lo ..
     first, window = _window_spans(per_key, lo, state.trace.doc_end, cfg.n_init, bs)
-    masses = list(res.memory_mass)
-    if focus is not None and focus.alone:              # the window's evidence, re-read alone: its spans' mass
-        near = masses.pop().sum(dim=(0, 1)) / (h * c)
-        first, window = _window_spans(near, focus.alone[0], state.trace.doc_end, cfg.n_init, bs)
-        focus = None
-    if own is None and focus is None and window is None:
+    if own is None and evidence is None and window is None:
         return
-    per_block = lambda mass: mass.sum(dim=(0, 1)).view(-1, bs).sum(-1) / (h * c)
-    parts = []                                  # (ids, scores, mass) of the pinned blocks, then the layer's own
-    if focus is not None:
-        mass = masses.pop()
-        if focus.reads is None:
-            mass = per_block(mass)
-        else:                                   # spans of several memories, the last ones maybe short
-            lengths = [b - a for _, a, b in focus.reads]
-            mass = torch.stack([m.sum() for m in mass.sum(dim=(0, 1)).split(lengths)]) / (h * c)
-        dev = res.out.device
-        parts.append((focus.pinned.to(dev), focus.scores[focus.pinned].to(dev, torch.float32), mass))
-    if own is not None:
+    masses, dev = list(res.memory_mass), res.out.device
+    if evidence is not None:
+        lengths = [r.end - r.start for r in evidence.reads]
+        mass = torch.stack([m.sum() for m in masses.pop().sum(dim=(0, 1)).split(lengths)]) / (h * c)
+        ids = evidence.pinned.to(dev)
+        scores = evidence.scores[evidence.pinned].to(dev, torch.float32)
+    elif own is not None:
         ids, scores, slot_ids = own
-        parts.append((ids, scores.float(), per_block(masses.pop())[torch.argsort(slot_ids)]))   # ids ascending
-    if not parts:
+        per_block = masses.pop().sum(dim=(0, 1)).view(-1, bs).sum(-1) / (h * c)
+        ids, scores, mass = ids + state.first_span, scores.float(), per_block[torch.argsort(slot_ids)]   # ascending
+    else:
         empty = res.out.new_zeros(0, dtype=torch.float32)
         ids, scores, mass = empty.long(), empty, empty
-    elif len(parts) == 1 and (own is not None or focus.reads is None):
-        ids, scores, mass = parts[0]            # ascending already: an answer's usual step, ~10 operators fewer
-    else:
-        ids, scores, mass = (torch.cat(x) for x in zip(*parts))
-        order = torch.argsort(ids)
-        ids, scores, mass = ids[order], scores[order], mass[order]
-    state.trace.records.append(Retrieval(layer_idx, state.step, ids, scores, mass, per_key.sum(), first, window))
+    state.trace.records.append(Retrieval(layer_idx, state.step, ids, scores, mass, per_key.sum(),
+                                         first + state.first_span, window))
 
 
 def _window_spans(per_key: torch.Tensor, lo: int, doc_end: int | None, n_init: int, bs: int):

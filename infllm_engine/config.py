@@ -17,15 +17,16 @@ from .precision import best_dtype
 METHODS = ("infllm", "streaming", "full")
 # Knobs that never shape a stored memory: where and in what precision it runs (a memory is stored
 # packed, the same in every dtype), limits, and what only questions use.
-QUESTION_ONLY = ("device", "dtype", "kernels", "cache_blocks", "blocks_on", "max_tokens", "focus_blocks", "focus_layers", "focus_gap",
-                 "focus_topk", "focus_alone", "focus_lexical", "no_repeat_ngram")
+QUESTION_ONLY = ("device", "dtype", "kernels", "cache_blocks", "blocks_on", "max_tokens", "focus_blocks", "focus_layers",
+                 "focus_gap", "focus_alone", "focus_lexical", "no_repeat_ngram")
 # Knobs of experiments that lost, removed (their measurements stay in bench/results and docs/): a library
 # document stored with them still loads, the knob ignored (InfLLMConfig.from_dict). All were question-time
 # only, so the memory they stored is the same.
 #   focus_window      "window" (read the window as it is) and "pin" lost to re-reading window evidence alone;
 #   focus_neighbours  "better" and "both" lost to pinning each best block with the next one;
-#   repetition_penalty  off: at 1.1 it turned "June 19, 1910" into "June 19, 2023".
-RETIRED = ("focus_window", "focus_neighbours", "repetition_penalty")
+#   repetition_penalty  off: at 1.1 it turned "June 19, 1910" into "June 19, 2023";
+#   focus_topk        a layer's own retrieval beside the question focus: 0 by default, and nothing measured kept it.
+RETIRED = ("focus_window", "focus_neighbours", "repetition_penalty", "focus_topk")
 # The compute dtype of the model's products, a chunk's attention and the memory's K/V while they are in RAM.
 # "mixed" loads the weights in fp32, reads documents with a bf16 copy of them and answers in fp32
 # (Engine.answering): on an Intel Xeon with AMX a 512-row product runs 7x faster in bf16, and a one-row
@@ -58,11 +59,11 @@ class InfLLMConfig:
     dtype: str = "float32"          # or bfloat16, float16, mixed (above), or "auto": what this machine runs fastest (precision.best_dtype)
     kernels: str = "auto"           # auto (Triton on CUDA, torch elsewhere) | torch | triton
     # Question time only (Engine.ask): the question's own words vote, in the focus layers, for the
-    # blocks that every layer re-reads just before the question (infllm_engine.focus). 0: plain InfLLM.
+    # blocks that every layer re-reads just before the question, instead of retrieving its own
+    # (infllm_engine.probe, infllm_engine.evidence). 0: plain InfLLM.
     focus_blocks: int = 4
     focus_layers: tuple[float, float] = (1 / 3, 2 / 3)   # the voting layers, as fractions of the depth
     focus_gap: int = 64             # tokens between the re-read focus blocks and the question (less if n_local is short)
-    focus_topk: int = 0             # a layer's own retrieved blocks while the focus holds (topk is used without one)
     # Read the pinned blocks alone as well: the answer attends sinks, the re-read blocks and the question,
     # not the window, as the model handed the answering passage does. On real questions about lshort.pdf
     # (bench.questions, 42 in the book's words) 15 answers were right against 10 with the window. On planted
@@ -92,17 +93,15 @@ class InfLLMConfig:
         for name in ("n_init", "n_local", "block_size", "repr_topk", "chunk_size", "max_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("topk", "cache_blocks", "focus_blocks", "focus_gap", "focus_topk"):
+        for name in ("topk", "cache_blocks", "focus_blocks", "focus_gap"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 problems.append(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         if not problems:
             if self.repr_topk > self.block_size:
                 problems.append(f"repr_topk ({self.repr_topk}) cannot exceed block_size ({self.block_size})")
-            for name in ("topk", "focus_topk"):
-                if getattr(self, name) > self.cache_blocks:
-                    problems.append(
-                        f"{name} ({getattr(self, name)}) cannot exceed cache_blocks ({self.cache_blocks}): "
-                        "every retrieved block must fit in the accelerator cache")
+            if self.topk > self.cache_blocks:
+                problems.append(f"topk ({self.topk}) cannot exceed cache_blocks ({self.cache_blocks}): "
+                                "every retrieved block must fit in the accelerator cache")
             if self.chunk_size > self.n_local:
                 problems.append(f"chunk_size ({self.chunk_size}) cannot exceed n_local ({self.n_local})")
         w = self.focus_lexical
@@ -161,6 +160,17 @@ class InfLLMConfig:
     def from_dict(cls, stored: dict) -> "InfLLMConfig":
         """The config a stored dict (to_dict, JSON) describes; knobs removed since it was stored are ignored."""
         return cls(**{name: value for name, value in stored.items() if name not in RETIRED})
+
+    def for_memory(self, stored: "InfLLMConfig") -> "InfLLMConfig":
+        """The config to run on a memory stored under `stored`: its knobs that shape a memory, this config's
+        that never do (QUESTION_ONLY: where and in what precision it runs, the question focus)."""
+        return stored.replace(**{k: getattr(self, k) for k in QUESTION_ONLY})
+
+    def answering(self, stored: "InfLLMConfig | None" = None, topk: int | None = None) -> "InfLLMConfig":
+        """The config to ask a memory stored under `stored` (default: this one) with, on this machine: its
+        layout, this config's run-time knobs and topk (unless given), in answer_dtype ("mixed" answers in fp32)."""
+        base = self if stored is None else self.for_memory(stored)
+        return base.replace(topk=self.topk if topk is None else int(topk), dtype=self.answer_dtype)
 
     def replace(self, **changes) -> "InfLLMConfig":
         return dataclasses.replace(self, **changes)

@@ -12,13 +12,13 @@ import torch
 from . import stopping
 from .config import InfLLMConfig
 from .errors import EngineError
-from .focus import Focus
-from .generate import decode, prefill
+from .evidence import Evidence, choose
+from .generate import Call, decode, prefill
 from .loading import default_data_dir, load_model, prepare
 from .memory import ContextMemory
 from .precision import on_own_thread
+from .probe import Probe, voting_layers
 from .rope import Rotary
-from .shelf import Shelf
 from .trace import Trace
 
 Progress = Callable[[int, int], None]
@@ -34,14 +34,13 @@ class Answer:
     trace: Trace = field(default_factory=Trace)
     timings: dict[str, float] = field(default_factory=dict)
     # span -> [2, n]: how much attention the question's words (row 0) and the template (row 1) gave each
-    # token of the best evidence spans (Focus.weigh_tokens); set before the first piece. For quotes.
+    # token of the host's best evidence spans (Probe.weigh); set before the first piece. For quotes.
     token_votes: dict[int, torch.Tensor] = field(default_factory=dict)
     # What the model went on to say after the point where it began to loop (stopping.loop_start), cut off
     # there; None when the answer ended otherwise.
     cut: str | None = None
-    # Asked of several memories (Engine.ask_shelf): which of them token_votes belong to, and the shelf.
-    document: int = 0
-    shelf: Shelf | None = None
+    document: int = 0           # the memory asked that the answer was written after (Evidence.host)
+    evidence: Evidence | None = None
 
     def __iter__(self) -> Iterator[str]:
         for piece in self.pieces:
@@ -89,11 +88,11 @@ class Engine:
         reader = self.model if self.model is not self.weights and cfg.torch_dtype == self.cfg.torch_dtype else None
         return Engine(self.weights, self.tokenizer, cfg, self.fingerprint, reader)
 
-    def answering(self) -> "Engine":
-        """The engine to ask questions with: under "mixed", the same weights in fp32 (config.DTYPES)."""
-        if self.cfg.answer_dtype == self.cfg.dtype:
-            return self
-        return self.with_config(self.cfg.replace(dtype=self.cfg.answer_dtype))
+    def answering(self, stored: InfLLMConfig | None = None, topk: int | None = None) -> "Engine":
+        """The engine to ask a memory read under `stored` (default: this engine's config) with
+        (InfLLMConfig.answering); topk: the probe's per-layer retrieval, this engine's by default."""
+        cfg = self.cfg.answering(stored, topk)
+        return self if cfg == self.cfg else self.with_config(cfg)
 
     # -- text <-> tokens --------------------------------------------------------------------------
     def encode(self, text: str) -> torch.Tensor:
@@ -123,103 +122,75 @@ class Engine:
     def new_memory(self) -> ContextMemory:
         return ContextMemory(self.cfg, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim)
 
-    def read(self, ids: torch.Tensor, memory: ContextMemory | None = None, progress: Progress | None = None,
-             trace: Trace | None = None) -> ContextMemory:
+    def read(self, ids: torch.Tensor, memory: ContextMemory | None = None, progress: Progress | None = None
+             ) -> ContextMemory:
         """Prefill ids [n] into memory (a new one by default) and return it."""
         memory = memory if memory is not None else self.new_memory()
         self._check_input(memory, ids)
-        prefill(self.model, memory, self.rope, ids.to(self.device), trace, progress, want_logits=False, cfg=self.cfg)
+        prefill(self.model, memory, self.rope, ids.to(self.device), Call(self.cfg), progress, want_logits=False)
         return memory
 
     def generate(self, memory: ContextMemory, ids: torch.Tensor, max_new_tokens: int = 64,
-                 temperature: float = 0.0, progress: Progress | None = None, focus: Focus | None = None) -> Answer:
-        """Prefill ids after what memory holds (memory is changed), then stream the continuation.
+                 progress: Progress | None = None) -> Answer:
+        """Prefill ids after what memory holds (memory is changed), then stream the continuation: plain InfLLM,
+        each layer retrieving its own blocks (the passkey and throughput benchmarks)."""
+        return self._generate(memory, ids, max_new_tokens, progress)
 
-        The continuation passes the config's n-gram block (no_repeat_ngram; 0: off), which sees the
-        continuation's own tokens only.
-        """
-        self._check_input(memory, ids)
-        if max_new_tokens < 1:
-            raise EngineError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        answer = Answer(iter(()))
-        answer.pieces = self._stream(memory, ids.to(self.device), max_new_tokens, temperature, answer, progress, focus)
-        return answer
+    def ask(self, memories: ContextMemory | Sequence[ContextMemory], question: str, max_new_tokens: int = 256,
+            history: Sequence[tuple[str, str]] = (),
+            lexical: dict[int, float] | Sequence[dict[int, float] | None] | None = None) -> Answer:
+        """Answer a question about one memory or several at once (a document is a shelf of one); the
+        memories themselves are untouched.
 
-    def ask(self, memory: ContextMemory, question: str, max_new_tokens: int = 256, temperature: float = 0.0,
-            history: Sequence[tuple[str, str]] = (), lexical: dict[int, float] | None = None) -> Answer:
-        """Answer a question about a memory read with `document_prompt`; the memory itself is untouched.
-
+        Each memory is probed (Engine.probe); their votes and the word matches choose the host memory and
+        what its answer re-reads (infllm_engine.evidence); the answer is written after the host's sinks.
         history: the conversation's earlier (question, answer) turns, re-read before this question, so a
         conversation needs no memory of its own and survives a restart as plain text.
-        The forwards run under this engine's config, so retrieval knobs (topk, ...) may differ from reading.
-        lexical: span -> how well its text matches the question's words (storage.lexical), spans numbered
-        as the votes are (memory blocks, then the window's block-sized pieces); weighed by focus_lexical.
+        lexical: each memory's span -> how well its text matches the question's words (storage.lexical, one
+        query over the library), spans numbered as Library.spans numbers them; weighed by focus_lexical.
+        For one memory, its dict. The forwards run under this engine's config, so retrieval knobs (topk, ...)
+        may differ from reading.
         """
+        memories = [memories] if isinstance(memories, ContextMemory) else list(memories)
+        lexical = [] if lexical is None else [lexical] if isinstance(lexical, dict) else list(lexical)
+        if lexical and len(lexical) != len(memories):
+            raise EngineError(f"{len(lexical)} sets of word matches for {len(memories)} memories")
         if not question.strip():
             raise EngineError("the question is empty")
-        ids, span = self.question_ids(question, history)
-        self._check_input(memory, ids)
-        t0 = time.perf_counter()
-        focus = self.focus(memory, ids, (memory.length + span[0], memory.length + span[1]), lexical)
-        answer = self.generate(memory.fork(), ids, max_new_tokens, temperature, focus=focus)
-        answer.timings["focus_s"] = time.perf_counter() - t0          # the probe, before the prefill starts
-        if focus is not None:
-            answer.trace.votes, answer.trace.pinned = focus.scores, focus.pinned
-            answer.token_votes = focus.token_votes
-        return answer
-
-    def ask_shelf(self, memories: Sequence[ContextMemory], question: str, max_new_tokens: int = 256,
-                  temperature: float = 0.0, history: Sequence[tuple[str, str]] = (),
-                  lexical: Sequence[dict[int, float] | None] = ()) -> Answer:
-        """Answer a question about several memories at once (infllm_engine.shelf): each is probed, the best
-        spans of all of them are re-read before the question, and the answer is written after the best one's
-        sinks. lexical: each memory's span -> word-match score, from one index over all of them.
-        """
-        if not question.strip():
-            raise EngineError("the question is empty")
-        if self.cfg.method != "infllm" or not self.cfg.focus_blocks:
-            raise EngineError("a question across documents needs the infllm method with a question focus")
         if not memories:
             raise EngineError("no document to ask")
+        if len(memories) > 1 and (self.cfg.method != "infllm" or not self.cfg.focus_blocks):
+            raise EngineError("a question across documents needs the infllm method with a question focus")
         ids, span = self.question_ids(question, history)
         for memory in memories:
             self._check_input(memory, ids)
-        lexical = list(lexical) or [None] * len(memories)
         t0 = time.perf_counter()
-        focuses = [self.focus(m, ids, (m.length + span[0], m.length + span[1]), lex, weigh=False)
-                   for m, lex in zip(memories, lexical)]
-        shelf = Shelf.choose(focuses, self.cfg.focus_blocks, self.cfg.focus_lexical, lexical)
-        if focuses[shelf.best] is not None:            # only the quoted document's tokens are weighed
-            focuses[shelf.best].weigh_tokens(memories[shelf.best])
-        host = memories[shelf.best]
-        focus = Focus.for_question((host.length + span[0], host.length + span[1]), host.length, self.n_layers,
-                                   self.cfg.focus_layers, self.cfg.focus_blocks, self.cfg.focus_gap, blocks_alone=True)
-        focus.reads, focus.pinned, focus.scores = shelf.ranges(memories), shelf.global_ids(), shelf.scores
-        if not focus.reads:             # no evidence anywhere: the best document as it is
-            focus = focuses[shelf.best]
-        answer = self.generate(host.fork(), ids, max_new_tokens, temperature, focus=focus)
+        probes = [self.probe(m, ids, span) for m in memories]
+        cfg = self.cfg
+        evidence = choose(memories, [p.attention() if p else None for p in probes], lexical, cfg.focus_blocks,
+                          cfg.focus_lexical, cfg.focus_alone, cfg.focus_gap)
+        host = evidence.host if evidence is not None else 0
+        first_span = evidence.offsets[host] if evidence is not None else 0
+        answer = self._generate(memories[host].fork(), ids, max_new_tokens, None, evidence, first_span)
         answer.timings["focus_s"] = time.perf_counter() - t0          # every memory's probe
-        answer.trace.votes, answer.trace.pinned, answer.trace.parts = shelf.scores, focus.pinned, shelf.sizes
-        answer.document, answer.shelf = shelf.best, shelf
-        if focuses[shelf.best] is not None:
-            answer.token_votes = focuses[shelf.best].token_votes
+        answer.document, answer.evidence = host, evidence
+        if evidence is not None:
+            answer.trace.votes, answer.trace.pinned = evidence.scores, evidence.pinned
+            answer.trace.parts = list(evidence.sizes)
+            if probes[host] is not None:             # only the host's tokens are weighed: its sentence is quoted
+                answer.token_votes = probes[host].weigh(memories[host], evidence.of(host))
         return answer
 
-    def focus(self, memory: ContextMemory, ids: torch.Tensor, span: tuple[int, int],
-              lexical: dict[int, float] | None = None, weigh: bool = True) -> Focus | None:
-        """Let the question's words [span) vote for blocks (see focus.py): a probe over a throwaway fork.
-        weigh: also weigh the best spans' tokens for the quote (Focus.weigh_tokens)."""
+    def probe(self, memory: ContextMemory, ids: torch.Tensor, span: tuple[int, int]) -> Probe | None:
+        """Let the question's words [span) of ids vote for the memory's spans (infllm_engine.probe), over a
+        throwaway fork; None where there is nothing to vote on (another method, no focus, no document)."""
         if self.cfg.method != "infllm" or not self.cfg.focus_blocks or memory.length <= self.cfg.n_init:
             return None
-        focus = Focus.for_question(span, memory.length, self.n_layers, self.cfg.focus_layers,
-                                   self.cfg.focus_blocks, self.cfg.focus_gap, lexical, self.cfg.focus_lexical,
-                                   self.cfg.focus_alone)
-        prefill(self.model, memory.fork(), self.rope, ids.to(self.device), None, None, want_logits=False, focus=focus,
-                cfg=self.cfg)
-        focus.choose(memory.n_blocks, memory.block_span)
-        if weigh:
-            focus.weigh_tokens(memory)
-        return focus
+        probe = Probe((memory.length + span[0], memory.length + span[1]), memory.length,
+                      voting_layers(self.n_layers, self.cfg.focus_layers))
+        prefill(self.model, memory.fork(), self.rope, ids.to(self.device), Call(self.cfg, probe=probe),
+                want_logits=False)
+        return probe
 
     def question_ids(self, question: str, history: Sequence[tuple[str, str]] = ()) -> tuple[torch.Tensor, tuple[int, int]]:
         """Token ids of question_text, and the span [a, b) of the question's own words among them."""
@@ -263,13 +234,28 @@ class Engine:
                 f"the input is too long: {memory.length + ids.numel():,} tokens, over the configured maximum "
                 f"of {self.cfg.max_tokens:,}")
 
-    def _stream(self, memory, ids, max_new_tokens, temperature, answer: Answer, progress, focus) -> Iterator[str]:
+    def _generate(self, memory: ContextMemory, ids: torch.Tensor, max_new_tokens: int, progress: Progress | None,
+                  evidence: Evidence | None = None, first_span: int = 0) -> Answer:
+        """Prefill ids after what memory holds (memory is changed), then stream the continuation.
+
+        The continuation passes the config's n-gram block (no_repeat_ngram; 0: off), which sees the
+        continuation's own tokens only.
+        """
+        self._check_input(memory, ids)
+        if max_new_tokens < 1:
+            raise EngineError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        answer = Answer(iter(()))
+        call = Call(self.cfg, answer.trace, None, evidence, first_span)
+        answer.pieces = self._stream(memory, ids.to(self.device), max_new_tokens, answer, progress, call)
+        return answer
+
+    def _stream(self, memory, ids, max_new_tokens, answer: Answer, progress, call: Call) -> Iterator[str]:
         t0 = time.perf_counter()
-        logits = prefill(self.model, memory, self.rope, ids, answer.trace, progress, focus=focus, cfg=self.cfg)
+        logits = prefill(self.model, memory, self.rope, ids, call, progress)
         answer.timings["prefill_s"] = time.perf_counter() - t0
         shown, looped, t_first = "", None, time.perf_counter()
-        for token in decode(self.model, memory, self.rope, logits, max_new_tokens, self.stop_ids, answer.trace,
-                            temperature, focus=focus, no_repeat_ngram=self.cfg.no_repeat_ngram, cfg=self.cfg):
+        for token in decode(self.model, memory, self.rope, logits, max_new_tokens, self.stop_ids, call,
+                            no_repeat_ngram=self.cfg.no_repeat_ngram):
             if not answer.token_ids:
                 t_first = time.perf_counter()
                 answer.timings["first_token_s"] = t_first - t0

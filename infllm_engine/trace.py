@@ -4,9 +4,10 @@ This is the data behind the heatmap, so it stays cheap: tensors are appended as 
 sync in the hot loop) and converted once, when the call is over. An answer stores its Summary (the
 sums over its steps, ~6 KB), not the per-step Trace (~340 KB).
 
-Columns are spans of the document, numbered as Library.spans numbers them: span i holds positions
-n_init + i * block_size .. (ContextMemory.block_span), so memory block i is span i, and the
-block-sized pieces of the document still in the local window continue after the last block.
+Columns are spans of the documents asked, numbered as Library.spans numbers each document's and one
+document after another (Trace.parts): span i of a document holds its positions n_init + i * block_size ..
+(ContextMemory.block_span), so memory block i is span i, and the block-sized pieces of the document
+still in the local window continue after the last block.
 """
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ class Step:
 class Retrieval:
     layer: int
     step: int
-    block_ids: torch.Tensor     # [k] long
-    scores: torch.Tensor        # [k] query . representative
-    block_mass: torch.Tensor    # [k] share of the step's attention each retrieved block received
+    block_ids: torch.Tensor     # [k] long: the spans retrieved (memory blocks) or re-read (infllm_engine.evidence)
+    scores: torch.Tensor        # [k] query . representative, or the span's evidence
+    block_mass: torch.Tensor    # [k] share of the step's attention each of them received
     local_mass: torch.Tensor    # []  share of the step's attention on the local window
     window_first: int = 0       # span id of window_mass[0]
     window_mass: torch.Tensor | None = None   # [w] share on each span of the document in the window (sinks: none)
@@ -38,13 +39,13 @@ class Retrieval:
 class Trace:
     steps: list[Step] = field(default_factory=list)
     records: list[Retrieval] = field(default_factory=list)
-    votes: torch.Tensor | None = None     # [spans] the question focus's evidence (Focus.evidence): blocks, then window spans
-    pinned: torch.Tensor | None = None    # [k] blocks the vote gave every layer
+    votes: torch.Tensor | None = None     # [spans] the question's evidence (infllm_engine.evidence), every document's
+    pinned: torch.Tensor | None = None    # [k] the spans every layer re-read
     # Positions before doc_end are the document: what memory held when the traced call began (the first
     # step's start, unless set). Window spans end there; the question and the answer are no evidence.
     doc_end: int | None = None
-    # Asked across documents (infllm_engine.shelf): each document's number of spans. Columns, votes and
-    # pinned ids then number the documents' spans one document after another; None: one document.
+    # Each document's number of spans, as the question's probes counted them: columns, votes and pinned ids
+    # number the documents' spans one document after another. None: one document, not probed.
     parts: list[int] | None = None
 
     def begin(self, kind: str, start: int, n_tokens: int) -> int:
@@ -112,13 +113,12 @@ class Trace:
         pinned = None if self.pinned is None else self.pinned.cpu()
         return Summary(blocks, window, memory, local, tokens, votes, pinned, self.doc_end, self.parts)
 
-    def heat(self, n_layers: int, n_blocks: int, steps: set[int] | None = None,
-             n_spans: int | None = None) -> torch.Tensor:
+    def heat(self, n_layers: int, n_spans: int, steps: set[int] | None = None) -> torch.Tensor:
         """Summary.heat over the chosen steps (None: all)."""
-        return self.summary(steps).heat(n_layers, n_blocks, n_spans)
+        return self.summary(steps).heat(n_layers, n_spans)
 
-    def evidence(self, n_blocks: int) -> list[int]:
-        return self.summary().evidence(n_blocks)
+    def evidence(self, n_spans: int) -> list[int]:
+        return self.summary().evidence(n_spans)
 
 
 @dataclass(slots=True)
@@ -194,41 +194,41 @@ class Summary:
     def n_layers(self) -> int:
         return max((int(s.layer.max()) for s in (self.blocks, self.window) if s.layer.numel()), default=-1) + 1
 
-    def retrieved(self, n_blocks: int) -> set[int]:
-        """The memory blocks that some layer retrieved."""
-        return set(self.blocks.span[self.blocks.span < n_blocks].tolist())
+    def retrieved(self) -> set[int]:
+        """The spans that some layer retrieved or re-read."""
+        return set(self.blocks.span.tolist())
 
-    def heat(self, n_layers: int, n_blocks: int, n_spans: int | None = None) -> torch.Tensor:
-        """[n_layers, n_spans]: attention mass each span received, summed over the answer's steps.
+    def heat(self, n_layers: int, n_spans: int) -> torch.Tensor:
+        """[n_layers, n_spans]: attention mass each span received, summed over the answer's steps: as a
+        retrieved or re-read span, and in the local window.
 
-        Columns [0, n_blocks) are the memory blocks. Blocks from n_blocks on were formed from the
-        document's tail, the question and the answer while answering; they are left out. Columns
-        [n_blocks, n_spans) (none by default) are the spans of the document in the local window.
+        Spans from n_spans on are no document's: blocks formed from the question and the answer while
+        answering. They are left out.
         """
-        n_spans = n_blocks if n_spans is None else n_spans
         heat = torch.zeros(n_layers, n_spans)
-        self.blocks.add_to(heat, self.blocks.span < n_blocks)
-        if n_spans > n_blocks:
-            self.window.add_to(heat, (self.window.span >= n_blocks) & (self.window.span < n_spans))
+        for sums in (self.blocks, self.window):
+            sums.add_to(heat, sums.span < n_spans)
         return heat
 
-    def evidence_weights(self, n_blocks: int) -> tuple[torch.Tensor, str]:
+    def evidence_weights(self, n_spans: int) -> tuple[torch.Tensor, str]:
         """Each span's weight as evidence for the answer, and what it is ("vote" or "mass").
 
-        With a question focus it is the vote (Focus.evidence): span i < n_blocks is memory block i, and
-        spans from n_blocks on are block-sized pieces of the local window, so a fact read in the window
-        is cited too. Without one (plain InfLLM, or traces stored before the focus) it is the attention
-        mass each block received, summed over layers and steps. On bench.needle the vote put the fact
-        first for 100 of 100 correct answers, the summed mass for 60 of them: the bottom layers pour
-        mass on the same early blocks whatever the question.
+        With a question focus it is the vote (infllm_engine.evidence): spans of the memory blocks and of
+        the local window alike, so a fact read in the window is cited too. Without one (plain InfLLM, or
+        answers stored before the focus) it is the attention mass each span received as a retrieved block,
+        summed over layers and steps. On bench.needle the vote put the fact first for 100 of 100 correct
+        answers, the summed mass for 60 of them: the bottom layers pour mass on the same early blocks
+        whatever the question.
         """
         if self.votes is not None:
             return self.votes, "vote"
-        return self.heat(self.n_layers, n_blocks).sum(0), "mass"
+        heat = torch.zeros(max(self.n_layers, 1), n_spans)
+        self.blocks.add_to(heat, self.blocks.span < n_spans)
+        return heat.sum(0), "mass"
 
-    def evidence(self, n_blocks: int) -> list[int]:
+    def evidence(self, n_spans: int) -> list[int]:
         """The spans that hold the answer's evidence, most likely first (citations, passages)."""
-        weight, _ = self.evidence_weights(n_blocks)
+        weight, _ = self.evidence_weights(n_spans)
         return [int(i) for i in weight.argsort(descending=True, stable=True) if weight[i] > 0]
 
 

@@ -7,7 +7,6 @@ with the same memory as one that never stopped. A document is 'ready' only after
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,10 +17,9 @@ from typing import NamedTuple
 import torch
 
 from infllm_engine import ContextMemory, Engine, InfLLMConfig, snapshot
-from infllm_engine.config import QUESTION_ONLY
 from infllm_engine.engine import Progress
 from storage.library import Library, LibraryError, Status
-from storage.readers import MAX_BYTES, Document, DocumentError, Page, read_document
+from storage.readers import MAX_BYTES, Document, Page, read_document
 
 
 WORD_REACH = 24     # characters a span's text may widen by at each end to show whole words
@@ -58,12 +56,6 @@ class Tokens(NamedTuple):
 def stored_config(doc: dict) -> InfLLMConfig:
     """The engine config a library document was read with."""
     return InfLLMConfig.from_dict(json.loads(doc["config"]))
-
-
-def config_here(doc: dict, own: InfLLMConfig) -> InfLLMConfig:
-    """A document's stored config with this engine's knobs that never shape a stored memory (where and in what
-    precision it runs, the question focus: QUESTION_ONLY): what to read on or ask it with on this machine."""
-    return stored_config(doc).replace(**{k: getattr(own, k) for k in QUESTION_ONLY})
 
 
 def tokenize(engine: Engine, doc: Document) -> Tokens:
@@ -133,7 +125,6 @@ def ingest_document(library: Library, engine: Engine, doc: Document, progress: P
         raise LibraryError(f"{doc.source_name} is {ids.numel():,} tokens, over the configured maximum of "
                            f"{engine.cfg.max_tokens:,}")
     cfg = engine.cfg
-    rehash_old_documents(library)
     row = library.find(doc.sha256, engine.fingerprint, cfg.memory_hash())
     if row is not None and row["status"] == Status.READY:
         return Ingested(row["id"], row["title"], Outcome.FOUND, row["tokens"], 0.0)
@@ -146,9 +137,6 @@ def ingest_document(library: Library, engine: Engine, doc: Document, progress: P
                              upload=upload, text=doc.text, token_starts=tokens.document_starts())
     else:
         doc_id = row["id"]
-        if row["memory_format"] != snapshot.FORMAT:      # left half-read by an older version: start over
-            library.restart(doc_id, snapshot.FORMAT)
-            row = library.document(doc_id)
         library.resume(doc_id)
         if row["state_file"]:
             memory = snapshot.restore(memory, *_saved(library, doc_id, shapes))
@@ -185,36 +173,6 @@ def ingest_document(library: Library, engine: Engine, doc: Document, progress: P
     return Ingested(doc_id, doc.title, Outcome.READ, ids.numel(), time.perf_counter() - t0, resumed, memory)
 
 
-def backfill(library: Library, engine: Engine, doc_id: int) -> bool:
-    """Give a document read before quotes (library schema 7) its text and its pages' numbers, from its kept file.
-
-    The text is kept only where today's reader gives the very tokens the memory was read from (as many, on
-    the same pages): a PDF whose running heads the reader now drops was read with them, and gets its pages'
-    printed numbers but no text (its answers have no quote until it is read again). Returns whether the
-    text was kept.
-    """
-    row = library.document(doc_id)
-    path = library.upload_path(doc_id)
-    if path is None:
-        return False
-    try:
-        doc = read_document(path, name=row["source_name"])
-    except DocumentError:
-        return False
-    tokens = tokenize(engine, doc)
-    stored = library.pages(doc_id)
-    spans = lambda pages: [(p["start_token"], p["end_token"]) for p in pages]     # noqa: E731
-    if tokens.ids.numel() == row["tokens"] and spans(tokens.pages) == spans(stored):
-        library.set_text(doc_id, doc.text, tokens.document_starts(), tokens.pages)
-        return True
-    if doc.kind == "pdf":               # its pages were labelled "p. N", N the physical number
-        by_number = {p.number: p for p in doc.pages}
-        numbers = [int(m.group(1)) if (m := re.fullmatch(r"p\. (\d+)", p["label"])) else None for p in stored]
-        library.set_pages(doc_id, [dict(physical=n, printed=by_number[n].printed, label=by_number[n].label)
-                                   if n in by_number else {} for n in numbers])
-    return False
-
-
 def load_memory(library: Library, engine: Engine, doc_id: int) -> ContextMemory:
     """A ready document's memory, block arrays memory-mapped: for asking questions."""
     row = library.document(doc_id)
@@ -223,32 +181,12 @@ def load_memory(library: Library, engine: Engine, doc_id: int) -> ContextMemory:
     # Retrieval knobs (topk, ...) may differ from reading; the model and the memory's layout may not.
     if row["model_fingerprint"] != engine.fingerprint or stored_config(row).layout() != engine.cfg.layout():
         raise LibraryError(f"{row['title']!r} was read with another model or engine settings; ingest it again")
+    if row["memory_format"] != snapshot.FORMAT:        # reading.upgrade converts it when a service opens the library
+        raise LibraryError(f"{row['title']!r} is stored in an earlier format; open the library with the app to upgrade it")
     memory = engine.new_memory()
-    if row["memory_format"] != snapshot.FORMAT:
-        upgrade(library, engine, doc_id)
     return snapshot.restore(memory, *_saved(library, doc_id, snapshot.block_shapes(memory)))
 
 
 def _saved(library: Library, doc_id: int, shapes: dict) -> tuple[dict, list[dict]]:
     state, blocks = library.load(doc_id, shapes)
     return state, [blocks]
-
-
-def rehash_old_documents(library: Library) -> None:
-    """Documents of memory format 1 were hashed with their compute dtype, which no longer shapes a stored
-    memory: give them today's hash, so the same file dropped again is found rather than read twice."""
-    for row in library.documents():
-        if row["memory_format"] == 1 and row["config_hash"] != stored_config(row).memory_hash():
-            library.set_config_hash(row["id"], stored_config(row).memory_hash())
-
-
-def upgrade(library: Library, engine: Engine, doc_id: int) -> None:
-    """Convert a document's memory from format 1 (K/V in the dtype it was read in, about 45 MiB per 1K
-    tokens) to packed int8 (about 11.5), in place; the old files go once the new ones are committed."""
-    row = library.document(doc_id)
-    bs, dtype = engine.cfg.block_size, stored_config(row).torch_dtype
-    kv = ((engine.n_kv_heads, bs, engine.head_dim), dtype)
-    shapes = {"layers": engine.n_layers, "k": kv, "v": kv, "reprs": ((engine.n_heads, engine.head_dim), dtype)}
-    files = {"k": "blocks_k.raw", "v": "blocks_v.raw", "reprs": "blocks_reprs.raw"}
-    state, blocks = snapshot.from_format1(*library.load(doc_id, shapes, files), bs)
-    library.replace_memory(doc_id, state, blocks, snapshot.FORMAT, stored_config(row).memory_hash())

@@ -27,7 +27,7 @@ from infllm_engine import Engine, EngineError
 from storage.library import Library, LibraryError, Status
 from storage.readers import DocumentError
 
-from .ingest import Outcome, config_here, ingest
+from .ingest import Outcome, ingest, stored_config
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Worker:
             if path is None or doc["model_fingerprint"] != engine.fingerprint:
                 continue
             # read on where and in the precision this engine runs (a stored memory is packed the same in every dtype)
-            jobs.append(self.submit(path, doc["source_name"], engine.with_config(config_here(doc, engine.cfg))))
+            jobs.append(self.submit(path, doc["source_name"], engine.with_config(engine.cfg.for_memory(stored_config(doc)))))
         return jobs
 
     def active(self) -> list[Job]:

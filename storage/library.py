@@ -61,7 +61,8 @@ class Library:
 
     # -- documents --------------------------------------------------------------------------------
     def documents(self) -> list[dict]:
-        return list(self.db.query("SELECT * FROM documents ORDER BY id"))
+        """Every document's row, with the mode it was read in ("method", from its config)."""
+        return list(self.db.query("SELECT *, json_extract(config, '$.method') AS method FROM documents ORDER BY id"))
 
     def document(self, ref: int | str) -> dict:
         """A document by id, or by title (exact, then unique prefix)."""
@@ -145,12 +146,9 @@ class Library:
         """The memory blocks, then the block-sized spans of the local window (in_memory 0): what can be cited."""
         return list(self.db.query("SELECT * FROM blocks WHERE document_id = ? ORDER BY block", [doc_id]))
 
-    def search(self, doc_id: int, question: str, limit: int = 32) -> dict[int, float]:
-        """Span number -> BM25 score of the spans (as in spans()) that share words with the question."""
-        return lexical.search(self.db, [doc_id], question, limit).get(doc_id, {})
-
-    def search_shelf(self, doc_ids: Sequence[int], question: str, limit: int = 64) -> dict[int, dict[int, float]]:
-        """Document -> span -> BM25 score over several documents, from one query (the scores compare)."""
+    def search(self, doc_ids: Sequence[int], question: str, limit: int = 32) -> dict[int, dict[int, float]]:
+        """Document -> span number (as in spans()) -> BM25 score of the `limit` best spans of these documents
+        that share words with the question, from one query (the scores compare)."""
         return lexical.search(self.db, list(doc_ids), question, limit)
 
     def delete(self, doc_id: int) -> None:
@@ -186,6 +184,14 @@ class Library:
         upload = self.document(doc_id)["upload"]
         path = self.dir / "uploads" / upload if upload else None
         return path if path is not None and path.exists() else None
+
+    def to_upgrade(self) -> list[dict]:
+        """The documents that reading.upgrade has work on (schema step 9)."""
+        return list(self.db.query("SELECT * FROM documents WHERE upgrade ORDER BY id"))
+
+    def upgraded(self, doc_id: int) -> None:
+        with self.db.conn:
+            self.db["documents"].update(doc_id, {"upgrade": 0})
 
     def set_config_hash(self, doc_id: int, config_hash: str) -> None:
         """Re-key a document (its config's hash rule changed); skipped where the new key is taken."""

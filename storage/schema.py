@@ -134,6 +134,27 @@ MIGRATIONS: list[str] = [
     DROP TABLE conversations;
     ALTER TABLE conversations_new RENAME TO conversations;
     """,
+    # 9: what earlier versions stored, in today's form, so that every path knows one. What needs the model (a
+    #    memory of format 1, the text of a document read before step 7) is flagged for reading.upgrade, which
+    #    runs when a service opens the library with that model.
+    """
+    ALTER TABLE documents ADD COLUMN upgrade INTEGER NOT NULL DEFAULT 0;  -- 1: reading.upgrade has work on it
+    UPDATE documents SET upgrade = 1 WHERE memory_format = 1 OR id NOT IN (SELECT document_id FROM texts);
+    -- spans read before whole-word spans decoded token spans that could cut a character in two: its halves go
+    UPDATE blocks SET text = trim(text, char(65533)) WHERE text LIKE char(65533) || '%' OR text LIKE '%' || char(65533);
+    UPDATE messages SET method = 'infllm' WHERE role = 'assistant' AND method IS NULL;
+    -- an answer about one document names it in its trace and its quote, as an answer about several does
+    UPDATE messages SET trace = json_set(trace, '$.documents', json_array(
+            (SELECT document_id FROM conversations c WHERE c.id = messages.conversation_id)))
+        WHERE trace IS NOT NULL AND json_extract(trace, '$.documents') IS NULL
+          AND (SELECT document_id FROM conversations c WHERE c.id = messages.conversation_id) IS NOT NULL;
+    UPDATE messages SET quote = json_set(quote,
+            '$.document', (SELECT document_id FROM conversations c WHERE c.id = messages.conversation_id),
+            '$.title', (SELECT d.title FROM conversations c JOIN documents d ON d.id = c.document_id
+                        WHERE c.id = messages.conversation_id))
+        WHERE quote IS NOT NULL AND json_extract(quote, '$.document') IS NULL
+          AND (SELECT document_id FROM conversations c WHERE c.id = messages.conversation_id) IS NOT NULL;
+    """,
 ]
 
 

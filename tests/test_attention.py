@@ -22,7 +22,7 @@ def chunk_logits(engine: Engine, ids: torch.Tensor) -> torch.Tensor:
     memory, rows = engine.new_memory(), []
     for start in range(0, ids.shape[0], engine.cfg.chunk_size):
         piece = ids[start: start + engine.cfg.chunk_size]
-        rows.append(forward_chunk(engine.model, memory, engine.rope, piece, None, "prefill", True))
+        rows.append(forward_chunk(engine.model, memory, engine.rope, piece, "prefill", True))
     return torch.stack(rows)
 
 
@@ -41,7 +41,7 @@ def test_within_the_window_every_method_equals_full_attention(method, n_heads, n
     memory = engine.new_memory()
     prefill(model, memory, engine.rope, ids[:100], want_logits=False)
     for p in range(100, 120):
-        logits = forward_chunk(model, memory, engine.rope, ids[p: p + 1], None, "decode", True)
+        logits = forward_chunk(model, memory, engine.rope, ids[p: p + 1], "decode", True)
         torch.testing.assert_close(logits, expected[p], atol=2e-5, rtol=1e-4)
 
 
@@ -140,7 +140,7 @@ def test_decoding_gives_the_same_logits_as_prefilling():
     prefill(model, memory, engine.rope, ids[:160], want_logits=False)
     assert memory.n_blocks >= 10
     for p in range(160, 200):
-        decoded = forward_chunk(model, memory, engine.rope, ids[p: p + 1], None, "decode", True)
+        decoded = forward_chunk(model, memory, engine.rope, ids[p: p + 1], "decode", True)
         if p % 8 == 3:
             fresh = engine.new_memory()
             prefilled = prefill(model, fresh, engine.rope, ids[: p + 1])

@@ -182,14 +182,16 @@ def test_ask_json_carries_the_quote_with_its_page_document_and_characters(tmp_pa
     assert refused.returncode == 2 and "--max-tokens must be at least 1" in refused.stderr
 
 
-def test_ask_takes_all_or_ids_or_one_document(tmp_path):
-    from app import asked_documents
+def test_what_is_asked_is_all_or_ids_or_one_document_and_one_named_twice_is_that_one(tmp_path):
+    from reading.asked import Asked, parse
     from storage.library import Library, LibraryError
 
     library = Library(tmp_path)
     a, b = (library.add(title=t, source_name=f"{t}.txt", kind="txt", sha256=t, fingerprint="m", config_hash="c",
                         config={}, tokens=1, pages=[], memory_format=2) for t in ("notes", "pets"))
-    assert asked_documents("all", library) == asked_documents(" ALL ", library) == "all"
-    assert asked_documents(f"{b},{a}", library) == [b, a] and asked_documents("pets", library) == b
+    assert parse("all", library) == parse(" ALL ", library) == Asked(None) and parse("all", library).scope == "all"
+    assert parse(f"{b},{a}", library) == parse([b, a], library) == Asked((a, b)) and Asked((a, b)).scope == f"{a},{b}"
+    assert parse("pets", library) == parse(b, library) == parse(f"{b},{b}", library) == parse([b], library) == Asked((b,))
+    assert Asked((b,)).one and Asked((b,)).scope == b and not Asked(None).one
     with pytest.raises(LibraryError, match="no document 99"):
-        asked_documents(f"{a},99", library)
+        parse(f"{a},99", library)

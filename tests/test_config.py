@@ -30,10 +30,10 @@ def test_impossible_configs_are_refused_with_the_reason(changes, words):
 
 def test_a_config_stored_with_knobs_removed_since_loads_with_them_ignored():
     stored = {**InfLLMConfig(topk=4).to_dict(), "focus_window": "pin", "focus_neighbours": "both",
-              "repetition_penalty": 1.1}
+              "repetition_penalty": 1.1, "focus_topk": 0}
     cfg = InfLLMConfig.from_dict(json.loads(json.dumps(stored)))         # as a library row keeps it
     assert cfg == InfLLMConfig(topk=4) and cfg.memory_hash() == InfLLMConfig(topk=4).memory_hash()
-    assert "focus_window" not in cfg.to_dict()
+    assert "focus_window" not in cfg.to_dict() and "focus_topk" not in cfg.to_dict()
     with pytest.raises(TypeError, match="warp_factor"):                   # an unknown knob is still an error
         InfLLMConfig.from_dict({**stored, "warp_factor": 9})
 
@@ -43,7 +43,7 @@ def test_memory_hash_ignores_where_it_runs_but_not_how_it_reads():
     assert base.memory_hash() == base.replace(cache_blocks=99, max_tokens=10, kernels="torch",
                                               blocks_on="device").memory_hash()
     # The question focus is question-time only: changing it never invalidates a stored memory.
-    assert base.memory_hash() == base.replace(focus_blocks=0, focus_layers=(0.5, 1), focus_gap=8, focus_topk=3).memory_hash()
+    assert base.memory_hash() == base.replace(focus_blocks=0, focus_layers=(0.5, 1), focus_gap=8, focus_alone=False).memory_hash()
     # Memory is stored packed, the same in every dtype: one read in fp32 serves a bf16 machine.
     assert base.memory_hash() == base.replace(dtype="bfloat16").memory_hash()
     assert base.layout() == base.replace(dtype="bfloat16").layout()

@@ -62,7 +62,7 @@ def test_a_fact_planted_in_real_prose_is_answered_and_cited_through_the_library(
     from reading.ingest import ingest_document, load_memory
     from storage.library import Library
     from storage.readers import read_document
-    from reading.citations import citation
+    from reading.citations import cite, passages
 
     source = tmp_path / "licenses.txt"
     source.write_text("\n\n".join(p.read_text() for p in LICENSES))
@@ -76,8 +76,10 @@ def test_a_fact_planted_in_real_prose_is_answered_and_cited_through_the_library(
     answer = engine.ask(memory, "Who is the lighthouse keeper of Port Emberly?", max_new_tokens=16).wait()
     print(repr(answer.text), answer.trace.pinned.tolist(), spans)
     assert "Mirela Vance" in answer.text
-    assert answer.trace.evidence(memory.n_blocks)[0] in spans                # the vote cites the planted block
-    cited = citation(answer.trace.to_dict(), library.spans(done.doc_id), library.pages(done.doc_id))
+    assert answer.trace.evidence(answer.trace.parts[0])[0] in spans          # the vote cites the planted block
+    row = library.document(done.doc_id)
+    first, = passages(answer.trace.to_dict(), [(row, library.spans(row["id"]), library.pages(row["id"]))], k=1)
+    cited = cite(first["pages"])
     assert cited.startswith("(see ") and cited.endswith(")")                 # a text file's sections are cited by name
     # Asked across two memories by attention alone (no word matches): the fact's memory is found and
     # read, wherever it stands on the shelf.
@@ -86,8 +88,8 @@ def test_a_fact_planted_in_real_prose_is_answered_and_cited_through_the_library(
         other = tmp_path / "apache.txt"
         other.write_text(apache.read_text())
         second = load_memory(library, engine, ingest_document(library, engine, read_document(other)).doc_id)
-        across = engine.ask_shelf([second, memory], "Who is the lighthouse keeper of Port Emberly?", 16).wait()
-        assert across.document == 1 and {d for d, _ in across.shelf.reads} == {1}
+        across = engine.ask([second, memory], "Who is the lighthouse keeper of Port Emberly?", 16).wait()
+        assert across.document == 1 and {r.memory for r in across.evidence.reads} == {memory}
         assert "Mirela Vance" in across.text
 
 

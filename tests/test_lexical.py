@@ -4,7 +4,6 @@ import sqlite3
 import pytest
 import torch
 
-from infllm_engine.focus import Focus
 from reading.ingest import ingest, load_memory
 from reading.service import Answered, ReadingService
 from storage.lexical import match_query
@@ -30,13 +29,13 @@ def test_a_query_keeps_the_questions_content_words_and_nothing_fts5_would_parse(
 def test_search_finds_the_spans_that_hold_a_word_numbered_as_the_library_numbers_spans(read):
     library, doc_id = read
     spans = library.spans(doc_id)
-    found = library.search(doc_id, "Where does word3x41 appear?")
+    found = library.search([doc_id], "Where does word3x41 appear?")[doc_id]
     assert found and all(score > 0 for score in found.values())
     assert {i for i, s in enumerate(spans) if "word3x41" in s["text"].split()} == set(found)
-    both = library.search(doc_id, "word3x41 or word3x42 or word5x7?")
+    both = library.search([doc_id], "word3x41 or word3x42 or word5x7?")[doc_id]
     best = max(both, key=both.get)
     assert {"word3x41", "word3x42"} <= set(spans[best]["text"].split())      # two matches beat one
-    assert library.search(doc_id, "what is it?") == {} and library.search(doc_id, "zebra") == {}
+    assert library.search([doc_id], "what is it?") == {} and library.search([doc_id], "zebra") == {}
 
 
 def test_restarting_or_deleting_a_document_drops_its_words(read):
@@ -44,7 +43,7 @@ def test_restarting_or_deleting_a_document_drops_its_words(read):
     count = lambda: library.db.execute("SELECT count(*) FROM span_words WHERE document_id = ?", [doc_id]).fetchone()[0]
     assert count() == len(library.spans(doc_id))
     library.restart(doc_id, 2)
-    assert count() == 0 and library.search(doc_id, "word3x41") == {}
+    assert count() == 0 and library.search([doc_id], "word3x41") == {}
     library.delete(doc_id)
     assert library.db.execute("SELECT count(*) FROM span_words").fetchone()[0] == 0
 
@@ -55,7 +54,7 @@ def test_a_library_read_before_the_index_is_indexed_when_opened(tmp_path):
     old.execute("INSERT INTO blocks VALUES (7, 1, 20, 36, 1, 1, 'of Port Emberly', 0)")
     old.commit()
     old.close()
-    assert Library(tmp_path / "lib").search(7, "Who keeps the lighthouse at Port Emberly?").keys() == {0, 1}
+    assert Library(tmp_path / "lib").search([7], "Who keeps the lighthouse at Port Emberly?")[7].keys() == {0, 1}
 
 
 def test_word_matches_join_the_vote_by_rank_and_weight(read, engine):  # noqa: F811
@@ -78,17 +77,6 @@ def test_word_matches_join_the_vote_by_rank_and_weight(read, engine):  # noqa: F
     want[target] += 100 / (5 + 1)
     want[target + 1] += 100 / (5 + 2)
     assert torch.allclose(weighed.votes, want, atol=1e-5)
-
-
-def test_each_best_block_is_pinned_with_the_next_one():
-    focus = Focus((0, 1), 0, range(0, 1), 2)
-    focus.votes = torch.tensor([0.0, 0.0, 0.1, 0.3, 1.0, 0.2, 0.0, 0.0])    # block 3 draws more than block 5
-    focus.choose(8, lambda i: (i * 8, i * 8 + 8))
-    assert focus.pinned.tolist() == [4, 5]
-    last = Focus((0, 1), 0, range(0, 1), 2)
-    last.votes = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1, 1.0])     # the last block: its previous one
-    last.choose(8, lambda i: (i * 8, i * 8 + 8))
-    assert last.pinned.tolist() == [6, 7]
 
 
 def test_the_app_asks_with_the_documents_word_matches(read, engine):  # noqa: F811

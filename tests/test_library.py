@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from infllm_engine import Engine, InfLLMConfig, snapshot
-from reading.ingest import Outcome, backfill, config_here, ingest, load_memory, stored_config, tokenize
+from reading.ingest import Outcome, ingest, load_memory, stored_config, tokenize
 from reading.service import Answered, ReadingService
+from reading.upgrade import backfill, upgrade
 from storage import tensors
 from storage.library import Library, LibraryError
 from storage.readers import DocumentError, read_document
@@ -326,13 +327,20 @@ def write_format1(library: Library, engine: Engine, book) -> tuple[int, object]:
     library.db["documents"].update(doc_id, {"state_file": f"state-{memory.length}.safetensors",
                                             "n_blocks": memory.n_blocks, "read_tokens": memory.length})
     library.finish(doc_id, [memory.block_span(i) for i in range(memory.n_blocks)])
+    library.db["documents"].update(doc_id, {"upgrade": 1})         # as schema step 9 flags it
     return doc_id, memory
 
 
-def test_a_memory_of_the_old_format_is_found_and_converted_in_place_when_first_asked(tmp_path, engine, book):
+def test_a_memory_of_the_old_format_is_converted_in_place_once_when_a_service_opens_the_library(tmp_path, engine,
+                                                                                               book):
     library = Library(tmp_path / "lib")
     doc_id, memory = write_format1(library, engine, book)
     before = library.document(doc_id)["bytes"]
+    with pytest.raises(LibraryError, match="earlier format"):         # no path but the upgrade reads format 1
+        load_memory(library, engine, doc_id)
+    seen = []
+    ReadingService(engine, library, upgrading=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 1)] and library.to_upgrade() == []
     assert ingest(library, engine, book).outcome == Outcome.FOUND       # re-keyed: the same file is not read twice
     converted = load_memory(library, engine, doc_id)
     row = library.document(doc_id)
@@ -345,14 +353,17 @@ def test_a_memory_of_the_old_format_is_found_and_converted_in_place_when_first_a
         for a, b in zip(old.blocks.take(ids), new.blocks.take(ids)):     # each block within int8 rounding
             assert (a - b).abs().max() <= a.abs().max() / 127
     assert engine.ask(converted, "which word?", max_new_tokens=4).wait().token_ids
-    again = load_memory(library, engine, doc_id)                          # converted once: mapped as it is
-    assert library.document(doc_id)["state_file"] == row["state_file"] and again.n_blocks == memory.n_blocks
+    assert upgrade(library, engine) == 0                                  # converted once: nothing left to do
+    assert library.document(doc_id)["state_file"] == row["state_file"]
 
 
 def test_a_reading_left_unfinished_in_the_old_format_starts_over_in_the_new_one(tmp_path, engine, book):
     library = Library(tmp_path / "lib")
     doc_id, _ = write_format1(library, engine, book)
     library.db["documents"].update(doc_id, {"status": "reading", "read_tokens": 512})   # as if stopped midway
+    other = Engine(engine.model, engine.tokenizer, InfLLMConfig(**SMALL), fingerprint="tiny-b")
+    assert upgrade(library, other) == 0 and library.to_upgrade()         # another model's service leaves it
+    assert upgrade(library, engine) == 1
     done = ingest(library, engine, book)
     row = library.document(doc_id)
     assert done.doc_id == doc_id and done.outcome == Outcome.READ and done.resumed_from == 0
@@ -392,6 +403,10 @@ def test_a_document_read_before_texts_were_kept_gets_them_from_its_kept_file(tmp
     assert library.text(doc_id) is None
     assert backfill(library, engine, doc_id)                         # today's reader gives the same tokens
     assert library.text(doc_id) == (text, starts) and library.pages(doc_id) == pages
+    forget_text(library, doc_id)                                     # and the service does it once, on opening
+    library.db["documents"].update(doc_id, {"upgrade": 1})
+    ReadingService(engine, library)
+    assert library.text(doc_id) == (text, starts) and library.to_upgrade() == []
 
 
 def test_a_pdf_read_with_its_running_heads_gets_its_printed_numbers_but_no_text(tmp_path, engine):
@@ -417,17 +432,17 @@ def test_a_mixed_service_reads_with_the_bf16_copy_and_answers_with_the_fp32_weig
     done = service.read_now(book)
     row = service.library.document(done.doc_id)
     assert stored_config(row).dtype == "mixed"
-    asked = service.question_config(row)                   # the stored layout, asked in fp32 on this machine
+    asked = mixed.cfg.answering(stored_config(row))        # the stored layout, asked in fp32 on this machine
     assert asked.dtype == "float32" and asked.layout() == mixed.cfg.layout()
     used = []
     real_ask = Engine.ask
-    monkeypatch.setattr(Engine, "ask", lambda self, memory, *a, **k: used.append(
-        (self.model, memory.layers[0].recent_k.dtype)) or real_ask(self, memory, *a, **k))
+    monkeypatch.setattr(Engine, "ask", lambda self, memories, *a, **k: used.append(
+        (self.model, memories[0].layers[0].recent_k.dtype)) or real_ask(self, memories, *a, **k))
     *_, answered = service.ask(done.doc_id, "which words?", max_new_tokens=6)
     assert isinstance(answered, Answered) and answered.text
     assert used == [(engine.model, torch.float32)]         # the fp32 weights, the memory loaded in fp32
     # A config stored elsewhere (another device, dtype and kernels) is read on and asked here with this engine's.
     config = {**json.loads(row["config"]), "device": "cuda", "dtype": "bfloat16", "kernels": "triton"}
     service.library.db["documents"].update(done.doc_id, {"config": json.dumps(config)})
-    here = config_here(service.library.document(done.doc_id), mixed.cfg)
+    here = mixed.cfg.for_memory(stored_config(service.library.document(done.doc_id)))
     assert (here.device, here.dtype, here.kernels) == ("cpu", "mixed", "auto") and here.layout() == mixed.cfg.layout()

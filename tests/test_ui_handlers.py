@@ -6,12 +6,13 @@ import time
 
 import pytest
 
-from infllm_engine import Engine, InfLLMConfig
+from infllm_engine import Engine, InfLLMConfig, Summary
 from reading.service import ReadingService
 from reading.worker import Job
 from storage.library import Library, LibraryError
 from ui import handlers as h
-from ui import evidence
+from ui import formatting as fmt
+from ui import inspector
 
 from .conftest import tiny_llama, tiny_tokenizer
 from .test_readers import make_pdf
@@ -50,15 +51,15 @@ def test_a_dropped_file_is_kept_under_its_hash_read_in_the_background_and_listed
     kept = list((app.library.dir / "uploads").iterdir())
     assert [p.name for p in kept] == [f"{app.library.document(doc_id)['sha256']}.txt"]
     rows = h.library_rows(app)
-    assert rows[0][:6] == [doc_id, "book", "infllm", "ready", 5, h.count(app.library.document(doc_id)["tokens"])]
+    assert rows[0][:6] == [doc_id, "book", "infllm", "ready", 5, fmt.count(app.library.document(doc_id)["tokens"])]
     assert h.document_choices(app) == [("book · infllm", doc_id)]
     assert "✓ book.txt: read" in h.progress_html(app)
 
 
 def test_counts_and_sizes_fit_the_librarys_narrow_columns():
-    assert [h.count(n) for n in (0, 812, 9_994, 9_996, 31_531, 220_935, 999_499, 999_500, 1_050_000, 2_000_000_000)] == \
+    assert [fmt.count(n) for n in (0, 812, 9_994, 9_996, 31_531, 220_935, 999_499, 999_500, 1_050_000, 2_000_000_000)] == \
         ["0", "812", "9.99K", "10.0K", "31.5K", "221K", "999K", "1.00M", "1.05M", "2.00G"]
-    assert [h.size(n) for n in (512, 2**10 * 850, 380_843_212, 2_900_000_000, int(2**20 * 999.6))] == \
+    assert [fmt.size(n) for n in (512, 2**10 * 850, 380_843_212, 2_900_000_000, int(2**20 * 999.6))] == \
         ["512 B", "850 KB", "363 MB", "2.7 GB", "1.0 GB"]
 
 
@@ -101,7 +102,7 @@ def test_an_answer_streams_is_saved_and_comes_back_with_its_heatmap(app, tmp_pat
     assert len(steps) >= 2 and "class='heatmap'" in html and "data-block=" in html
     saved = app.library.messages(conversation)
     assert saved[0]["content"] == chat[0]["content"]
-    assert chat[1]["content"] == h.quote_markdown(saved[1]["quote"]) + h.prose_markdown(saved[1]["content"])  # quote first
+    assert chat[1]["content"] == fmt.quote_markdown(saved[1]["quote"]) + fmt.prose_markdown(saved[1]["content"])  # quote first
     assert saved[1]["trace"]["blocks"]["span"] and saved[1]["timings"]["decode_tokens_per_s"] > 0
     assert "records" not in saved[1]["trace"]          # the summary, not every step's record (full_traces)
     # After a restart (a new App on the same library), the conversation and its inspector are back.
@@ -162,7 +163,7 @@ def test_stop_ends_the_answer_early_and_keeps_what_was_said(app, tmp_path):
     h.stop(app, "s1")
     chat, conversation, _ = list(steps)[-1]
     assert chat[-1]["content"].endswith("…(stopped)")
-    assert chat[-1]["content"].endswith(h.prose_markdown(app.library.messages(conversation)[-1]["content"]))
+    assert chat[-1]["content"].endswith(fmt.prose_markdown(app.library.messages(conversation)[-1]["content"]))
     assert app.library.messages(conversation)[-1]["trace"]["tokens"]["decode"] < 200
 
 
@@ -170,12 +171,12 @@ def test_a_click_on_a_cell_or_passage_shows_that_blocks_text_on_its_page(app, tm
     doc_id = read(app, tmp_path)
     block = app.library.blocks(doc_id)[7]
     page = app.library.pages(doc_id)[block["first_page"] - 1]
-    html = h.show_source(app, doc_id, 7, "7")
+    html = h.show_source(app, f"7@{doc_id}")
     assert f"<b>{page['label']}</b> · book" in html
     marked = re.search(r"<mark>(.*?)</mark>", html, re.S).group(1)
     assert block["text"].split()[1] in marked and "…" in html            # the page's text around it
     with pytest.raises(h.UserError, match="has no passage 10000"):
-        h.show_source(app, doc_id, 10_000, "10000")
+        h.show_source(app, f"10000@{doc_id}")
 
 
 def test_an_answer_shows_the_documents_sentence_first_and_clicking_it_shows_its_page(app, tmp_path):
@@ -186,11 +187,11 @@ def test_an_answer_shows_the_documents_sentence_first_and_clicking_it_shows_its_
     quote = saved["quote"]
     text, _ = app.library.text(doc_id)
     assert quote["text"] == " ".join(text[slice(*quote["chars"])].split()) and quote["document"] == doc_id
-    assert chat[-1]["content"].startswith("> “") and chat[-1]["content"].endswith(h.prose_markdown(saved["content"]))
+    assert chat[-1]["content"].startswith("> “") and chat[-1]["content"].endswith(fmt.prose_markdown(saved["content"]))
     assert saved["content"].endswith(f"({quote['page']})")                   # the answer cites the quote's page
     assert f"data-chars='{quote['chars'][0]},{quote['chars'][1]}'" in html   # the inspector's quote is clickable
     page = h.answer_source(app, doc_id, conversation, 1)
-    assert "<mark>" in page and h.show_source(app, doc_id, -1, "chars:{},{}".format(*quote["chars"])) == page
+    assert "<mark>" in page and h.show_source(app, "chars:{},{}@{}".format(*quote["chars"], doc_id)) == page
     # after a restart the chat shows the quote above the answer again
     again = h.App(ReadingService.start(app.service.engine, Library(app.library.dir)))
     assert h.open_document(again, doc_id)[0][-1]["content"] == chat[-1]["content"]
@@ -206,7 +207,7 @@ def test_a_quote_in_a_pdf_opens_its_page_as_a_picture_highlighted_within_a_secon
     sentence = "The lighthouse keeper of Port Emberly is named Mirela Vance."
     a, b = text.index(sentence), text.index(sentence) + len(sentence)
     started = time.perf_counter()
-    html = h.show_source(app, doc_id, -1, f"chars:{a},{b}")
+    html = h.show_source(app, f"chars:{a},{b}@{doc_id}")
     assert time.perf_counter() - started < 1.0
     assert "<img class='page'" in html and "data:image/png;base64," in html and page["label"] == "p. 4"
     assert "could not be found" not in html                                   # the sentence is highlighted
@@ -222,30 +223,30 @@ def test_a_conversation_is_only_ever_continued_with_its_own_document(app, tmp_pa
     chat, other, _ = list(h.ask(app, second, conversation, "second?", SETTINGS))[-1]
     assert other != conversation and [m["content"] for m in chat][::2] == ["second?"]
     assert [m["content"] for m in app.library.messages(conversation)][::2] == ["first?"]
-    assert h.inspect_answer(app, second, conversation, 1) == evidence.NOTHING_YET
+    assert h.inspect_answer(app, second, conversation, 1) == inspector.NOTHING_YET
     with pytest.raises(LibraryError, match="about other documents"):         # the service refuses the pair
         list(app.service.ask(second, "third?", conversation))
 
 
 def test_the_heatmap_puts_each_retrieved_blocks_mass_in_its_layer_and_column(app, tmp_path):
     doc_id = read(app, tmp_path)
-    blocks, pages = app.library.blocks(doc_id), app.library.pages(doc_id)
+    documents = [(app.library.document(doc_id), app.library.spans(doc_id), app.library.pages(doc_id))]
     trace = {"steps": [{"kind": "decode", "start": 0, "n_tokens": 1}] * 2, "records": [
         {"layer": 1, "step": 0, "block_ids": [3, 9], "scores": [1, 1], "block_mass": [0.5, 0.1], "local_mass": 0.3},
         {"layer": 1, "step": 1, "block_ids": [3, 10**6], "scores": [1, 1], "block_mass": [0.25, 0.9], "local_mass": 0.5},
     ]}
-    heat = evidence.heat(trace, 2, len(blocks))
+    heat = Summary.load(trace).heat(2, len(documents[0][1]))          # block 10**6: no span of the document
     assert heat[1, 3] == pytest.approx(0.75) and heat[1, 9] == pytest.approx(0.1) and heat.sum() == pytest.approx(0.85)
-    f = evidence.figures(trace, {"decode_tokens_per_s": 12.5}, len(blocks))
+    f = inspector.figures(trace, {"decode_tokens_per_s": 12.5}, documents)
     assert (f.blocks_retrieved, f.window_share, f.tokens_per_s) == (2, pytest.approx(0.4), 12.5)
-    html = evidence.render(trace, {}, blocks, pages, 2)
+    html = inspector.render(trace, {}, documents, 2)
     assert html.count("class='cell'") == 2 and "layer 1 · block 3 · p. " in html
-    assert re.search(r"<li data-block='3'>.*mass 88%", html)           # 0.75 of all 0.85
+    assert re.search(rf"<li data-block='3' data-document='{doc_id}'>.*mass 88%", html)     # 0.75 of all 0.85
 
 
 def test_delete_frees_the_document_and_its_upload(app, tmp_path):
     doc_id = read(app, tmp_path)
-    freed = h.size(app.library.document(doc_id)["bytes"])
+    freed = fmt.size(app.library.document(doc_id)["bytes"])
     note = h.delete(app, doc_id)
     assert note == f"Deleted “book” and its memory ({freed} freed)." and app.library.documents() == []
     assert not list((app.library.dir / "uploads").iterdir())
@@ -345,12 +346,12 @@ def test_a_question_across_the_library_names_the_document_of_its_quote_and_passa
     passages = re.findall(r"<li data-block='(\d+)' data-document='(\d+)'><span class='where'>([^<]*)", html)
     assert passages and all(where.startswith(titles[int(d)] + " · p. ") for _, d, where in passages)
     block, doc, where = passages[0]
-    page = h.show_source(app, "all", int(block), f"{block}@{doc}")
+    page = h.show_source(app, f"{block}@{doc}")
     assert f"<b>{where.split(' · ')[1]}</b> · {titles[int(doc)]}" in page
     # So does the quote, in the inspector and in the chat.
     assert f"data-chars='{quote['chars'][0]},{quote['chars'][1]}' data-document='{quote['document']}'" in html
     assert h.answer_source(app, "all", conversation, 1) == \
-        h.show_source(app, "all", -1, "chars:{},{}@{}".format(*quote["chars"], quote["document"]))
+        h.show_source(app, "chars:{},{}@{}".format(*quote["chars"], quote["document"]))
 
 
 def test_the_heatmap_of_a_question_across_documents_groups_its_columns_by_document(app, tmp_path):
@@ -362,7 +363,7 @@ def test_the_heatmap_of_a_question_across_documents_groups_its_columns_by_docume
              "votes": None, "pinned": [3, parts[0] + 5], "records": [
                  {"layer": 1, "step": 0, "block_ids": [3, parts[0] + 5], "scores": [1, 1], "block_mass": [0.5, 0.25],
                   "local_mass": 0.25}]}
-    html = evidence.render(trace, {}, [], [], 2, shelf=shelf)
+    html = inspector.render(trace, {}, shelf, 2)
     cells = re.findall(r"<rect class='cell' data-block='(\d+)' data-document='(\d+)' x='([\d.]+)'", html)
     assert [(int(b), int(d)) for b, d, _ in cells] == [(3, keepers), (5, book)]
     assert float(cells[0][2]) < float(cells[1][2])                        # keepers' columns come first
@@ -376,12 +377,12 @@ def test_a_conversation_across_the_library_comes_back_and_is_never_continued_wit
     chat, conversation, html = list(h.ask(app, "all", None, "Who keeps the lighthouse?", SETTINGS))[-1]
     again = h.App(ReadingService.start(app.service.engine, Library(app.library.dir)))
     assert h.open_document(again, "all") == (chat, conversation, html)       # chosen again after a restart
-    assert h.open_document(again, book) == ([], None, evidence.NOTHING_YET)
+    assert h.open_document(again, book) == ([], None, inspector.NOTHING_YET)
     # The page sends the conversation of "All documents" with a question about one document: a new one.
     chat2, other, _ = list(h.ask(again, book, conversation, "And the harbour?", SETTINGS))[-1]
     assert other != conversation and [m["content"] for m in chat2][::2] == ["And the harbour?"]
     assert len(app.library.messages(conversation)) == 2
-    assert h.inspect_answer(again, book, conversation, 1) == evidence.NOTHING_YET
+    assert h.inspect_answer(again, book, conversation, 1) == inspector.NOTHING_YET
     # Two documents ticked are a scope of their own ("1,2"), whatever their order.
     _, ticked, _ = list(h.ask(again, [keepers, book], conversation, "Who?", SETTINGS))[-1]
     assert ticked != conversation and app.library.conversations(f"{book},{keepers}")[0]["id"] == ticked
@@ -403,5 +404,5 @@ def test_a_document_still_being_read_is_left_out_of_a_library_question_and_named
 def test_the_first_token_figure_counts_the_memories_and_the_probes_the_reader_waited_for():
     trace = {"steps": [], "records": []}
     timings = {"memory_load_s": 0.5, "focus_s": 2.0, "first_token_s": 0.25, "decode_tokens_per_s": 9.0}
-    assert evidence.figures(trace, timings, 0).first_token_s == 2.75
-    assert evidence.figures(trace, {"first_token_s": 0.25}, 0).first_token_s == 0.25    # answers saved before
+    assert inspector.figures(trace, timings, []).first_token_s == 2.75
+    assert inspector.figures(trace, {"first_token_s": 0.25}, []).first_token_s == 0.25    # answers saved before

@@ -8,8 +8,9 @@ from html.parser import HTMLParser
 
 import pytest
 
-from reading.service import Source
+from reading.source import Source
 from storage.page_images import PageImage
+from ui import formatting as fmt
 from ui import handlers as h
 from ui import source
 
@@ -74,7 +75,7 @@ def test_a_file_named_with_quotes_and_brackets_shows_as_its_name_everywhere(app,
                       + [f"Line {i} of page 3 is only filler here." for i in range(29)]],
                    page_labels=[(0, "r", 1), (2, "D", 1)])
     note = h.upload(app, [dropped(tmp_path, name, pdf)], SETTINGS)
-    assert note == f"• {h._markdown_text(name)}: queued for reading (infllm)"
+    assert note == f"• {fmt.markdown_text(name)}: queued for reading (infllm)"
     app.worker.wait()
     other = h.upload(app, [dropped(tmp_path, "plain.txt", QUOTABLE)], SETTINGS)
     assert "queued" in other
@@ -90,24 +91,24 @@ def test_a_file_named_with_quotes_and_brackets_shows_as_its_name_everywhere(app,
                                                SETTINGS))[-1]
     quote = app.library.messages(conversation)[-1]["quote"]
     assert quote["title"] in (title, "plain")
-    assert chat[-1]["content"].startswith(h.quote_markdown(quote, titled=True))
-    assert h.quote_markdown({**quote, "title": title}, titled=True).endswith(
+    assert chat[-1]["content"].startswith(fmt.quote_markdown(quote, titled=True))
+    assert fmt.quote_markdown({**quote, "title": title}, titled=True).endswith(
         f"— O'Brien \\<draft\\>, {quote['page']}\n\n")                    # Markdown shows it as typed
     assert title in Parsed(inspector).text
     assert f"data-document='{doc_id}'" in inspector
     # The sentence's page: the printed "1" of physical page 3, in words and in the picture's alt.
     text, _ = app.library.text(doc_id)
     a = text.index("The lighthouse keeper")
-    page = Parsed(h.show_source(app, "all", -1, f"chars:{a},{a + 20}@{doc_id}"))
+    page = Parsed(h.show_source(app, f"chars:{a},{a + 20}@{doc_id}"))
     assert page.text == f"p. 1 (page 3 of the file) · {title}"
     assert page.all("img")[0]["alt"] == f"p. 1 (page 3 of the file) · {title}"
-    freed = h.size(app.library.document(doc_id)["bytes"])
+    freed = fmt.size(app.library.document(doc_id)["bytes"])
     assert h.delete(app, doc_id) == f"Deleted “O'Brien \\<draft\\>” and its memory ({freed} freed)."
 
 
 @pytest.mark.parametrize("typed", ["What does <tt> do?", "Is a & b \\{x\\} fine?"])
 def test_the_chat_shows_a_question_and_an_answer_as_typed(typed):
-    shown = h.prose_markdown(typed)
+    shown = fmt.prose_markdown(typed)
     # Markdown's backslash escape gives back each of these characters; nothing else changes.
     assert shown.replace("\\<", "<").replace("\\>", ">").replace("\\&", "&").replace("\\\\", "\\") == typed
     assert "<tt>" not in shown

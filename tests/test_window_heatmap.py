@@ -11,7 +11,7 @@ from infllm_engine import ContextMemory, Engine, InfLLMConfig, Summary, Trace
 from infllm_engine.attention import ForwardState, infllm_attention
 from infllm_engine.rope import Rotary
 from reading.citations import passages
-from ui import evidence
+from ui import inspector
 
 from .conftest import tiny_llama, tiny_tokenizer
 from .helpers import dense_infllm_reference
@@ -34,38 +34,43 @@ def answer_trace(n_local: int, doc_tokens: int, **knobs) -> tuple[dict, list[dic
     return json.loads(json.dumps(trace)), spans, pages
 
 
+def shelf(spans: list[dict], pages: list[dict]) -> list[tuple[dict, list[dict], list[dict]]]:
+    return [({"id": 1, "title": "t"}, spans, pages)]
+
+
 def test_a_document_shorter_than_the_window_gets_a_heatmap_of_its_window_spans():
     trace, spans, pages = answer_trace(512, 150)
     assert not any(s["in_memory"] for s in spans) and len(spans) == 10      # nothing in memory, all in the window
-    html = evidence.render(trace, {}, spans, pages, 2)
+    html = inspector.render(trace, {}, shelf(spans, pages), 2)
     assert "nothing was evicted" not in html and "<svg class='heatmap'" in html and "local window</text>" in html
     cells = re.findall(r"<rect class='cell window' data-block='(\d+)'", html)
     assert sorted(int(c) for c in cells) == sorted(list(range(10)) * 2)     # every layer attended every span
     assert "class='cell'" not in html and "memory</text>" not in html     # no memory columns to show
     assert "layer 1 · local window · p. 2 · mass" in html
-    assert trace["doc_end"] == 150 and evidence.heat(trace, 2, 0, len(spans)).sum() > 0
+    assert trace["doc_end"] == 150 and Summary.load(trace).heat(2, len(spans)).sum() > 0
 
 
 def test_a_long_document_shows_memory_blocks_then_the_window_after_a_separator():
     trace, spans, pages = answer_trace(64, 300, focus_blocks=0)   # each layer's top-k
     n_blocks, n_spans = sum(s["in_memory"] for s in spans), len(spans)
     assert 0 < n_blocks < n_spans
-    html = evidence.render(trace, {}, spans, pages, 2)
+    html = inspector.render(trace, {}, shelf(spans, pages), 2)
     memory_cells = [int(b) for b in re.findall(r"<rect class='cell' data-block='(\d+)'", html)]
     window_cells = [int(b) for b in re.findall(r"<rect class='cell window' data-block='(\d+)'", html)]
     assert memory_cells and all(b < n_blocks for b in memory_cells)
     assert set(window_cells) == set(range(n_blocks, n_spans))
     assert "stroke-dasharray" in html and "memory</text>" in html and "local window</text>" in html
-    first_window = min(float(x) for x in re.findall(r"<rect class='cell window' data-block='\d+' x='([\d.]+)'", html))
-    assert all(float(x) < first_window for x in re.findall(r"<rect class='cell' data-block='\d+' x='([\d.]+)'", html))
+    first_window = min(float(x) for x in re.findall(r"<rect class='cell window' data-block='\d+' data-document='1' x='([\d.]+)'", html))
+    assert all(float(x) < first_window for x in re.findall(r"<rect class='cell' data-block='\d+' data-document='1' x='([\d.]+)'", html))
 
 
-def test_a_trace_stored_before_the_window_spans_renders_as_it_did():
+def test_a_trace_stored_before_the_window_spans_shows_its_window_empty():
     trace, spans, pages = answer_trace(512, 150)
     old = {"steps": trace["steps"], "records": [{k: r[k] for k in ("layer", "step", "block_ids", "scores",
                "block_mass", "local_mass")} for r in trace["records"]], "votes": None, "pinned": None}
     assert Trace.from_dict(old).to_dict() == old                           # no new keys appear in an old trace
-    assert "nothing was evicted to memory" in evidence.render(old, {}, spans, pages, 2)
+    html = inspector.render(old, {}, shelf(spans, pages), 2)
+    assert "local window</text>" in html and "class='cell" not in html       # it recorded no window mass
 
 
 def test_window_spans_survive_json_and_count_only_the_document():
@@ -82,8 +87,7 @@ def test_window_spans_survive_json_and_count_only_the_document():
         assert 0 < float(r.window_mass.sum()) < float(r.local_mass) and (r.window_mass >= 0).all()
     restored = Trace.from_dict(json.loads(json.dumps(trace.to_dict())))
     assert restored.to_dict() == trace.to_dict() and restored.doc_end == 150
-    torch.testing.assert_close(restored.heat(2, 0, n_spans=10),
-                               trace.heat(2, 0, n_spans=10), atol=1e-4, rtol=0)
+    torch.testing.assert_close(restored.heat(2, 10), trace.heat(2, 10), atol=1e-4, rtol=0)
 
 
 def test_window_span_mass_is_the_brute_force_sum_of_what_each_window_key_received():
@@ -135,13 +139,13 @@ def test_an_answers_summary_gives_the_heatmap_passages_and_figures_of_its_full_t
     assert "records" not in lean and len(json.dumps(lean)) < len(json.dumps(full)) / 2
     assert (lean["votes"] is None) == ("focus_blocks" in knobs)
     n_blocks, n_spans = sum(s["in_memory"] for s in spans), len(spans)
-    torch.testing.assert_close(evidence.heat(lean, 2, n_blocks, n_spans), evidence.heat(full, 2, n_blocks, n_spans),
+    torch.testing.assert_close(Summary.load(lean).heat(2, n_spans), Summary.load(full).heat(2, n_spans),
                                atol=1e-4, rtol=0)
-    assert evidence.heat(full, 2, n_blocks, n_spans).sum() > 0
-    got, want = passages(lean, spans, pages), passages(full, spans, pages)
+    assert Summary.load(full).heat(2, n_spans).sum() > 0
+    got, want = passages(lean, shelf(spans, pages)), passages(full, shelf(spans, pages))
     assert [(p["block"], p["pages"], p["by"]) for p in got] == [(p["block"], p["pages"], p["by"]) for p in want] != []
     assert [p["share"] for p in got] == pytest.approx([p["share"] for p in want], abs=1e-4)
-    got, want = evidence.figures(lean, {}, n_blocks), evidence.figures(full, {}, n_blocks)
+    got, want = inspector.figures(lean, {}, shelf(spans, pages)), inspector.figures(full, {}, shelf(spans, pages))
     assert got.blocks_retrieved == want.blocks_retrieved
     assert got.memory_share == pytest.approx(want.memory_share, abs=1e-4)
     assert got.window_share == pytest.approx(want.window_share, abs=1e-4) and want.window_share > 0

@@ -1,13 +1,13 @@
 """What the page does, as plain functions: the layout (ui/layout.py) only wires them to components.
 
-Each takes the App (the reading service, and each browser session's stop button) and plain values,
-and returns plain values: rows, HTML, chat messages. Errors a user can cause come back as UserError
-with a readable message.
+Each takes the App (the reading service, and each browser session's stop button) and the components'
+values, and adapts them to the service and its results back to components: rows, HTML, chat messages.
+Formatting lives in ui/formatting.py; what a question asks is parsed by reading.asked. Errors a user can
+cause come back as UserError with a readable message.
 """
 from __future__ import annotations
 
 import html
-import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -17,20 +17,20 @@ from pathlib import Path
 
 from infllm_engine import EngineError, InfLLMConfig
 from infllm_engine.config import METHODS
-from reading.ingest import stored_config
-from reading.citations import short_title
-from reading.service import ALL, ANSWER_TOKENS, USER_ERRORS, Answered, ReadingService
-from reading.worker import Job, JobState, Queued
+from reading.asked import ALL, Asked, parse
+from reading.service import ANSWER_TOKENS, USER_ERRORS, Answered, ReadingService
+from reading.worker import JobState, Queued
 from storage.library import Status
 from storage.readers import SUPPORTED
 
-from . import evidence, source
+from . import formatting as fmt
+from . import inspector, source
 
 ACCEPTED = list(SUPPORTED)          # file types the upload box offers
 STREAM_INTERVAL_S = 0.5
 TABLE_HEADERS = ["id", "title", "mode", "status", "pages", "tokens", "disk"]
 SEVERAL = "several"                 # the dropdown's choice that asks the documents ticked in a second box
-Target = int | str | list[int]      # what the chat asks: a document's id, ALL, or several ids (target())
+Target = int | str | list[int]      # the chat's choice: a document's id, ALL, or several ids (target())
 
 
 class UserError(ValueError):
@@ -82,33 +82,9 @@ def library_rows(app: App) -> list[list]:
             job = app.service.reading_job(d["id"])
             share = (job.done / job.total) if job and job.total else d["read_tokens"] / max(d["tokens"], 1)
             status = f"reading {share:.0%}" if job else f"paused {share:.0%}"
-        rows.append([d["id"], d["title"], stored_config(d).method, status, d["pages"], count(d["tokens"]),
-                     size(d["bytes"])])
+        rows.append([d["id"], d["title"], d["method"], status, d["pages"], fmt.count(d["tokens"]),
+                     fmt.size(d["bytes"])])
     return rows
-
-
-def count(n: int) -> str:
-    """A count in at most five characters, for the library's narrow columns: 812, 31.5K, 221K, 1.05M."""
-    if n < 1000:
-        return str(n)
-    x, unit = _scaled(n, (("K", 1e3), ("M", 1e6), ("G", 1e9)))
-    return f"{x:.2f}{unit}" if x < 9.995 else f"{x:.1f}{unit}" if x < 99.95 else f"{x:.0f}{unit}"
-
-
-def size(n_bytes: int) -> str:
-    """Bytes in at most seven characters: 850 KB, 363 MB, 2.7 GB."""
-    if n_bytes < 1000:
-        return f"{n_bytes} B"
-    x, unit = _scaled(n_bytes, (("KB", 2**10), ("MB", 2**20), ("GB", 2**30), ("TB", 2**40)))
-    return f"{x:.1f} {unit}" if x < 99.95 else f"{x:.0f} {unit}"
-
-
-def _scaled(n: int, units: tuple[tuple[str, float], ...]) -> tuple[float, str]:
-    """n in the first unit where it rounds below 1000 (the last unit otherwise)."""
-    for unit, limit in units:
-        if n / limit < 999.5:
-            break
-    return n / limit, unit
 
 
 def document_choices(app: App) -> list[tuple[str, int | str]]:
@@ -119,17 +95,12 @@ def document_choices(app: App) -> list[tuple[str, int | str]]:
 
 
 def ready_documents(app: App) -> list[tuple[str, int]]:
-    return [(f"{d['title']} · {stored_config(d).method}", d["id"])
-            for d in app.library.documents() if d["status"] == Status.READY]
+    return [(f"{d['title']} · {d['method']}", d["id"]) for d in app.library.documents() if d["status"] == Status.READY]
 
 
 def target(doc: int | str | None, several: Sequence[int] | None = None) -> Target | None:
-    """What the chat asks, from the dropdown's value and the ids ticked for "Several documents…"."""
+    """The chat's choice, from the dropdown's value and the ids ticked for "Several documents…"."""
     return list(several or []) if doc == SEVERAL else doc
-
-
-def upload_job_note(job: Job) -> str:
-    return f"• {_markdown_text(job.name)}: queued for reading ({job.engine.cfg.method})"
 
 
 def upload(app: App, files: Sequence[str] | None, settings: Settings) -> str:
@@ -141,9 +112,9 @@ def upload(app: App, files: Sequence[str] | None, settings: Settings) -> str:
     for file in files:
         name = Path(file).name     # Gradio's temp copy keeps the original name; it is only shown
         try:
-            notes.append(upload_job_note(app.service.read(Path(file), name, cfg)))
+            notes.append(fmt.queued(app.service.read(Path(file), name, cfg)))
         except (*USER_ERRORS, OSError) as err:
-            notes.append(f"✗ {_markdown_text(str(err))}")
+            notes.append(f"✗ {fmt.markdown_text(str(err))}")
     return "\n\n".join(notes)
 
 
@@ -151,14 +122,14 @@ def read_again(app: App, doc_id: int | None, settings: Settings) -> str:
     """Queue a document's kept file for reading under the current settings (another mode, window...)."""
     doc = _document(app, doc_id)
     with _shown_as_user_error():
-        return upload_job_note(app.service.read_again(doc["id"], settings.config(app.service.engine.cfg)))
+        return fmt.queued(app.service.read_again(doc["id"], settings.config(app.service.engine.cfg)))
 
 
 def delete(app: App, doc_id: int | None) -> str:
     doc = _document(app, doc_id)
     with _shown_as_user_error():
         app.service.delete(doc["id"])
-    return f"Deleted “{_markdown_text(doc['title'])}” and its memory ({size(doc['bytes'])} freed)."
+    return f"Deleted “{fmt.markdown_text(doc['title'])}” and its memory ({fmt.size(doc['bytes'])} freed)."
 
 
 @dataclass(frozen=True)
@@ -191,92 +162,73 @@ def refresh(app: App, seen: int, current: int | None = None) -> Refresh:
 
 
 def progress_html(app: App) -> str:
-    """Progress bars of the reading queue, then the outcome of recent jobs."""
-    parts = []
-    for job in app.worker.jobs[-8:]:
-        if job.state == JobState.READING and job.total:
-            eta = f"ETA {_duration(job.eta_s)}" if job.eta_s is not None else "starting…"
-            paused = " · paused while answering" if app.worker.answering else ""
-            parts.append(f"<div class='job'><div class='job-name'>{html.escape(job.name)}</div>"
-                         f"<progress value='{job.done}' max='{job.total}'></progress>"
-                         f"<div class='job-stats'>{job.done:,} / {job.total:,} tokens · {job.rate:,.0f} tok/s · "
-                         f"{eta}{paused}</div></div>")
-        elif job.state in (JobState.QUEUED, JobState.READING):
-            waiting = "waiting in the queue" if job.state == JobState.QUEUED else "extracting text…"
-            parts.append(f"<div class='job'><div class='job-name'>{html.escape(job.name)}</div>"
-                         f"<div class='job-stats'>{waiting}</div></div>")
-        else:
-            mark = "✓" if job.state == JobState.READY else "✗"
-            parts.append(f"<div class='job {job.state}'>{mark} {html.escape(job.name)}: {html.escape(job.message)}</div>")
-    return "".join(parts)
+    return fmt.progress_html(app.worker.jobs, app.worker.answering)
 
 
 # -- chat ------------------------------------------------------------------------------------------
-def open_document(app: App, asked: Target | None) -> tuple[list[dict], int | None, str]:
-    """The latest conversation of a document (or of ALL, or of several): (chat messages, conversation id,
+def open_document(app: App, chosen: Target | None) -> tuple[list[dict], int | None, str]:
+    """The latest conversation of what is chosen (a document, ALL, several): (chat messages, conversation id,
     inspector HTML of its last answer)."""
-    if asked is None or asked == "" or asked == []:
-        return [], None, evidence.NOTHING_YET
-    scope, _ = _scope(app, asked)
-    conversations = app.library.conversations(scope)
+    if chosen is None or chosen == "" or chosen == []:
+        return [], None, inspector.NOTHING_YET
+    asked = _asked(app, chosen)
+    conversations = app.library.conversations(asked.scope)
     if not conversations:
-        return [], None, evidence.NOTHING_YET
+        return [], None, inspector.NOTHING_YET
     conversation = conversations[-1]["id"]
     messages = app.library.messages(conversation)
-    return (_chat(messages, isinstance(scope, str)), conversation,
-            inspect_answer(app, asked, conversation, len(messages) - 1))
+    return (fmt.chat(messages, not asked.one), conversation,
+            inspect_answer(app, chosen, conversation, len(messages) - 1))
 
 
-def inspect_answer(app: App, asked: Target | None, conversation: int | None, index: int) -> str:
+def inspect_answer(app: App, chosen: Target | None, conversation: int | None, index: int) -> str:
     """Inspector HTML of the answer at chat index `index` (a question's index shows its answer)."""
-    scope, m = _answer(app, asked, conversation, index)
-    return evidence.NOTHING_YET if m is None else _inspector(app, scope, m["trace"], m["timings"],
-                                                             m["method"] or "infllm", m["quote"])
+    m = _answer(app, chosen, conversation, index)
+    return inspector.NOTHING_YET if m is None else _inspector(app, m["trace"], m["timings"], m["method"], m["quote"])
 
 
-def show_source(app: App, asked: Target | None, index: int, value: str | None = None) -> str:
-    """The page of what was clicked in the inspector: a passage (index: its span) or the quote ("chars:a,b").
-    Across documents the value ends in "@" and the document's id (evidence.CLICKS): that document's page."""
-    value, _, of = (value if isinstance(value, str) else "").partition("@")
-    doc = _document(app, of or asked)
+def show_source(app: App, value: str | None) -> str:
+    """The page of what was clicked in the inspector (inspector.CLICKS): a passage ("7@3": span 7 of
+    document 3) or the quote ("chars:a,b@3")."""
+    what, _, of = (value if isinstance(value, str) else "").partition("@")
+    doc = _document(app, of or None)
+    try:
+        chars = tuple(int(x) for x in what.removeprefix("chars:").split(",")) if what.startswith("chars:") else None
+        span = None if chars else int(what)
+    except ValueError as err:
+        raise UserError(f"nothing to show for {value!r}") from err
     with _shown_as_user_error():
-        if value.startswith("chars:"):
-            a, b = (int(x) for x in value.removeprefix("chars:").split(","))
-            return source.render(app.service.source(doc["id"], chars=(a, b)))
-        return source.render(app.service.source(doc["id"], span=int(index)))
+        return source.render(app.service.source(doc["id"], chars=chars, span=span))
 
 
-def answer_source(app: App, asked: Target | None, conversation: int | None, index: int) -> str:
+def answer_source(app: App, chosen: Target | None, conversation: int | None, index: int) -> str:
     """The page of the quote of the answer at chat index `index` (a question's index: its answer's)."""
-    _, m = _answer(app, asked, conversation, index)
+    m = _answer(app, chosen, conversation, index)
     if m is None:
         return source.NOTHING_YET
     if not m["quote"]:
         return "<div class='source muted'>This answer has no quote: the question's words matched no sentence.</div>"
-    with _shown_as_user_error():        # across documents the quote names its own
-        doc = m["quote"].get("document") or _document(app, asked)["id"]
-        return source.render(app.service.source(doc, chars=m["quote"]["chars"]))
+    with _shown_as_user_error():        # the quote names its own document
+        return source.render(app.service.source(m["quote"]["document"], chars=m["quote"]["chars"]))
 
 
 def stop(app: App, session: str) -> None:
     app.stops.setdefault(session, threading.Event()).set()
 
 
-def ask(app: App, asked: Target | None, conversation: int | None, question: str, settings: Settings,
+def ask(app: App, chosen: Target | None, conversation: int | None, question: str, settings: Settings,
         session: str = "") -> Iterator[tuple[list[dict], int | None, str]]:
-    """Stream an answer about a document, ALL or several (target()): yields (chat messages, conversation
-    id, inspector HTML).
-
-    The question and the answer are saved when the answer ends, also when it is stopped.
-    """
+    """Stream an answer about what is chosen (a document, ALL, several: target()): yields (chat messages,
+    conversation id, inspector HTML). The question and the answer are saved when the answer ends, also
+    when it is stopped."""
     if not (question or "").strip():
         raise UserError("type a question first")
-    scope, asked = _scope(app, asked)
+    asked = _asked(app, chosen)
     settings.config(app.service.engine.cfg)         # the page's knobs are checked before anything runs
-    conversation = _own(app, scope, conversation)   # about other documents: this question starts a new one
+    conversation = _own(app, asked.scope, conversation)   # about other documents: this question starts a new one
     messages = app.library.messages(conversation) if conversation else []
-    chat = _chat(messages, isinstance(scope, str)) + [{"role": "user", "content": prose_markdown(question.strip())},
-                                                      {"role": "assistant", "content": ""}]
+    chat = fmt.chat(messages, not asked.one) + [{"role": "user", "content": fmt.prose_markdown(question.strip())},
+                                                   {"role": "assistant", "content": ""}]
     stopped = app.stops.setdefault(session, threading.Event())
     stopped.clear()
     yield chat, conversation, "<div class='inspector muted'>waiting for the model…</div>"
@@ -284,19 +236,18 @@ def ask(app: App, asked: Target | None, conversation: int | None, question: str,
     with _shown_as_user_error():
         for piece in app.service.ask(asked, question, conversation, settings.topk, settings.max_new_tokens, stopped):
             if isinstance(piece, Answered):
-                chat[-1]["content"] = quoted + prose_markdown(piece.text)
-                yield chat, piece.conversation, _inspector(app, scope, piece.trace, piece.timings, piece.method,
-                                                           piece.quote)
+                chat[-1]["content"] = quoted + fmt.prose_markdown(piece.text)
+                yield chat, piece.conversation, _inspector(app, piece.trace, piece.timings, piece.method, piece.quote)
                 return
             if isinstance(piece, Queued):       # behind other questions, or a reading's turn: say so, and where
-                chat[-1]["content"] = f"*{_markdown_text(str(piece))}…*"
+                chat[-1]["content"] = f"*{fmt.markdown_text(str(piece))}…*"
                 yield chat, conversation, f"<div class='inspector muted'>{html.escape(str(piece))}…</div>"
                 continue
             if isinstance(piece, dict):         # the quote: shown at once, before the model's words
-                quoted = quote_markdown(piece, titled=isinstance(scope, str))
+                quoted = fmt.quote_markdown(piece, titled=not asked.one)
             else:
                 text += piece
-            chat[-1]["content"] = quoted + prose_markdown(text)
+            chat[-1]["content"] = quoted + fmt.prose_markdown(text)
             # Each update re-sends the chat; many a second would take the cores from decoding.
             if not piece or time.perf_counter() - shown > STREAM_INTERVAL_S:
                 yield chat, conversation, "<div class='inspector muted'>answering…</div>"
@@ -304,6 +255,19 @@ def ask(app: App, asked: Target | None, conversation: int | None, question: str,
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def _asked(app: App, chosen: Target | None) -> Asked:
+    """What the chat's choice asks (reading.asked), or what is wrong with it in the page's words."""
+    if chosen is None or chosen == "":
+        _document(app, None)                    # says why nothing can be chosen yet
+    if isinstance(chosen, list) and not chosen:
+        raise UserError("tick the documents to ask in the box under the document list")
+    with _shown_as_user_error():
+        try:
+            return parse(chosen, app.library)
+        except ValueError as err:               # not an id: the page sent something else
+            raise UserError(f"no document {chosen!r} in the library; it may have been deleted") from err
+
+
 def _document(app: App, doc_id: int | str | None) -> dict:
     if doc_id == ALL or doc_id == SEVERAL or isinstance(doc_id, list):
         raise UserError("this needs one document: choose it in the list")
@@ -322,21 +286,6 @@ def _document(app: App, doc_id: int | str | None) -> dict:
         raise UserError(f"no document {doc_id!r} in the library; it may have been deleted") from err
 
 
-def _scope(app: App, asked: Target | None) -> tuple[int | str, Target]:
-    """(the conversations' scope, what service.ask takes): a document's id for one document, else the shelf's
-    key ("all", or the ids as "1,3") and ALL or the ids. One ticked document is that document."""
-    if isinstance(asked, list) and len(asked) < 2:
-        if not asked:
-            raise UserError("tick the documents to ask in the box under the document list")
-        asked = asked[0]
-    if asked != ALL and not isinstance(asked, list):
-        doc_id = _document(app, asked)["id"]
-        return doc_id, doc_id
-    with _shown_as_user_error():
-        ids = asked if asked == ALL else [_document(app, d)["id"] for d in asked]
-        return app.service.shelf(ids)[0], ids
-
-
 def _own(app: App, scope: int | str, conversation: int | None) -> int | None:
     """The conversation if it is about this scope (a document, or a shelf's key), else None: a session's
     conversation id travels with whatever a client (the page, or its API) asks next."""
@@ -348,32 +297,26 @@ def _own(app: App, scope: int | str, conversation: int | None) -> int | None:
         return None
 
 
-def _answer(app: App, asked: Target | None, conversation: int | None, index: int) -> tuple[int | str, dict | None]:
-    """(the scope, the saved answer at chat index `index` (a question's: its answer) of a conversation about
-    `asked`, or None)."""
-    if asked is None or asked == "" or asked == []:
-        return "", None
-    scope = _scope(app, asked)[0]
-    if _own(app, scope, conversation) is None:
-        return scope, None
+def _answer(app: App, chosen: Target | None, conversation: int | None, index: int) -> dict | None:
+    """The saved answer at chat index `index` (a question's: its answer) of a conversation about `chosen`."""
+    if chosen is None or chosen == "" or chosen == []:
+        return None
+    if _own(app, _asked(app, chosen).scope, conversation) is None:
+        return None
     messages = app.library.messages(conversation)
-    return scope, next((m for i, m in enumerate(messages) if m["role"] == "assistant" and i >= index), None)
+    return next((m for i, m in enumerate(messages) if m["role"] == "assistant" and i >= index), None)
 
 
-def _inspector(app: App, scope: int | str, trace: dict | None, timings: dict | None, method: str,
-               quote: dict | None) -> str:
-    """evidence.render of an answer about `scope`, with its document's spans and pages (across documents:
-    each one's, in the trace's order; one deleted since shows none)."""
-    if trace and trace.get("documents"):
-        shelf = []
-        for doc_id in trace["documents"]:
-            try:
-                shelf.append((app.library.document(doc_id), app.library.spans(doc_id), app.library.pages(doc_id)))
-            except USER_ERRORS:
-                shelf.append(({"id": doc_id, "title": "(deleted)"}, [], []))
-        return evidence.render(trace, timings, [], [], app.service.engine.n_layers, method, quote, shelf)
-    return evidence.render(trace, timings, app.library.spans(scope), app.library.pages(scope),
-                           app.service.engine.n_layers, method, quote)
+def _inspector(app: App, trace: dict | None, timings: dict | None, method: str, quote: dict | None) -> str:
+    """inspector.render of an answer, with each document it asked (trace["documents"]): its spans and pages;
+    one deleted since shows none."""
+    documents = []
+    for doc_id in (trace or {}).get("documents", []):
+        try:
+            documents.append((app.library.document(doc_id), app.library.spans(doc_id), app.library.pages(doc_id)))
+        except USER_ERRORS:
+            documents.append(({"id": doc_id, "title": "(deleted)"}, [], []))
+    return inspector.render(trace, timings, documents, app.service.engine.n_layers, method, quote)
 
 
 @contextmanager
@@ -382,30 +325,3 @@ def _shown_as_user_error():
         yield
     except USER_ERRORS as err:
         raise UserError(str(err)) from err
-
-
-def _chat(messages: list[dict], titled: bool = False) -> list[dict]:
-    return [{"role": m["role"], "content": (quote_markdown(m["quote"], titled) if m.get("quote") else "")
-             + prose_markdown(m["content"])} for m in messages]
-
-
-def quote_markdown(quote: dict, titled: bool = False) -> str:
-    """The quote as the chat shows it above the answer: the document's words, verbatim, and their page;
-    titled (asked across documents): after the document's title, "— lshort, p. 58"."""
-    where = f"{short_title(quote['title'])}, {quote['page']}" if titled else quote["page"]
-    return f"> “{_markdown_text(quote['text'])}”  \n> — {_markdown_text(where)}\n\n"
-
-
-def prose_markdown(text: str) -> str:
-    """A question or an answer as the chat shows it: the model's prose keeps its Markdown (a list, a code
-    span), but what the chat would take as HTML or eat as an escape ("<draft>", "&amp;", "\\{") shows as typed."""
-    return re.sub(r"([\\<>&])", r"\\\1", text)
-
-
-def _markdown_text(text: str) -> str:
-    """Text shown as itself in Markdown: a book about LaTeX is full of backslashes, braces and dollars."""
-    return re.sub(r"([\\`*_{}\[\]<>()#+!|$~])", r"\\\1", text)
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:,.0f} s" if seconds < 120 else f"{seconds / 60:,.0f} min"

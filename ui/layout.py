@@ -10,7 +10,7 @@ import gradio as gr
 from reading.service import ReadingService
 
 from . import handlers as h
-from . import evidence, source
+from . import inspector, source
 from .handlers import App, Settings, UserError
 
 CSS = """
@@ -119,8 +119,7 @@ def build(service: ReadingService, defaults: Settings = Settings()) -> gr.Blocks
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 gr.Markdown("### What the answer retrieved")
-                inspector = gr.HTML(evidence.NOTHING_YET, js_on_load=evidence.CLICKS,
-                                    elem_id="inspector")
+                inspector_html = gr.HTML(inspector.NOTHING_YET, js_on_load=inspector.CLICKS, elem_id="inspector")
             with gr.Column(scale=2):
                 gr.Markdown("### The page")
                 passage = gr.HTML(source.NOTHING_YET, elem_id="passage")
@@ -172,8 +171,8 @@ def build(service: ReadingService, defaults: Settings = Settings()) -> gr.Blocks
         def stop(request: gr.Request):
             h.stop(app, request.session_hash)
 
-        def clicked(d, s, event: gr.SelectData):
-            return h.show_source(app, h.target(d, s), event.index, event.value)
+        def clicked(event: gr.SelectData):
+            return h.show_source(app, event.value)
 
         def picked(d, s, c, event: gr.SelectData):
             asked = h.target(d, s)
@@ -184,11 +183,11 @@ def build(service: ReadingService, defaults: Settings = Settings()) -> gr.Blocks
         timer.tick(**panel)
         demo.load(**panel)          # a page opened later shows the library as it is now
         files.upload(_shown(dropped), [files, *knobs], [note, files, timer])
-        doc.change(_shown(opened), [doc, several], [chat, conversation, inspector, several])
+        doc.change(_shown(opened), [doc, several], [chat, conversation, inspector_html, several])
         several.change(_shown(lambda d, s: h.open_document(app, h.target(d, s))), [doc, several],
-                       [chat, conversation, inspector])
-        new_chat.click(lambda: ([], None, evidence.NOTHING_YET),
-                       None, [chat, conversation, inspector])
+                       [chat, conversation, inspector_html])
+        new_chat.click(lambda: ([], None, inspector.NOTHING_YET),
+                       None, [chat, conversation, inspector_html])
         remove.click(_shown(deleted), [doc, confirmed], note,
                      js="(d, ok) => [d, confirm('Delete this document and its memory from the library?')]"
                      ).then(lambda: (None, []), None, [doc, several]).then(**panel)
@@ -196,13 +195,13 @@ def build(service: ReadingService, defaults: Settings = Settings()) -> gr.Blocks
         # No concurrency limit: the model thread is the queue (reading/worker.py), and a question waiting
         # there shows its place in the chat; Gradio's own queue would show nothing with show_progress hidden.
         ask_event = dict(fn=_shown(asked, 4), inputs=[doc, conversation, question, *knobs, several],
-                         outputs=[chat, conversation, inspector, question], concurrency_limit=None,
+                         outputs=[chat, conversation, inspector_html, question], concurrency_limit=None,
                          show_progress="hidden")
         ask_btn.click(**ask_event)
         question.submit(**ask_event)
         stop_btn.click(stop, None, None)
-        inspector.select(_shown(clicked), [doc, several], passage)
-        chat.select(_shown(picked), [doc, several, conversation], [inspector, passage])
+        inspector_html.select(_shown(clicked), None, passage)
+        chat.select(_shown(picked), [doc, several, conversation], [inspector_html, passage])
         again.click(_shown(lambda d, *k: (h.read_again(app, d, settings(*k)), gr.Timer(active=True))),
                     [doc, *knobs], [note, timer])
     return demo

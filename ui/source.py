@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import html
 
-from reading.service import Source
+from reading.source import Source
 
 NOTHING_YET = ("<div class='source muted'>Click an answer, its quote, a heatmap cell or a passage: its page "
                "shows here, the sentence highlighted.</div>")
