@@ -30,7 +30,7 @@ from reading.ingest import Outcome
 from reading.service import ANSWER_TOKENS, USER_ERRORS, Answered, ReadingService
 from reading.worker import Queued
 from storage.library import Library
-from storage.readers import MAX_BYTES
+from documents import MAX_BYTES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

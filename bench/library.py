@@ -3,7 +3,7 @@
     python -m bench.library --books lshort.pdf impatient.pdf ttb_en.pdf latexcourse-rug.pdf visualFAQ.pdf \
         --tokens 12288 --json bench/results/library-cpu.json
 
-Each book's first pages (about --tokens tokens, storage.readers as the app reads them) become one
+Each book's first pages (about --tokens tokens, documents/ as the app reads them) become one
 document of the library. Document d gets fact d of bench.needle's five (a pass key, a name, a number,
 a date, a word), planted at depth 0.1 .. 0.9 (rotation r moves it by 2r), so every fact is in exactly
 one document. Every wording of every fact is asked through the reading service, as the page asks:
@@ -29,7 +29,7 @@ from infllm_engine import Engine, InfLLMConfig
 from reading.ingest import ingest_document
 from reading.service import ALL, Answered, ReadingService
 from storage.library import Library
-from storage.readers import read_document
+from documents import read_document
 
 
 def fact_page(doc, fact) -> str:

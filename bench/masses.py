@@ -23,7 +23,7 @@ from bench.passkey import machine
 from infllm_engine import Engine, InfLLMConfig
 from kernels import chunk as kchunk
 from kernels.fused import chunk_attention_fused
-from storage.readers import read_document
+from documents import read_document
 
 
 def _timed_read(engine: Engine, ids: torch.Tensor, exact: bool) -> float:

@@ -34,7 +34,7 @@ from infllm_engine import Engine, InfLLMConfig, Trace
 from infllm_engine.probe import voting_layers
 from reading.ingest import ingest_document, load_memory
 from storage.library import Library
-from storage.readers import Document, Page, read_document
+from documents import Document, Page, read_document
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 # Debian's texlive-lang-english ships it: `apt-get download texlive-lang-english` and `dpkg-deb -x` it,

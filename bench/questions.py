@@ -36,7 +36,7 @@ from reading.citations import short_title
 from reading.ingest import ingest_document, load_memory, stored_config, tokenize
 from reading.service import Answered, ReadingService
 from storage.library import Library
-from storage.readers import Document, read_document
+from documents import Document, read_document
 
 SYSTEMS = ("app", "library", "bm25", "oracle")
 WORDINGS = ("book", "paraphrase")

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 
-from bench.soak_table import INTERRUPTED, report, rounded, summary, table_row
+from bench.soak_table import INTERRUPTED, Asked, report, rounded, summary, table_row
 
 ROOT = Path(__file__).resolve().parents[1]
 ASK_API = "/asked"
@@ -61,21 +61,6 @@ POLL_S = 0.05           # gradio_client itself reads the server's events every 5
 STATUS = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem", "VmHWM": "peak",
           "Threads": "threads"}
 _LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None     # resolved before any fork
-
-
-@dataclass(slots=True)
-class Asked:
-    """One question of one reader; times in seconds from its click."""
-
-    reader: int
-    turn: int                       # its place in the reader's conversation, from 0
-    question: str
-    at_s: float                     # when it was asked, from the clock's start
-    started_s: float | None = None  # the page's first update: Gradio's own queue is passed
-    first_s: float | None = None    # the first words in the answer's bubble that stay in the answer
-    end_s: float | None = None
-    chars: int = 0
-    error: str = ""
 
 
 @dataclass
@@ -461,7 +446,8 @@ def main(argv: list[str] | None = None) -> dict:
               "machine": machine(), "date": date.today().isoformat(), "interrupted": interrupted,
               "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "book": book, "questions": questions, "asked_with": knobs,
-              "summary": summary(answers, samples, duration, before, after, stored, dropped, tracebacks),
+              "summary": summary(answers, samples, duration, before, after, stored,
+                                 dropped.new_files() if dropped else 0, tracebacks),
               "rss_mib": samples, "drop": dropped.report() if dropped else None,
               "library": {"before": before, "after": after, "stored": stored},
               "server_log_tail": tail(log, 60) if tracebacks else "", "answers": [asdict(a) for a in answers]}

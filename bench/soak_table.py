@@ -7,23 +7,36 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from bench.soak import Asked, Dropped
+from dataclasses import dataclass
 
 SETTLED_S = 300         # the RSS target compares the end with the server after 5 minutes of readers
 INTERRUPTED = "interrupted (Ctrl-C)"    # an answer cut by the person running the bench: not counted
 
 
+@dataclass(slots=True)
+class Asked:
+    """One question of one reader; times in seconds from its click."""
+
+    reader: int
+    turn: int                       # its place in the reader's conversation, from 0
+    question: str
+    at_s: float                     # when it was asked, from the clock's start
+    started_s: float | None = None  # the page's first update: Gradio's own queue is passed
+    first_s: float | None = None    # the first words in the answer's bubble that stay in the answer
+    end_s: float | None = None
+    chars: int = 0
+    error: str = ""
+
+
 def summary(answers: list[Asked], samples: list[dict], duration_s: float, before: dict, after: dict, stored: dict,
-            dropped: Dropped | None, tracebacks: int) -> dict:
+            dropped_bytes: int, tracebacks: int) -> dict:
+    """dropped_bytes: what the book dropped during the run added to the library's files (Dropped.new_files)."""
     ok = [a for a in answers if not a.error]
     errors = [a for a in answers if a.error and a.error != INTERRUPTED]
     settled = next((s for s in samples if s["t_s"] >= SETTLED_S), None)
     # The library's growth less the dropped book's memory and kept file (its rows in SQLite stay in it); an
     # answer's share is the conversations' tables' growth where SQLite can say, which leaves the book out.
-    grown = after["stored"] - before["stored"] - (dropped.new_files() if dropped else 0)
+    grown = after["stored"] - before["stored"] - dropped_bytes
     answers_grew = grown if before["conversations"] is None else after["conversations"] - before["conversations"]
     times = lambda key, p: percentile([getattr(a, key) for a in ok], p)
     return {"answers": len(ok), "errors": len(errors), "tracebacks": tracebacks,

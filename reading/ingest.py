@@ -16,10 +16,10 @@ from typing import NamedTuple
 
 import torch
 
+from documents import MAX_BYTES, Document, Page, file_type, read_document
 from infllm_engine import ContextMemory, Engine, InfLLMConfig, snapshot
 from infllm_engine.engine import Progress
 from storage.library import Library, LibraryError, Status
-from storage.readers import MAX_BYTES, Document, Page, read_document
 
 
 WORD_REACH = 24     # characters a span's text may widen by at each end to show whole words
@@ -110,7 +110,7 @@ def ingest(library: Library, engine: Engine, path: Path, progress: Progress | No
     doc = read_document(path, max_bytes, name)
     # The library keeps its own copy (an upload is one already): the page view shows its pages, and it can be
     # read again in another mode.
-    kept = library.keep_upload(path, doc.source_name)
+    kept = library.keep_upload(path, file_type(doc.source_name))
     return ingest_document(library, engine, doc, progress, commit_every, kept.name, started)
 
 

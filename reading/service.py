@@ -12,10 +12,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from documents import MAX_BYTES, DocumentError, file_type
 from infllm_engine import Engine, EngineError, InfLLMConfig, Trace
 from infllm_engine.engine import Progress
 from storage.library import Library, LibraryError, Status
-from storage.readers import MAX_BYTES, DocumentError
 
 from . import quotes
 from .asked import ALL, Asked, parse
@@ -97,7 +97,7 @@ class ReadingService:
         size = Path(path).stat().st_size
         if size > self.max_upload_bytes:
             raise ReadingError(f"{name} is {size / 2**20:,.1f} MB, over the {self.max_upload_bytes / 2**20:,.0f} MB limit")
-        kept = self.library.keep_upload(Path(path), name)
+        kept = self.library.keep_upload(Path(path), file_type(name))
         return self.worker.submit(kept, name, self.engine.with_config(cfg or self.engine.cfg))
 
     def read_now(self, path: Path, progress: Progress | None = None) -> Ingested:

@@ -6,7 +6,7 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from storage import page_images
+from documents import page_images
 from storage.library import Library
 
 from .errors import ReadingError

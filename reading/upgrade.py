@@ -15,7 +15,7 @@ import re
 from infllm_engine import Engine, snapshot
 from infllm_engine.engine import Progress
 from storage.library import Library, Status
-from storage.readers import DocumentError, read_document
+from documents import DocumentError, read_document
 
 from .ingest import stored_config, tokenize
 

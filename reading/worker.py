@@ -25,7 +25,7 @@ from pathlib import Path
 
 from infllm_engine import Engine, EngineError
 from storage.library import Library, LibraryError, Status
-from storage.readers import DocumentError
+from documents import DocumentError
 
 from .ingest import Outcome, ingest, stored_config
 

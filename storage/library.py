@@ -1,20 +1,15 @@
-"""The library: documents, their pages and memory on disk, conversations. SQL through sqlite-utils.
+"""The library: documents, their pages, texts and spans, searched by their words. SQL through sqlite-utils.
 
-Memory files of document N live in <data>/memory/N/:
-  <field>.<dtype>.raw         [block, layer, *row]   one per block field the engine names (its K/V
-                              int8, their scales, representatives), append-only, memory-mapped on load
-  state-<tokens>.safetensors  sinks, window and scores at the last commit (a new file each commit)
-Documents read before memory format 2 have blocks_{k,v,reprs}.raw in their compute dtype instead
-(documents.memory_format says which); the reading package converts them.
-A commit appends blocks and writes the new state file first, then updates SQLite in one transaction,
-then removes the previous state file. Whatever a killed run wrote past the last commit is cut off
-when the ingest resumes, so a half-written document never counts as read.
+A Library is one folder: library.db (storage.schema), the kept uploads (uploads/<sha256>.<ext>), and each
+document's memory (storage.memory_files); its conversations are storage.conversations'. Each connection
+is a thread's own: the page reads while the model thread writes (WAL allows both).
 """
 from __future__ import annotations
 
 import bisect
 import hashlib
 import json
+import re
 import shutil
 import sqlite3
 import sys
@@ -24,12 +19,12 @@ from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 
-import torch
 from sqlite_utils import Database
 
-from . import lexical, tensors
+from . import lexical
+from .conversations import Conversations
+from .memory_files import MemoryFiles, folder_bytes
 from .errors import LibraryError
-from .readers import file_type
 from .schema import migrate
 
 __all__ = ["Library", "LibraryError", "Status"]
@@ -43,7 +38,7 @@ class Status(StrEnum):
     FAILED = "failed"       # the last reading failed (documents.error says why); reading it again resumes
 
 
-class Library:
+class Library(MemoryFiles, Conversations):
     def __init__(self, data_dir: Path):
         self.dir = Path(data_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -160,13 +155,32 @@ class Library:
         if upload and not list(self.db.query("SELECT id FROM documents WHERE upload = ?", [upload])):
             (self.dir / "uploads" / upload).unlink(missing_ok=True)
 
-    # -- uploads ----------------------------------------------------------------------------------
-    def keep_upload(self, source: Path, name: str) -> Path:
-        """Copy an uploaded file into the library as <sha256>.<ext>: its own name never becomes a path.
+    def finish(self, doc_id: int, block_spans: list[tuple[int, int]], texts: list[str] | None = None,
+               n_memory: int | None = None) -> None:
+        """Mark a fully read document ready, with each span's tokens mapped to pages (and its text).
 
-        An unsupported type raises DocumentError, the same message that reading it would give.
+        The first n_memory spans (default: all) are memory blocks; the rest are pieces of the local window.
         """
-        suffix = file_type(name)
+        n_memory = len(block_spans) if n_memory is None else n_memory
+        pages = self.pages(doc_id)
+        starts = [p["start_token"] for p in pages]
+        def page_of(token: int) -> int:
+            return max(1, bisect.bisect_right(starts, token))
+        with self.db.conn:
+            self.db["blocks"].insert_all(
+                dict(document_id=doc_id, block=i, start_token=a, end_token=b, first_page=page_of(a),
+                     last_page=page_of(b - 1), text=texts[i] if texts else None, in_memory=int(i < n_memory))
+                for i, (a, b) in enumerate(block_spans))
+            if texts:
+                self.db["span_words"].insert_all(dict(text=t, document_id=doc_id, span=i) for i, t in enumerate(texts))
+            self.db["documents"].update(doc_id, {"status": Status.READY, "bytes": folder_bytes(self.memory_dir(doc_id))})
+
+    # -- uploads ----------------------------------------------------------------------------------
+    def keep_upload(self, source: Path, suffix: str) -> Path:
+        """Copy an uploaded file into the library as <sha256><suffix> (".pdf": documents.file_type gives it): its
+        own name never becomes a path."""
+        if not re.fullmatch(r"\.[a-z0-9]{1,8}", suffix):
+            raise LibraryError(f"{suffix!r} is not a file type")
         digest = hashlib.sha256()
         with open(source, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -221,157 +235,3 @@ class Library:
         """A failed or paused document is being read again: it is 'reading' (not deletable) meanwhile."""
         with self.db.conn:
             self.db["documents"].update(doc_id, {"status": Status.READING, "error": None})
-
-    # -- memory on disk ---------------------------------------------------------------------------
-    def memory_dir(self, doc_id: int) -> Path:
-        return self.dir / "memory" / str(int(doc_id))
-
-    def commit(self, doc_id: int, state: dict[str, torch.Tensor], new_blocks: dict[str, torch.Tensor],
-               read_tokens: int, seconds: float) -> None:
-        """Make reading progress durable: new blocks ("{layer}.{field}" rows) + the current state."""
-        doc = self.document(doc_id)
-        folder = self.memory_dir(doc_id)
-        by_field = _by_field(new_blocks)
-        added = next(iter(by_field.values())).shape[0] if by_field else 0
-        for name, rows in by_field.items():
-            path = folder / _block_file(name, rows.dtype)
-            tensors.truncate_rows(path, tuple(rows.shape[1:]), rows.dtype, doc["n_blocks"])  # a killed run's rest
-            if added:
-                tensors.append_rows(path, rows)
-        state_file = f"state-{read_tokens}.safetensors"
-        tensors.write(folder / state_file, state)
-        with self.db.conn:
-            self.db["documents"].update(doc_id, {
-                "read_tokens": read_tokens, "n_blocks": doc["n_blocks"] + added, "state_file": state_file,
-                "read_seconds": doc["read_seconds"] + seconds, "bytes": _folder_bytes(folder)})
-        if doc["state_file"] and doc["state_file"] != state_file:
-            (folder / doc["state_file"]).unlink(missing_ok=True)
-
-    def finish(self, doc_id: int, block_spans: list[tuple[int, int]], texts: list[str] | None = None,
-               n_memory: int | None = None) -> None:
-        """Mark a fully read document ready, with each span's tokens mapped to pages (and its text).
-
-        The first n_memory spans (default: all) are memory blocks; the rest are pieces of the local window.
-        """
-        n_memory = len(block_spans) if n_memory is None else n_memory
-        pages = self.pages(doc_id)
-        starts = [p["start_token"] for p in pages]
-        def page_of(token: int) -> int:
-            return max(1, bisect.bisect_right(starts, token))
-        with self.db.conn:
-            self.db["blocks"].insert_all(
-                dict(document_id=doc_id, block=i, start_token=a, end_token=b, first_page=page_of(a),
-                     last_page=page_of(b - 1), text=texts[i] if texts else None, in_memory=int(i < n_memory))
-                for i, (a, b) in enumerate(block_spans))
-            if texts:
-                self.db["span_words"].insert_all(dict(text=t, document_id=doc_id, span=i) for i, t in enumerate(texts))
-            self.db["documents"].update(doc_id, {"status": Status.READY, "bytes": _folder_bytes(self.memory_dir(doc_id))})
-
-    def load(self, doc_id: int, shapes: dict, files: dict[str, str] | None = None
-             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The committed memory as (state, blocks) for engine.snapshot.restore; block arrays stay mapped.
-
-        shapes: {"layers": L, field: (row shape per layer, dtype), ...} (engine.snapshot.block_shapes).
-        Cuts off anything a killed run wrote past the last commit.
-        """
-        doc = self.document(doc_id)
-        if not doc["state_file"]:
-            raise LibraryError(f"document {doc_id} has no memory yet")
-        state, _ = tensors.read(self.memory_dir(doc_id) / doc["state_file"])
-        return state, self.map_blocks(doc_id, shapes, files)
-
-    def map_blocks(self, doc_id: int, shapes: dict, files: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
-        """The committed blocks, memory-mapped, per layer ("{layer}.{field}"); see load.
-
-        files: a field's file name when it is not the default <field>.<dtype>.raw (old formats).
-        """
-        doc = self.document(doc_id)
-        folder, n, n_layers = self.memory_dir(doc_id), doc["n_blocks"], shapes["layers"]
-        blocks = {}
-        for name, (shape, dtype) in ((k, v) for k, v in shapes.items() if k != "layers"):
-            path = folder / (files or {}).get(name, _block_file(name, dtype))
-            if n and not path.exists():
-                raise LibraryError(f"the memory of document {doc_id} is missing {path.name}; read it again")
-            tensors.truncate_rows(path, (n_layers, *shape), dtype, n)
-            mapped = tensors.map_rows(path, (n_layers, *shape), dtype, n)
-            for i in range(n_layers):
-                blocks[f"{i}.{name}"] = mapped[:, i]
-        return blocks
-
-    def replace_memory(self, doc_id: int, state: dict[str, torch.Tensor], blocks: dict[str, torch.Tensor],
-                       memory_format: int, config_hash: str) -> None:
-        """Swap a ready document's memory for another form of it (a format upgrade), all or nothing:
-        the new files are written beside the old ones, SQLite switches in one transaction, then the
-        old files go."""
-        doc = self.document(doc_id)
-        folder = self.memory_dir(doc_id)
-        staging = folder / "upgrade"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        for name, rows in _by_field(blocks).items():
-            tensors.append_rows(staging / _block_file(name, rows.dtype), rows)
-        state_file = f"state-{doc['read_tokens']}-f{memory_format}.safetensors"
-        tensors.write(staging / state_file, state)
-        old = {p.name for p in folder.iterdir() if p.is_file()}
-        new = {p.name for p in staging.iterdir()}
-        for name in new:
-            (staging / name).replace(folder / name)
-        staging.rmdir()
-        with self.db.conn:
-            self.db["documents"].update(doc_id, {"state_file": state_file, "memory_format": memory_format,
-                                                 "config_hash": config_hash})
-        for name in old - new:
-            (folder / name).unlink(missing_ok=True)
-        with self.db.conn:
-            self.db["documents"].update(doc_id, {"bytes": _folder_bytes(folder)})
-
-    # -- conversations ----------------------------------------------------------------------------
-    def new_conversation(self, scope: int | str, title: str) -> int:
-        """A conversation about a document (its id) or a shelf of them ("all", or ids as "1,3": shelf_key)."""
-        row = {"document_id": scope} if isinstance(scope, int) else {"shelf": scope}
-        with self.db.conn:
-            return self.db["conversations"].insert({**row, "title": title[:200]}).last_pk
-
-    def conversations(self, scope: int | str) -> list[dict]:
-        column = "document_id" if isinstance(scope, int) else "shelf"
-        return list(self.db.query(f"SELECT * FROM conversations WHERE {column} = ? ORDER BY id", [scope]))
-
-    def conversation(self, conversation_id: int, scope: int | str) -> dict:
-        """A conversation of the given document or shelf; LibraryError when there is none, or it asks another."""
-        row = next(self.db.query("SELECT * FROM conversations WHERE id = ?", [conversation_id]), None)
-        if row is None:
-            raise LibraryError(f"there is no conversation {conversation_id}; start a new one")
-        if (row["document_id"] if isinstance(scope, int) else row["shelf"]) != scope:
-            raise LibraryError(f"conversation {conversation_id} is about other documents; start a new one to ask "
-                               "this")
-        return row
-
-    def add_message(self, conversation_id: int, scope: int | str, role: str, content: str, method: str | None = None,
-                    trace: dict | None = None, timings: dict | None = None, quote: dict | None = None) -> int:
-        """A message of a conversation about `scope` (conversation()): one about another is refused (LibraryError)."""
-        self.conversation(conversation_id, scope)
-        with self.db.conn:
-            return self.db["messages"].insert(dict(
-                conversation_id=conversation_id, role=role, content=content, method=method,
-                **{name: json.dumps(value) if value is not None else None
-                   for name, value in (("trace", trace), ("timings", timings), ("quote", quote))})).last_pk
-
-    def messages(self, conversation_id: int) -> list[dict]:
-        rows = self.db.query("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", [conversation_id])
-        return [{**r, **{name: json.loads(r[name]) if r[name] else None for name in ("trace", "timings", "quote")}}
-                for r in rows]
-
-
-def _by_field(blocks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """"{layer}.{field}" tensors [n, *row] -> per field, the rows as a block file holds them: [n, layer, *row]."""
-    n_layers = 1 + max((int(k.split(".")[0]) for k in blocks), default=-1)
-    fields = sorted({k.split(".", 1)[1] for k in blocks})
-    return {name: torch.stack([blocks[f"{i}.{name}"] for i in range(n_layers)], dim=1) for name in fields}
-
-
-def _block_file(field: str, dtype: torch.dtype) -> str:
-    return f"{field}.{str(dtype).removeprefix('torch.')}.raw"
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.glob("*") if p.is_file())

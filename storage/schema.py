@@ -109,7 +109,7 @@ MIGRATIONS: list[str] = [
     """
     CREATE TABLE IF NOT EXISTS texts (
         document_id INTEGER PRIMARY KEY REFERENCES documents(id) ON DELETE CASCADE,
-        text TEXT NOT NULL,              -- the document's text as read (storage.readers.Document.text)
+        text TEXT NOT NULL,              -- the document's text as read (documents.Document.text)
         token_starts BLOB NOT NULL       -- int32 little-endian, one per token: where it starts in text
     );
     ALTER TABLE pages ADD COLUMN physical INTEGER;     -- the PDF's page number, or a chapter's position

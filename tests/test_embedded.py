@@ -61,7 +61,7 @@ def test_a_fact_planted_in_real_prose_is_answered_and_cited_through_the_library(
     from bench.needle import Fact, fact_spans, plant
     from reading.ingest import ingest_document, load_memory
     from storage.library import Library
-    from storage.readers import read_document
+    from documents import read_document
     from reading.citations import cite, passages
 
     source = tmp_path / "licenses.txt"

@@ -10,7 +10,7 @@ from reading.service import Answered, ReadingService
 from reading.upgrade import backfill, upgrade
 from storage import tensors
 from storage.library import Library, LibraryError
-from storage.readers import DocumentError, read_document
+from documents import DocumentError, read_document
 
 from .conftest import tiny_llama, tiny_tokenizer
 from .helpers import format1, old_library
@@ -285,6 +285,27 @@ def test_conversations_and_their_messages_survive_the_table_rebuild_of_migration
     assert [m["content"] for m in library.messages(4)] == ["still here?"]
     library.delete(1)                                       # the document's conversations still go with it
     assert library.messages(4) == [] and library.conversations(1) == []
+
+
+def test_schema_step_9_gives_what_earlier_versions_stored_todays_form_and_flags_what_needs_the_model(tmp_path):
+    old = old_library(tmp_path / "lib", 8)
+    old.execute("INSERT INTO blocks (document_id, block, start_token, end_token, first_page, last_page, text) "
+                "VALUES (1, 0, 4, 20, 1, 1, ?)", ["\ufffdhalf a character\ufffd"])
+    old.execute("INSERT INTO conversations (id, document_id, title) VALUES (4, 1, 'q')")
+    old.execute("INSERT INTO messages (conversation_id, role, content, trace, quote) VALUES (4, 'assistant', 'a', ?, ?)",
+                [json.dumps({"steps": [], "records": []}), json.dumps({"text": "x", "page": "p. 1", "chars": [0, 1]})])
+    old.execute("INSERT INTO conversations (id, shelf, title) VALUES (5, 'all', 'q')")
+    old.execute("INSERT INTO messages (conversation_id, role, content, method, trace) VALUES (5, 'assistant', 'a', "
+                "'infllm', ?)", [json.dumps({"steps": [], "records": [], "documents": [1, 2]})])
+    old.commit()
+    old.close()
+    library = Library(tmp_path / "lib")
+    assert library.spans(1)[0]["text"] == "half a character"
+    answer, = library.messages(4)
+    assert answer["method"] == "infllm" and answer["trace"]["documents"] == [1]
+    assert (answer["quote"]["document"], answer["quote"]["title"]) == (1, "t")
+    assert library.messages(5)[0]["trace"]["documents"] == [1, 2]           # a shelf's answer names its own
+    assert [d["id"] for d in library.to_upgrade()] == [1]                    # no text kept: the model's work
 
 
 def test_a_failed_document_read_again_is_reading_while_it_resumes(tmp_path, engine, book):

@@ -1,4 +1,4 @@
-"""Tests for storage.readers. Every fixture file is generated at run time under tmp_path."""
+"""Tests for documents/: each kind of file to text with pages. Every fixture file is generated at run time under tmp_path."""
 from __future__ import annotations
 
 import hashlib
@@ -17,9 +17,10 @@ from pathlib import Path
 import pypdf
 import pytest
 
-from storage import readers
-from storage.readers import (SUPPORTED, Document, DocumentError, Page, clean_text, page_label, printed_numbers,
-                             read_document, running_offsets, strip_running_lines)
+from documents import SUPPORTED, Document, DocumentError, Page, read_document
+from documents import read as readers
+from documents.document import clean_text
+from documents.running import page_label, printed_numbers, running_offsets, strip_running_lines
 
 
 # ---------------------------------------------------------------- fixture builders

@@ -10,6 +10,7 @@ from infllm_engine import Engine, InfLLMConfig, Summary
 from reading.service import ReadingService
 from reading.worker import Job
 from storage.library import Library, LibraryError
+from ui import chat as ch
 from ui import handlers as h
 from ui import formatting as fmt
 from ui import inspector
@@ -96,7 +97,7 @@ def test_progress_shows_tokens_per_second_and_eta_while_reading(app, tmp_path):
 
 def test_an_answer_streams_is_saved_and_comes_back_with_its_heatmap(app, tmp_path):
     doc_id = read(app, tmp_path)
-    steps = list(h.ask(app, doc_id, None, "What is on page 3?", SETTINGS))
+    steps = list(ch.ask(app, doc_id, None, "What is on page 3?", SETTINGS))
     chat, conversation, html = steps[-1]
     assert [m["role"] for m in chat] == ["user", "assistant"] and chat[1]["content"]
     assert len(steps) >= 2 and "class='heatmap'" in html and "data-block=" in html
@@ -107,7 +108,7 @@ def test_an_answer_streams_is_saved_and_comes_back_with_its_heatmap(app, tmp_pat
     assert "records" not in saved[1]["trace"]          # the summary, not every step's record (full_traces)
     # After a restart (a new App on the same library), the conversation and its inspector are back.
     again = h.App(ReadingService.start(app.service.engine, Library(app.library.dir)))
-    chat2, conversation2, html2 = h.open_document(again, doc_id)
+    chat2, conversation2, html2 = ch.open_document(again, doc_id)
     assert (chat2, conversation2) == (chat, conversation)
     assert html2 == html
 
@@ -116,9 +117,9 @@ def test_full_traces_store_every_step_and_draw_the_same_inspector(app, tmp_path)
     """The debug setting keeps each step's record; the page draws the same heatmap, passages and figures."""
     doc_id = read(app, tmp_path)
     longer = h.Settings("infllm", 2, 64, max_new_tokens=32)
-    _, lean_conversation, lean_html = list(h.ask(app, doc_id, None, "What is on page 3?", longer))[-1]
+    _, lean_conversation, lean_html = list(ch.ask(app, doc_id, None, "What is on page 3?", longer))[-1]
     app.service.full_traces = True
-    _, full_conversation, full_html = list(h.ask(app, doc_id, None, "What is on page 3?", longer))[-1]
+    _, full_conversation, full_html = list(ch.ask(app, doc_id, None, "What is on page 3?", longer))[-1]
     lean, full = (app.library.messages(c)[1]["trace"] for c in (lean_conversation, full_conversation))
     assert "records" in full and "records" not in lean
     assert len(json.dumps(lean)) < len(json.dumps(full)) / 5
@@ -136,7 +137,7 @@ def test_a_question_behind_another_shows_its_place_in_the_chat_until_the_model_t
 
     busy = app.worker.stream(other)
     next(busy)
-    steps = h.ask(app, doc_id, None, "What is on page 3?", SETTINGS)
+    steps = ch.ask(app, doc_id, None, "What is on page 3?", SETTINGS)
     next(steps)                                               # the question, and "waiting for the model…"
     chat, _, html = next(steps)
     assert chat[-1]["content"] == "*waiting for the model: 1 question ahead of yours…*"
@@ -149,8 +150,8 @@ def test_a_question_behind_another_shows_its_place_in_the_chat_until_the_model_t
 
 def test_a_follow_up_question_carries_the_conversation(app, tmp_path):
     doc_id = read(app, tmp_path)
-    _, conversation, _ = list(h.ask(app, doc_id, None, "first?", SETTINGS))[-1]
-    chat, same, _ = list(h.ask(app, doc_id, conversation, "second?", SETTINGS))[-1]
+    _, conversation, _ = list(ch.ask(app, doc_id, None, "first?", SETTINGS))[-1]
+    chat, same, _ = list(ch.ask(app, doc_id, conversation, "second?", SETTINGS))[-1]
     assert same == conversation and [m["content"] for m in chat][::2] == ["first?", "second?"]
     assert len(app.library.messages(conversation)) == 4
 
@@ -158,9 +159,9 @@ def test_a_follow_up_question_carries_the_conversation(app, tmp_path):
 def test_stop_ends_the_answer_early_and_keeps_what_was_said(app, tmp_path):
     doc_id = read(app, tmp_path)
     long = h.Settings("infllm", 2, 64, max_new_tokens=200)
-    steps = h.ask(app, doc_id, None, "Tell me everything.", long, session="s1")
+    steps = ch.ask(app, doc_id, None, "Tell me everything.", long, session="s1")
     next(steps)
-    h.stop(app, "s1")
+    ch.stop(app, "s1")
     chat, conversation, _ = list(steps)[-1]
     assert chat[-1]["content"].endswith("…(stopped)")
     assert chat[-1]["content"].endswith(fmt.prose_markdown(app.library.messages(conversation)[-1]["content"]))
@@ -171,17 +172,17 @@ def test_a_click_on_a_cell_or_passage_shows_that_blocks_text_on_its_page(app, tm
     doc_id = read(app, tmp_path)
     block = app.library.blocks(doc_id)[7]
     page = app.library.pages(doc_id)[block["first_page"] - 1]
-    html = h.show_source(app, f"7@{doc_id}")
+    html = ch.show_source(app, f"7@{doc_id}")
     assert f"<b>{page['label']}</b> · book" in html
     marked = re.search(r"<mark>(.*?)</mark>", html, re.S).group(1)
     assert block["text"].split()[1] in marked and "…" in html            # the page's text around it
     with pytest.raises(h.UserError, match="has no passage 10000"):
-        h.show_source(app, f"10000@{doc_id}")
+        ch.show_source(app, f"10000@{doc_id}")
 
 
 def test_an_answer_shows_the_documents_sentence_first_and_clicking_it_shows_its_page(app, tmp_path):
     doc_id = read(app, tmp_path, "book.txt", QUOTABLE)
-    chat, conversation, html = list(h.ask(app, doc_id, None, "Who keeps the lighthouse at Port Emberly?",
+    chat, conversation, html = list(ch.ask(app, doc_id, None, "Who keeps the lighthouse at Port Emberly?",
                                           SETTINGS))[-1]
     saved = app.library.messages(conversation)[-1]
     quote = saved["quote"]
@@ -190,11 +191,11 @@ def test_an_answer_shows_the_documents_sentence_first_and_clicking_it_shows_its_
     assert chat[-1]["content"].startswith("> “") and chat[-1]["content"].endswith(fmt.prose_markdown(saved["content"]))
     assert saved["content"].endswith(f"({quote['page']})")                   # the answer cites the quote's page
     assert f"data-chars='{quote['chars'][0]},{quote['chars'][1]}'" in html   # the inspector's quote is clickable
-    page = h.answer_source(app, doc_id, conversation, 1)
-    assert "<mark>" in page and h.show_source(app, "chars:{},{}@{}".format(*quote["chars"], doc_id)) == page
+    page = ch.answer_source(app, doc_id, conversation, 1)
+    assert "<mark>" in page and ch.show_source(app, "chars:{},{}@{}".format(*quote["chars"], doc_id)) == page
     # after a restart the chat shows the quote above the answer again
     again = h.App(ReadingService.start(app.service.engine, Library(app.library.dir)))
-    assert h.open_document(again, doc_id)[0][-1]["content"] == chat[-1]["content"]
+    assert ch.open_document(again, doc_id)[0][-1]["content"] == chat[-1]["content"]
 
 
 def test_a_quote_in_a_pdf_opens_its_page_as_a_picture_highlighted_within_a_second(app, tmp_path):
@@ -207,7 +208,7 @@ def test_a_quote_in_a_pdf_opens_its_page_as_a_picture_highlighted_within_a_secon
     sentence = "The lighthouse keeper of Port Emberly is named Mirela Vance."
     a, b = text.index(sentence), text.index(sentence) + len(sentence)
     started = time.perf_counter()
-    html = h.show_source(app, f"chars:{a},{b}@{doc_id}")
+    html = ch.show_source(app, f"chars:{a},{b}@{doc_id}")
     assert time.perf_counter() - started < 1.0
     assert "<img class='page'" in html and "data:image/png;base64," in html and page["label"] == "p. 4"
     assert "could not be found" not in html                                   # the sentence is highlighted
@@ -218,12 +219,12 @@ def test_a_quote_in_a_pdf_opens_its_page_as_a_picture_highlighted_within_a_secon
 def test_a_conversation_is_only_ever_continued_with_its_own_document(app, tmp_path):
     first = read(app, tmp_path)
     second = read(app, tmp_path, "other.txt", BOOK.replace("word", "term"))
-    _, conversation, _ = list(h.ask(app, first, None, "first?", SETTINGS))[-1]
+    _, conversation, _ = list(ch.ask(app, first, None, "first?", SETTINGS))[-1]
     # A client that sends the first document's conversation with a question about the second (the API does):
-    chat, other, _ = list(h.ask(app, second, conversation, "second?", SETTINGS))[-1]
+    chat, other, _ = list(ch.ask(app, second, conversation, "second?", SETTINGS))[-1]
     assert other != conversation and [m["content"] for m in chat][::2] == ["second?"]
     assert [m["content"] for m in app.library.messages(conversation)][::2] == ["first?"]
-    assert h.inspect_answer(app, second, conversation, 1) == inspector.NOTHING_YET
+    assert ch.inspect_answer(app, second, conversation, 1) == inspector.NOTHING_YET
     with pytest.raises(LibraryError, match="about other documents"):         # the service refuses the pair
         list(app.service.ask(second, "third?", conversation))
 
@@ -260,7 +261,7 @@ def test_another_mode_reads_the_kept_file_again_as_a_second_entry(app, tmp_path)
     app.worker.wait()
     assert [r[2] for r in h.library_rows(app)] == ["infllm", "streaming"]
     streaming = app.library.documents()[-1]["id"]
-    *_, html = list(h.ask(app, streaming, None, "What?", SETTINGS))[-1]
+    *_, html = list(ch.ask(app, streaming, None, "What?", SETTINGS))[-1]
     assert "streaming attention, which retrieves nothing" in html
 
 
@@ -269,16 +270,16 @@ def test_bad_questions_say_what_is_wrong(app, tmp_path):
     for doc, question, message in [(None, "q", "choose a document"), (doc_id, "  ", "type a question"),
                                    (999, "q", "no document")]:
         with pytest.raises(h.UserError, match=message):
-            list(h.ask(app, doc, None, question, SETTINGS))
+            list(ch.ask(app, doc, None, question, SETTINGS))
     with pytest.raises(h.UserError, match="answer length"):
-        list(h.ask(app, doc_id, None, "q", h.Settings(max_new_tokens=0)))
+        list(ch.ask(app, doc_id, None, "q", h.Settings(max_new_tokens=0)))
     app.library.resume(doc_id)          # as if it were still being read: it cannot be chosen yet
     with pytest.raises(h.UserError, match="'book' is not read to the end yet"):
-        list(h.ask(app, None, None, "q", SETTINGS))
+        list(ch.ask(app, None, None, "q", SETTINGS))
     # Dropped a moment ago: queued behind another reading, so not in the library yet.
     app.service.worker.jobs.append(Job("notes.pdf", tmp_path / "notes.pdf", app.service.engine))
     with pytest.raises(h.UserError, match="'notes.pdf' is not read to the end yet"):
-        list(h.ask(app, None, None, "q", SETTINGS))
+        list(ch.ask(app, None, None, "q", SETTINGS))
 
 
 def test_progress_and_delete_follow_the_document_not_its_file_name(app, tmp_path):
@@ -327,14 +328,14 @@ def test_all_documents_heads_the_list_once_two_are_ready(app, tmp_path):
     assert (h.target("all", [book]), h.target(h.SEVERAL, [keepers, book]), h.target(book, [keepers])) == \
         ("all", [keepers, book], book)
     with pytest.raises(h.UserError, match="tick the documents"):
-        list(h.ask(app, [], None, "q", SETTINGS))
+        list(ch.ask(app, [], None, "q", SETTINGS))
     with pytest.raises(h.UserError, match="needs one document"):
         h.delete(app, "all")
 
 
 def test_a_question_across_the_library_names_the_document_of_its_quote_and_passages(app, tmp_path):
     book, keepers = read(app, tmp_path), read(app, tmp_path, "keepers.txt", QUOTABLE)
-    chat, conversation, html = list(h.ask(app, "all", None, "Who keeps the lighthouse at Port Emberly?",
+    chat, conversation, html = list(ch.ask(app, "all", None, "Who keeps the lighthouse at Port Emberly?",
                                           SETTINGS))[-1]
     assert [c["id"] for c in app.library.conversations("all")] == [conversation]
     saved = app.library.messages(conversation)[-1]
@@ -346,12 +347,12 @@ def test_a_question_across_the_library_names_the_document_of_its_quote_and_passa
     passages = re.findall(r"<li data-block='(\d+)' data-document='(\d+)'><span class='where'>([^<]*)", html)
     assert passages and all(where.startswith(titles[int(d)] + " · p. ") for _, d, where in passages)
     block, doc, where = passages[0]
-    page = h.show_source(app, f"{block}@{doc}")
+    page = ch.show_source(app, f"{block}@{doc}")
     assert f"<b>{where.split(' · ')[1]}</b> · {titles[int(doc)]}" in page
     # So does the quote, in the inspector and in the chat.
     assert f"data-chars='{quote['chars'][0]},{quote['chars'][1]}' data-document='{quote['document']}'" in html
-    assert h.answer_source(app, "all", conversation, 1) == \
-        h.show_source(app, "chars:{},{}@{}".format(*quote["chars"], quote["document"]))
+    assert ch.answer_source(app, "all", conversation, 1) == \
+        ch.show_source(app, "chars:{},{}@{}".format(*quote["chars"], quote["document"]))
 
 
 def test_the_heatmap_of_a_question_across_documents_groups_its_columns_by_document(app, tmp_path):
@@ -374,19 +375,19 @@ def test_the_heatmap_of_a_question_across_documents_groups_its_columns_by_docume
 
 def test_a_conversation_across_the_library_comes_back_and_is_never_continued_with_one_document(app, tmp_path):
     book, keepers = read(app, tmp_path), read(app, tmp_path, "keepers.txt", QUOTABLE)
-    chat, conversation, html = list(h.ask(app, "all", None, "Who keeps the lighthouse?", SETTINGS))[-1]
+    chat, conversation, html = list(ch.ask(app, "all", None, "Who keeps the lighthouse?", SETTINGS))[-1]
     again = h.App(ReadingService.start(app.service.engine, Library(app.library.dir)))
-    assert h.open_document(again, "all") == (chat, conversation, html)       # chosen again after a restart
-    assert h.open_document(again, book) == ([], None, inspector.NOTHING_YET)
+    assert ch.open_document(again, "all") == (chat, conversation, html)       # chosen again after a restart
+    assert ch.open_document(again, book) == ([], None, inspector.NOTHING_YET)
     # The page sends the conversation of "All documents" with a question about one document: a new one.
-    chat2, other, _ = list(h.ask(again, book, conversation, "And the harbour?", SETTINGS))[-1]
+    chat2, other, _ = list(ch.ask(again, book, conversation, "And the harbour?", SETTINGS))[-1]
     assert other != conversation and [m["content"] for m in chat2][::2] == ["And the harbour?"]
     assert len(app.library.messages(conversation)) == 2
-    assert h.inspect_answer(again, book, conversation, 1) == inspector.NOTHING_YET
+    assert ch.inspect_answer(again, book, conversation, 1) == inspector.NOTHING_YET
     # Two documents ticked are a scope of their own ("1,2"), whatever their order.
-    _, ticked, _ = list(h.ask(again, [keepers, book], conversation, "Who?", SETTINGS))[-1]
+    _, ticked, _ = list(ch.ask(again, [keepers, book], conversation, "Who?", SETTINGS))[-1]
     assert ticked != conversation and app.library.conversations(f"{book},{keepers}")[0]["id"] == ticked
-    assert h.open_document(again, [book, keepers])[1] == ticked
+    assert ch.open_document(again, [book, keepers])[1] == ticked
 
 
 def test_a_document_still_being_read_is_left_out_of_a_library_question_and_named(app, tmp_path):

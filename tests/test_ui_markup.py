@@ -9,8 +9,9 @@ from html.parser import HTMLParser
 import pytest
 
 from reading.source import Source
-from storage.page_images import PageImage
+from documents.page_images import PageImage
 from ui import formatting as fmt
+from ui import chat as ch
 from ui import handlers as h
 from ui import source
 
@@ -87,7 +88,7 @@ def test_a_file_named_with_quotes_and_brackets_shows_as_its_name_everywhere(app,
     assert (f"{title} · infllm", doc_id) in h.document_choices(app)
     assert f"✓ {name}: read" in Parsed(h.progress_html(app)).text
     # A question across both: the quote's document named in the chat and on the heatmap.
-    chat, conversation, inspector = list(h.ask(app, "all", None, "Who keeps the lighthouse at Port Emberly?",
+    chat, conversation, inspector = list(ch.ask(app, "all", None, "Who keeps the lighthouse at Port Emberly?",
                                                SETTINGS))[-1]
     quote = app.library.messages(conversation)[-1]["quote"]
     assert quote["title"] in (title, "plain")
@@ -99,7 +100,7 @@ def test_a_file_named_with_quotes_and_brackets_shows_as_its_name_everywhere(app,
     # The sentence's page: the printed "1" of physical page 3, in words and in the picture's alt.
     text, _ = app.library.text(doc_id)
     a = text.index("The lighthouse keeper")
-    page = Parsed(h.show_source(app, f"chars:{a},{a + 20}@{doc_id}"))
+    page = Parsed(ch.show_source(app, f"chars:{a},{a + 20}@{doc_id}"))
     assert page.text == f"p. 1 (page 3 of the file) · {title}"
     assert page.all("img")[0]["alt"] == f"p. 1 (page 3 of the file) · {title}"
     freed = fmt.size(app.library.document(doc_id)["bytes"])

@@ -9,6 +9,7 @@ import gradio as gr
 
 from reading.service import ReadingService
 
+from . import chat as chat_h
 from . import handlers as h
 from . import inspector, source
 from .handlers import App, Settings, UserError
@@ -159,24 +160,24 @@ def build(service: ReadingService, defaults: Settings = Settings()) -> gr.Blocks
             return h.upload(app, paths, settings(*k)), None, gr.Timer(active=True)
 
         def opened(d, s):
-            return *h.open_document(app, h.target(d, s)), gr.update(visible=d == h.SEVERAL)
+            return *chat_h.open_document(app, h.target(d, s)), gr.update(visible=d == h.SEVERAL)
 
         def asked(d, c, q, m, k, n, t, s, request: gr.Request):
-            for messages, conv, html in h.ask(app, h.target(d, s), c, q, settings(m, k, n, t), request.session_hash):
+            for messages, conv, html in chat_h.ask(app, h.target(d, s), c, q, settings(m, k, n, t), request.session_hash):
                 yield messages, conv, html, ""
 
         def deleted(d, ok):
             return h.delete(app, d) if ok else "Nothing deleted."
 
         def stop(request: gr.Request):
-            h.stop(app, request.session_hash)
+            chat_h.stop(app, request.session_hash)
 
         def clicked(event: gr.SelectData):
-            return h.show_source(app, event.value)
+            return chat_h.show_source(app, event.value)
 
         def picked(d, s, c, event: gr.SelectData):
             asked = h.target(d, s)
-            return h.inspect_answer(app, asked, c, event.index), h.answer_source(app, asked, c, event.index)
+            return chat_h.inspect_answer(app, asked, c, event.index), chat_h.answer_source(app, asked, c, event.index)
 
         panel = dict(fn=refresh, inputs=[seen, shown, doc],
                      outputs=[progress, table, doc, several, seen, shown, timer], show_progress="hidden")
@@ -184,7 +185,7 @@ def build(service: ReadingService, defaults: Settings = Settings()) -> gr.Blocks
         demo.load(**panel)          # a page opened later shows the library as it is now
         files.upload(_shown(dropped), [files, *knobs], [note, files, timer])
         doc.change(_shown(opened), [doc, several], [chat, conversation, inspector_html, several])
-        several.change(_shown(lambda d, s: h.open_document(app, h.target(d, s))), [doc, several],
+        several.change(_shown(lambda d, s: chat_h.open_document(app, h.target(d, s))), [doc, several],
                        [chat, conversation, inspector_html])
         new_chat.click(lambda: ([], None, inspector.NOTHING_YET),
                        None, [chat, conversation, inspector_html])

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pypdfium2 as pdfium
 
-from .readers import DocumentError
+from .document import DocumentError
+
 
 SCALE = 1.5                 # 72 dpi x 1.5: an A4 page is 893 x 1263 pixels
 HIGHLIGHT = (255, 214, 0, 110)
