@@ -7,7 +7,7 @@ import io
 from pypdf import PdfReader
 
 from .document import DocumentError, Section
-from .running import page_label, printed_numbers, running_offsets, strip_running_lines
+from .running import numbering, page_label, printed_numbers, strip_running_lines
 
 
 def read_pdf(name: str, data: bytes, log: list[str]) -> tuple[str, list[Section]]:
@@ -43,13 +43,13 @@ def read_pdf(name: str, data: bytes, log: list[str]) -> tuple[str, list[Section]
     if not any(t.strip() for t in texts):
         raise DocumentError(f"{name} has no text layer; it looks scanned. Run OCR on it first.")
     texts = [t.replace("\r\n", "\n").replace("\r", "\n") for t in texts]
-    offsets = running_offsets(texts)
-    texts = strip_running_lines(texts, offsets)
+    numbers = numbering(texts)
+    texts = strip_running_lines(texts, numbers.offsets)
     try:
         title = str((reader.metadata or {}).get("/Title") or "").strip()
     except Exception:  # broken metadata is not worth refusing the book for
         title = ""
-    printed = printed_numbers(count, offsets, _page_labels(reader, log))
+    printed = printed_numbers(numbers.pages, _page_labels(reader, log))
     numbered = any(printed)
     return title, [(i + 1, page_label(i + 1, printed[i], numbered), t, printed[i]) for i, t in enumerate(texts)]
 

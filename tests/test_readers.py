@@ -20,7 +20,7 @@ import pytest
 from documents import SUPPORTED, Document, DocumentError, Page, read_document
 from documents import read as readers
 from documents.document import clean_text
-from documents.running import page_label, printed_numbers, running_offsets, strip_running_lines
+from documents.running import numbering, page_label, printed_numbers, strip_running_lines
 
 
 # ---------------------------------------------------------------- fixture builders
@@ -201,35 +201,41 @@ def test_strip_running_lines_ignores_digits_and_keeps_body():
     assert strip_running_lines(pages) == [f"the {w} ran" for w in words]
 
 
-def running_head_pages(n: int = 12, skip: int = 4) -> tuple[list[str], list[str]]:
-    """Pages laid out as TeX for the Impatient's are: a draft mark with the PDF's page number, a timestamp,
-    then a running head with the printed number (skip pages before page 1) and a chapter name that
-    changes; verso heads put the number first, recto heads last. Returns (pages, their body lines)."""
-    words = "ant bee cat dog eel fox gnu hen ibis jay kiwi lark mole newt owl".split()
+def running_head_pages(n: int = 12, skip: int = 4, plate: int | None = None) -> tuple[list[str], list[str]]:
+    """Pages laid out as TeX for the Impatient's are: a draft mark that counts the sheets, a timestamp, then a
+    running head with the printed number (skip pages before page 1) and a chapter name that changes; verso
+    heads put the number first, recto heads last. plate: an unnumbered page (a map, no mark, no head) is
+    inserted after that many pages, so every sequence goes on one page later. Returns (pages, their body
+    lines)."""
+    words = "ant bee cat dog eel fox gnu hen ibis jay kiwi lark mole newt owl pig ram seal toad vole wasp yak".split()
     pages, bodies = [], []
     for i in range(n):
         chapter = "Concepts \\ §4" if i < n // 2 else "Descriptions of the commands"
         printed = i + 1 - skip
         head = f"{printed} {chapter}" if i % 2 else f"{chapter} {printed}"
-        body = [f"The {words[i]} sat on the {words[-1 - i]} for {3 * i + 7} minutes.", f"Then {words[i]} left."]
+        body = [f"The {words[i % len(words)]} sat on the {words[-1 - i % len(words)]} for {3 * i + 7} minutes.",
+                f"Then {words[i % len(words)]} left."]
         pages.append("\n".join([f"TeX for the Impatient No {i + 1}", "3 Jan 2020 2:18 p.m."]
                                + ([head] if printed > 0 else []) + body))
         bodies.append("\n".join(body))
+    if plate is not None:
+        pages.insert(plate, "A map of the island of Tex.\nThe harbour lies to the north.")
+        bodies.insert(plate, pages[plate])
     return pages, bodies
 
 
 def test_strip_running_lines_drops_heads_that_carry_the_page_number_and_repeated_stamps():
     pages, bodies = running_head_pages()
-    assert running_offsets(pages)[:2] == [0, 4]          # the draft mark's PDF numbers, then the printed ones
+    assert numbering(pages).offsets == [0, 4]            # the draft mark's PDF numbers, and the printed ones
     assert strip_running_lines(pages) == bodies
 
 
 def test_printed_numbers_follow_the_running_heads_or_the_pdfs_labels():
     pages, _ = running_head_pages(skip=4)
-    printed = printed_numbers(len(pages), running_offsets(pages))
+    printed = printed_numbers(numbering(pages).pages)
     assert printed == [None] * 4 + [str(n) for n in range(1, 9)]
-    assert printed_numbers(3, [0]) == [None, None, None]                  # only the PDF's own numbers: none
-    assert printed_numbers(3, [2], ["i", "ii", "1"]) == ["i", "ii", "1"]  # /PageLabels win
+    assert printed_numbers([0, 0, 0]) == [None, None, None]               # only the PDF's own numbers: none
+    assert printed_numbers([2, 2, 2], ["i", "ii", "1"]) == ["i", "ii", "1"]  # /PageLabels win
     assert [page_label(5, p, True) for p in ("56", None)] == ["p. 56", "PDF p. 5"]
     assert page_label(5, None, False) == "p. 5"
 
@@ -241,6 +247,27 @@ def test_pdf_cites_the_printed_page_of_its_running_heads(tmp_path: Path):
     assert [p.number for p in doc.pages] == list(range(1, 13))            # the physical number stays
     assert "Impatient" not in doc.text and "p.m." not in doc.text and "Concepts" not in doc.text
     assert all(body in doc.text for body in bodies)
+
+
+@pytest.mark.parametrize("plate", [3, 20, 36])
+def test_an_unnumbered_page_inserted_mid_book_shifts_the_numbering_only_after_it(plate):
+    """A plate inserted after `plate` pages: before it the heads' offset is 20, after it 21, and the sheet
+    counter goes 0 then 1. The book's numbers come from the heads, run by run; the plate prints none."""
+    pages, bodies = running_head_pages(n=40, skip=20, plate=plate)
+    printed = printed_numbers(numbering(pages).pages)
+    want = [str(i + 1 - 20) if i + 1 > 20 else None for i in range(40)]
+    want.insert(plate, None)
+    assert printed == want
+    assert strip_running_lines(pages) == bodies                 # every head and mark goes, before and after
+
+
+def test_a_book_numbered_by_its_sheets_alone_is_numbered_by_them_run_by_run():
+    """"Page N" on every page from the first (offset 0: the PDF's own numbers) and a plate after page 6: the
+    pages after it print one less than their place in the file."""
+    pages = [f"Some text about {w}.\nMore of it.\nPage {n}" for n, w in enumerate("abcdefghijkl", 1)]
+    pages.insert(6, "A map, unnumbered.")
+    printed = printed_numbers(numbering(pages).pages)
+    assert printed == [None] * 7 + [str(n) for n in range(7, 13)]
 
 
 def test_pdf_cites_its_page_labels(tmp_path: Path, book_pdf: Path):
@@ -255,7 +282,7 @@ def test_pdf_cites_its_page_labels(tmp_path: Path, book_pdf: Path):
 
 def test_strip_running_lines_keeps_a_number_that_does_not_follow_the_pages():
     pages = [f"Chapter text {w}\n{n} apples were sold\nthe end of {w}" for n, w in zip((7, 3, 12, 5), "abcd")]
-    assert running_offsets(pages) == []
+    assert numbering(pages).offsets == []
     assert strip_running_lines(pages) == pages
 
 
