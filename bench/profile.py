@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     # An answer's decode as Engine.ask runs it: the question's evidence read alone, every step traced.
     ids, span = engine.question_ids("What is the pass key?")
     probe = engine.probe(memory, ids, span)
-    evidence = choose([memory], [probe.attention()], [], cfg.focus_blocks, cfg.focus_lexical, cfg.focus_alone,
+    evidence = choose([memory], [probe.attention()], [], cfg.focus_blocks, cfg.signal_weights, cfg.focus_alone,
                       cfg.focus_gap)
     fork, call = memory.fork(), Call(cfg, Trace(), evidence=evidence)
     logits = prefill(engine.model, fork, engine.rope, ids, call)

@@ -29,8 +29,11 @@ from collections import Counter
 from datetime import date
 from pathlib import Path
 
+from bench import retrieval
+from bench.needle import parse_variant
 from bench.passkey import machine
 from infllm_engine import Engine, InfLLMConfig
+from infllm_engine.encoder import Encoder
 from reading import quotes
 from reading.citations import short_title
 from reading.ingest import ingest_document, load_memory, stored_config, tokenize
@@ -131,7 +134,7 @@ def ask_app(service: ReadingService, doc_id: int | str, question: str, max_new_t
 
 def run(args) -> dict:
     facts = json.loads(Path(args.facts).read_text())
-    cfg = InfLLMConfig(device=args.device, dtype=args.dtype)
+    cfg = InfLLMConfig(device=args.device, dtype=args.dtype, **dict(parse_variant("q:" + args.knobs)[1]))
     engine = Engine.load(args.model, cfg, args.data_dir)
     full = engine.with_config(cfg.replace(method="full"))
     library = Library(args.data_dir)
@@ -139,10 +142,13 @@ def run(args) -> dict:
     args.pages = args.pages or facts.get("pages")
     if args.pages:
         doc = pages_slice(doc, *args.pages)
+    encoder = None if args.no_encoder else Encoder.load()
     t0 = time.perf_counter()
-    done = ingest_document(library, engine, doc)
+    done = ingest_document(library, engine, doc, encoder=encoder)
     read_s = time.perf_counter() - t0
-    service = ReadingService(engine, library)
+    service = ReadingService(engine, library, encoder=encoder)
+    if args.retrieval:
+        return run_retrieval(args, facts, cfg, service, doc, done, read_s)
     spans, pages = library.spans(done.doc_id), library.pages(done.doc_id)
     page_of = {p["number"]: p["label"] for p in pages}
     starts = tokenize(engine, doc).document_starts()
@@ -199,6 +205,20 @@ def run(args) -> dict:
             "read_seconds": round(read_s, 1), "facts": Path(args.facts).name, "config": cfg.to_dict(),
             "max_new_tokens": args.max_new_tokens, "machine": machine(), "date": date.today().isoformat(),
             "command": "python -m bench.questions " + " ".join(sys.argv[1:]), "samples": samples, "vague": vague}
+
+
+def run_retrieval(args, facts: dict, cfg: InfLLMConfig, service: ReadingService, doc, done, read_s: float) -> dict:
+    """--retrieval: every fact's evidence found by each signal and by the app, without answers (bench.retrieval)."""
+    dump: list | None = [] if args.dump else None
+    samples = [retrieval.retrieve(service, done.doc_id, fact, wording, holds, dump)
+               for fact in facts["facts"][:: args.every][: args.limit] for wording in WORDINGS]
+    if dump is not None:
+        retrieval.write_dump(dump, Path(args.dump))
+    return {"book": doc.title, "file": Path(args.book).name, "pages": args.pages, "tokens": done.tokens,
+            "read_seconds": round(read_s, 1), "facts": Path(args.facts).name, "config": cfg.to_dict(),
+            "encoder": service.encoder.name if service.encoder else None, "machine": machine(),
+            "date": date.today().isoformat(), "command": "python -m bench.questions " + " ".join(sys.argv[1:]),
+            "retrieval": True, "samples": samples}
 
 
 def ask_vague(service: ReadingService, engine: Engine, doc_id: int, max_new_tokens: int) -> list[dict]:
@@ -263,6 +283,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--vague", action="store_true", help="also ask the VAGUE questions and report the loop stop")
+    parser.add_argument("--retrieval", action="store_true",
+                        help="score where each signal and the app put the evidence, without answers (minutes)")
+    parser.add_argument("--dump", default=None, help="with --retrieval: keep each question's raw signals (JSON)")
+    parser.add_argument("--knobs", default="", help="question-time config changes, key=value,... (focus_meaning=1)")
+    parser.add_argument("--no-encoder", action="store_true", help="without the sentence encoder")
     parser.add_argument("--rescore", type=Path, default=None,
                         help="score a results file's saved answers again (after a change to the scoring) and print its table")
     args = parser.parse_args(argv)
@@ -280,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(args)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(result, indent=1))
-    print(table(result))
+    print(retrieval.table(result["samples"]) if args.retrieval else table(result))
     return result
 
 

@@ -18,7 +18,7 @@ METHODS = ("infllm", "streaming", "full")
 # Knobs that never shape a stored memory: where and in what precision it runs (a memory is stored
 # packed, the same in every dtype), limits, and what only questions use.
 QUESTION_ONLY = ("device", "dtype", "kernels", "cache_blocks", "blocks_on", "max_tokens", "focus_blocks", "focus_layers",
-                 "focus_gap", "focus_alone", "focus_lexical", "no_repeat_ngram")
+                 "focus_gap", "focus_alone", "focus_lexical", "focus_meaning", "no_repeat_ngram")
 # Knobs of experiments that lost, removed (their measurements stay in bench/results and docs/): a library
 # document stored with them still loads, the knob ignored (InfLLMConfig.from_dict). All were question-time
 # only, so the memory they stored is the same.
@@ -72,6 +72,11 @@ class InfLLMConfig:
     # Weight of the question's word matches (Engine.ask's `lexical`, from storage.lexical) beside the
     # attention vote; the engine alone never has any, so the passkey and throughput benchmarks stay pure InfLLM.
     focus_lexical: float = 1.0
+    # Weight of the spans' meaning (Engine.ask's `meaning`: cosine with the question, infllm_engine.encoder);
+    # with it, the words' and the meaning's weights follow how strongly the question's words match
+    # (evidence.fuse). Paraphrased questions about 136 facts of two books found their page first 50 times
+    # against 29 without it, questions in the book's words 132 both (bench/results/meaning-cpu.md).
+    focus_meaning: float = 1.0
     # Answer time only: greedy, the 135M model loops ("The license also requires ..." again and again).
     # The block acts on the answer's own tokens, never the document's (infllm_engine.generate.decode). On
     # 16 vague questions about 4 licenses, 10 answers repeated a sentence; with a 6-token n-gram block none do.
@@ -104,9 +109,10 @@ class InfLLMConfig:
                                 "every retrieved block must fit in the accelerator cache")
             if self.chunk_size > self.n_local:
                 problems.append(f"chunk_size ({self.chunk_size}) cannot exceed n_local ({self.n_local})")
-        w = self.focus_lexical
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 100:
-            problems.append(f"focus_lexical must be a number from 0 (off) to 100, got {w!r}")
+        for name in ("focus_lexical", "focus_meaning"):
+            w = getattr(self, name)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 100:
+                problems.append(f"{name} must be a number from 0 (off) to 100, got {w!r}")
         if self.blocks_on not in ("auto", "host", "device"):
             problems.append(f"blocks_on must be auto, host or device, got {self.blocks_on!r}")
         if not isinstance(self.focus_alone, bool):
@@ -150,6 +156,11 @@ class InfLLMConfig:
     def answer_dtype(self) -> str:
         """The dtype questions are asked in: "float32" under "mixed", else this one."""
         return "float32" if self.dtype == "mixed" else self.dtype
+
+    @property
+    def signal_weights(self) -> dict[str, float]:
+        """The weights of the signals fused beside attention (infllm_engine.evidence.fuse)."""
+        return {"words": self.focus_lexical, "meaning": self.focus_meaning}
 
     @property
     def max_position(self) -> int:

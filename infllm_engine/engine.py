@@ -53,6 +53,22 @@ class Answer:
         return self
 
 
+@dataclass
+class Found:
+    """What a question points to in the memories asked (Engine.find), before any answer is written."""
+
+    memories: list[ContextMemory]
+    ids: torch.Tensor                   # [n] the question's tokens (after the earlier turns, if any)
+    evidence: Evidence | None           # None: nothing voted (another method, or no question focus)
+    attention: list[torch.Tensor | None]    # each memory's own vote (Probe.attention), before any fusion
+    token_votes: dict[int, torch.Tensor]    # Answer.token_votes
+    seconds: float                      # the probes' time
+
+    @property
+    def host(self) -> int:
+        return self.evidence.host if self.evidence is not None else 0
+
+
 class Engine:
     def __init__(self, model, tokenizer, cfg: InfLLMConfig = InfLLMConfig(), fingerprint: str = "in-memory",
                  reader=None):
@@ -136,25 +152,26 @@ class Engine:
         each layer retrieving its own blocks (the passkey and throughput benchmarks)."""
         return self._generate(memory, ids, max_new_tokens, progress)
 
-    def ask(self, memories: ContextMemory | Sequence[ContextMemory], question: str, max_new_tokens: int = 256,
-            history: Sequence[tuple[str, str]] = (),
-            lexical: dict[int, float] | Sequence[dict[int, float] | None] | None = None) -> Answer:
-        """Answer a question about one memory or several at once (a document is a shelf of one); the
-        memories themselves are untouched.
+    def find(self, memories: ContextMemory | Sequence[ContextMemory], question: str,
+             history: Sequence[tuple[str, str]] = (),
+             lexical: dict[int, float] | Sequence[dict[int, float] | None] | None = None,
+             meaning: torch.Tensor | Sequence[torch.Tensor | None] | None = None) -> Found:
+        """What a question about one memory or several (a document is a shelf of one) points to, before any
+        answer: each memory is probed (Engine.probe); the votes, the word matches and the meaning choose the
+        host memory and what its answer re-reads (infllm_engine.evidence). The memories are untouched.
 
-        Each memory is probed (Engine.probe); their votes and the word matches choose the host memory and
-        what its answer re-reads (infllm_engine.evidence); the answer is written after the host's sinks.
         history: the conversation's earlier (question, answer) turns, re-read before this question, so a
         conversation needs no memory of its own and survives a restart as plain text.
         lexical: each memory's span -> how well its text matches the question's words (storage.lexical, one
         query over the library), spans numbered as Library.spans numbers them; weighed by focus_lexical.
-        For one memory, its dict. The forwards run under this engine's config, so retrieval knobs (topk, ...)
-        may differ from reading.
+        meaning: each memory's [spans] cosine of its spans' embeddings with the question's (infllm_engine.encoder);
+        weighed by focus_meaning. For one memory, its own. The engine never sees texts: the caller has them.
         """
         memories = [memories] if isinstance(memories, ContextMemory) else list(memories)
         lexical = [] if lexical is None else [lexical] if isinstance(lexical, dict) else list(lexical)
-        if lexical and len(lexical) != len(memories):
-            raise EngineError(f"{len(lexical)} sets of word matches for {len(memories)} memories")
+        meaning = [] if meaning is None else [meaning] if isinstance(meaning, torch.Tensor) else list(meaning)
+        if (lexical and len(lexical) != len(memories)) or (meaning and len(meaning) != len(memories)):
+            raise EngineError(f"word matches or meanings do not match the {len(memories)} memories asked")
         if not question.strip():
             raise EngineError("the question is empty")
         if not memories:
@@ -167,18 +184,30 @@ class Engine:
         t0 = time.perf_counter()
         probes = [self.probe(m, ids, span) for m in memories]
         cfg = self.cfg
-        evidence = choose(memories, [p.attention() if p else None for p in probes], lexical, cfg.focus_blocks,
-                          cfg.focus_lexical, cfg.focus_alone, cfg.focus_gap)
+        attention = [p.attention() if p else None for p in probes]
+        evidence = choose(memories, attention, lexical, cfg.focus_blocks, cfg.signal_weights, cfg.focus_alone,
+                          cfg.focus_gap, meaning)
         host = evidence.host if evidence is not None else 0
+        token_votes = {}
+        if evidence is not None and probes[host] is not None:     # only the host's tokens: its sentence is quoted
+            token_votes = probes[host].weigh(memories[host], evidence.of(host))
+        return Found(memories, ids, evidence, attention, token_votes, time.perf_counter() - t0)
+
+    def ask(self, memories: ContextMemory | Sequence[ContextMemory], question: str, max_new_tokens: int = 256,
+            history: Sequence[tuple[str, str]] = (),
+            lexical: dict[int, float] | Sequence[dict[int, float] | None] | None = None,
+            meaning: torch.Tensor | Sequence[torch.Tensor | None] | None = None) -> Answer:
+        """Answer a question about one memory or several: what Engine.find points to, re-read just before the
+        question, then the answer streamed after the host memory's sinks. The memories are untouched."""
+        found = self.find(memories, question, history, lexical, meaning)
+        evidence, host = found.evidence, found.host
         first_span = evidence.offsets[host] if evidence is not None else 0
-        answer = self._generate(memories[host].fork(), ids, max_new_tokens, None, evidence, first_span)
-        answer.timings["focus_s"] = time.perf_counter() - t0          # every memory's probe
-        answer.document, answer.evidence = host, evidence
+        answer = self._generate(found.memories[host].fork(), found.ids, max_new_tokens, None, evidence, first_span)
+        answer.timings["focus_s"] = found.seconds          # every memory's probe
+        answer.document, answer.evidence, answer.token_votes = host, evidence, found.token_votes
         if evidence is not None:
             answer.trace.votes, answer.trace.pinned = evidence.scores, evidence.pinned
-            answer.trace.parts = list(evidence.sizes)
-            if probes[host] is not None:             # only the host's tokens are weighed: its sentence is quoted
-                answer.token_votes = probes[host].weigh(memories[host], evidence.of(host))
+            answer.trace.parts, answer.trace.ranks = list(evidence.sizes), evidence.signals()
         return answer
 
     def probe(self, memory: ContextMemory, ids: torch.Tensor, span: tuple[int, int]) -> Probe | None:

@@ -42,6 +42,11 @@ from .memory import ContextMemory
 from .rope import Rotary
 
 RANK_K = 5      # the rank fusion's damping: 1 to 10 made no difference on bench.questions
+# Beside attention (weight 1), the words' and the meaning's weights (times focus_lexical and focus_meaning),
+# by whether the question's words match one span strongly (strongly()): measured in fuse().
+STRONG_WORDS = 2.0
+WORDS_WEIGHT = {True: 1.5, False: 1.0}
+MEANING_WEIGHT = {True: 1.0, False: 2.0}
 
 
 class Read(NamedTuple):
@@ -62,6 +67,8 @@ class Evidence:
     alone: bool                     # the reads without the host's own window (but the question)
     gap: int                        # tokens between the reads' end and the fixed query position
     doc_end: int                    # the host's length: its window is read from here on when alone
+    # each signal's rank of every span ("attention", "words", "meaning"; 1: its best), 0 where it ranks none
+    ranks: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
     # per layer, the reads' keys rotated for the answer, built at its first step (keys)
     _keys: dict[int, Keys] = field(default_factory=dict, compare=False, repr=False)
 
@@ -85,6 +92,12 @@ class Evidence:
         """[sizes[i]] memory i's own spans' scores."""
         return self.scores[self.offsets[i]: self.offsets[i] + self.sizes[i]]
 
+    def signals(self, k: int = 10) -> dict[int, dict[str, int]]:
+        """The k best spans' ranks by each signal (those that rank them): what the inspector shows beside each
+        passage ("attention #1 · words #3 · meaning #2")."""
+        best = [int(i) for i in self.scores.argsort(descending=True, stable=True)[:k]]
+        return {i: {name: int(r[i]) for name, r in self.ranks.items() if int(r[i])} for i in best}
+
     def keys(self, layer_idx: int, rope: Rotary, position: int) -> Keys:
         """The reads of one layer as a key set that sits just before the question: rotated at consecutive
         positions ending `gap` before `position` (the fixed memory distance). Built once per layer and answer."""
@@ -97,16 +110,19 @@ class Evidence:
 
 
 def choose(memories: Sequence[ContextMemory], attention: Sequence[torch.Tensor | None],
-           lexical: Sequence[dict[int, float] | None], n_pinned: int, lexical_weight: float, blocks_alone: bool,
-           gap: int) -> Evidence | None:
+           lexical: Sequence[dict[int, float] | None], n_pinned: int, weights: dict[str, float], blocks_alone: bool,
+           gap: int, meaning: Sequence[torch.Tensor | None] = ()) -> Evidence | None:
     """Rank every span of every memory asked and pick what the host re-reads (the module's doc).
 
     attention: each memory's votes (Probe.attention), None for one too short to vote.
     lexical: each memory's span -> BM25 score, from one query over the library (empty: none).
+    meaning: each memory's [spans] cosine of its spans' embeddings with the question's (empty: none).
+    weights: each signal's weight in the fusion (fuse): "words", "meaning" (attention's is 1).
     blocks_alone: read re-read blocks without the host's window too (InfLLMConfig.focus_alone).
     None when no memory voted.
     """
     lexical = list(lexical) or [None] * len(memories)
+    meaning = list(meaning) or [None] * len(memories)
     sizes = tuple(0 if a is None else a.numel() for a in attention)
     if not any(sizes):
         return None
@@ -114,7 +130,10 @@ def choose(memories: Sequence[ContextMemory], attention: Sequence[torch.Tensor |
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     words = {offsets[i] + j: x for i, lex in enumerate(lexical) if sizes[i] for j, x in (lex or {}).items()
              if 0 <= j < sizes[i]}
-    scores = fuse(votes, words, lexical_weight)
+    meant = None
+    if any(m is not None for i, m in enumerate(meaning) if sizes[i]):
+        meant = torch.cat([_fit(m, n) for m, n in zip(meaning, sizes) if n])
+    scores = fuse(votes, words, weights.get("words", 0.0), meant, weights.get("meaning", 0.0))
     best = int(scores.argmax())
     host = max(i for i in range(len(sizes)) if offsets[i] <= best and sizes[i])
     memory, span, offset = memories[host], best - offsets[host], offsets[host]
@@ -128,7 +147,31 @@ def choose(memories: Sequence[ContextMemory], attention: Sequence[torch.Tensor |
     elif n_blocks:
         reads = [Read(memory, *memory.block_span(b), offset + b) for b in sorted(_pairs(scores[offset: offset + n_blocks],
                                                                                         n_pinned))]
-    return Evidence(scores, sizes, host, tuple(reads), alone, gap, memory.length)
+    ranks = {"attention": _ranks(votes)}
+    if words:
+        lex = torch.zeros_like(votes)
+        lex[list(words)] = torch.tensor(list(words.values()))
+        ranks["words"] = _ranks(lex)
+    if meant is not None:
+        ranks["meaning"] = _ranks(meant, positive=False)
+    return Evidence(scores, sizes, host, tuple(reads), alone, gap, memory.length, ranks)
+
+
+def _ranks(scores: torch.Tensor, positive: bool = True) -> torch.Tensor:
+    """[n] each span's rank by the scores (1: the highest), 0 for the scores not above 0 with positive."""
+    order = scores.argsort(descending=True, stable=True)
+    ranks = torch.empty(scores.numel(), dtype=torch.long)
+    ranks[order] = torch.arange(1, scores.numel() + 1)
+    return torch.where(scores > 0, ranks, 0) if positive else ranks
+
+
+def _fit(meaning: torch.Tensor | None, n: int) -> torch.Tensor:
+    """[n] a memory's meaning scores cut or padded to its n spans (0: none)."""
+    out = torch.zeros(n)
+    if meaning is not None:
+        m = meaning.float().cpu()[:n]
+        out[: m.numel()] = m
+    return out
 
 
 def _pairs(scores: torch.Tensor, n: int) -> list[int]:
@@ -146,28 +189,52 @@ def _pairs(scores: torch.Tensor, n: int) -> list[int]:
     return chosen
 
 
-def fuse(attention: torch.Tensor, lexical: dict[int, float] | None, weight: float) -> torch.Tensor:
-    """Spans' evidence: the attention vote fused by reciprocal rank with the word matches (span -> score); the
-    vote alone without matches or weight.
+def fuse(attention: torch.Tensor, lexical: dict[int, float] | None, weight: float,
+         meaning: torch.Tensor | None = None, meaning_weight: float = 0.0) -> torch.Tensor:
+    """Spans' evidence: the attention vote fused by reciprocal rank with the word matches (span -> score) and
+    the spans' meaning (cosine with the question); the vote alone without either.
 
     A span scores 1 / (RANK_K + its rank) among the spans the words' attention points to, plus
-    weight / (RANK_K + its rank) among those that share the question's words. A rank ignores how strong a
-    match is, so weak matches of a paraphrase's words do not drown the attention vote, which finds
-    paraphrases better. On bench.questions (83 facts of lshort.pdf) the fact's span came first for 79
-    questions in the book's words and 10 paraphrased, against 79 and 5 when the BM25 shares were added to
-    the vote (bench/results/questions-cpu.md).
+    weight / (RANK_K + its rank) among those that share the question's words, plus meaning_weight /
+    (RANK_K + its rank) by meaning. A rank ignores how strong a match is, so weak matches of a paraphrase's
+    words do not drown the attention vote. Fused so on 83 lshort facts, the fact's span came first for 79
+    questions in the book's words and 10 paraphrased, against 79 and 5 when the BM25 shares were added
+    to the vote (bench/results/questions-cpu.md).
+
+    With meaning, the words' and the meaning's weights follow how strongly the question's words match
+    (STRONG_WORDS): a question in the book's words shares them with one span far more than with the rest,
+    a paraphrase shares a few common ones with many. On all 136 facts of lshort and TeX for the Impatient
+    (bench/results/meaning-cpu.md), the fact's page came first for 132 questions in the book's words and
+    50 paraphrased, against 132 and 29 without meaning, and 128 and 49 with the weights fixed at 1 and 2.
     """
     matched = {i: x for i, x in (lexical or {}).items() if 0 <= i < attention.numel() and x > 0}
-    if not matched or not weight:
+    use_meaning = meaning is not None and meaning_weight > 0
+    if not (matched and weight) and not use_meaning:
         return attention
-    lex = torch.zeros_like(attention)
-    lex[list(matched)] = torch.tensor(list(matched.values()), dtype=lex.dtype, device=lex.device)
-    return _reciprocal_ranks(attention) + weight * _reciprocal_ranks(lex)
+    fused = _reciprocal_ranks(attention)
+    if use_meaning:
+        strong = strongly(list(matched.values()))
+        weight, meaning_weight = (weight * WORDS_WEIGHT[strong], meaning_weight * MEANING_WEIGHT[strong])
+        fused = fused + meaning_weight * _reciprocal_ranks(meaning.to(attention), positive=False)
+    if matched and weight:
+        lex = torch.zeros_like(attention)
+        lex[list(matched)] = torch.tensor(list(matched.values()), dtype=lex.dtype, device=lex.device)
+        fused = fused + weight * _reciprocal_ranks(lex)
+    return fused
 
 
-def _reciprocal_ranks(scores: torch.Tensor) -> torch.Tensor:
-    """1 / (RANK_K + rank) for the positive scores (rank 1: the highest), 0 elsewhere."""
+def strongly(matches: list[float]) -> bool:
+    """Whether the question's words match one span strongly: its BM25 score at least STRONG_WORDS times the
+    mean of all the spans that share a word with it. In lshort's facts the ratio's median was 2.6 asked in the
+    book's words and 1.5 paraphrased."""
+    return bool(matches) and max(matches) >= STRONG_WORDS * sum(matches) / len(matches)
+
+
+def _reciprocal_ranks(scores: torch.Tensor, positive: bool = True) -> torch.Tensor:
+    """1 / (RANK_K + rank) for the scores (rank 1: the highest); with positive, 0 for those not above 0 (a vote
+    below the template's baseline, a span without the question's words). A cosine ranks whatever its sign."""
     order = scores.argsort(descending=True, stable=True)
     ranks = torch.empty_like(scores)
     ranks[order] = torch.arange(1, scores.numel() + 1, dtype=scores.dtype, device=scores.device)
-    return torch.where(scores > 0, 1.0 / (RANK_K + ranks), torch.zeros_like(scores))
+    out = 1.0 / (RANK_K + ranks)
+    return torch.where(scores > 0, out, torch.zeros_like(scores)) if positive else out

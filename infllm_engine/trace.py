@@ -47,6 +47,8 @@ class Trace:
     # Each document's number of spans, as the question's probes counted them: columns, votes and pinned ids
     # number the documents' spans one document after another. None: one document, not probed.
     parts: list[int] | None = None
+    # The best evidence spans' ranks by each signal that ranks them (Evidence.signals): span -> name -> rank.
+    ranks: dict[int, dict[str, int]] | None = None
 
     def begin(self, kind: str, start: int, n_tokens: int) -> int:
         if self.doc_end is None:
@@ -80,11 +82,12 @@ class Trace:
             "votes": None if self.votes is None else [round(x, 6) for x in self.votes.float().tolist()],
             "pinned": None if self.pinned is None else self.pinned.tolist(),
         }
-        return _with_place(data, self.doc_end, self.parts)
+        return _with_place(data, self.doc_end, self.parts, self.ranks)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Trace":
-        trace = cls([Step(**s) for s in data["steps"]], doc_end=data.get("doc_end"), parts=data.get("parts"))
+        trace = cls([Step(**s) for s in data["steps"]], doc_end=data.get("doc_end"), parts=data.get("parts"),
+                    ranks=_ranks(data.get("ranks")))
         if data.get("votes") is not None:
             trace.votes = torch.tensor(data["votes"])
         if data.get("pinned") is not None:
@@ -111,7 +114,7 @@ class Trace:
         # Only a positive vote is evidence (Summary.evidence): the rest is stored as 0, which costs 2 bytes.
         votes = None if self.votes is None else self.votes.detach().float().cpu().clamp(min=0)
         pinned = None if self.pinned is None else self.pinned.cpu()
-        return Summary(blocks, window, memory, local, tokens, votes, pinned, self.doc_end, self.parts)
+        return Summary(blocks, window, memory, local, tokens, votes, pinned, self.doc_end, self.parts, self.ranks)
 
     def heat(self, n_layers: int, n_spans: int, steps: set[int] | None = None) -> torch.Tensor:
         """Summary.heat over the chosen steps (None: all)."""
@@ -169,6 +172,7 @@ class Summary:
     pinned: torch.Tensor | None = None
     doc_end: int | None = None
     parts: list[int] | None = None
+    ranks: dict[int, dict[str, int]] | None = None
 
     @classmethod
     def load(cls, data: dict) -> "Summary":
@@ -180,7 +184,7 @@ class Summary:
         return cls(Sums.from_dict(data["blocks"]), Sums.from_dict(data["window"]), data["memory_share"],
                    data["window_share"], dict(data["tokens"]), None if votes is None else torch.tensor(votes),
                    None if pinned is None else torch.tensor(pinned, dtype=torch.long), data.get("doc_end"),
-                   data.get("parts"))
+                   data.get("parts"), _ranks(data.get("ranks")))
 
     def to_dict(self) -> dict:
         data = {"blocks": self.blocks.to_dict(), "window": self.window.to_dict(),
@@ -188,7 +192,7 @@ class Summary:
                 "tokens": self.tokens,
                 "votes": None if self.votes is None else [round(x, 6) if x > 0 else 0 for x in self.votes.tolist()],
                 "pinned": None if self.pinned is None else self.pinned.tolist()}
-        return _with_place(data, self.doc_end, self.parts)
+        return _with_place(data, self.doc_end, self.parts, self.ranks)
 
     @property
     def n_layers(self) -> int:
@@ -232,11 +236,19 @@ class Summary:
         return [int(i) for i in weight.argsort(descending=True, stable=True) if weight[i] > 0]
 
 
-def _with_place(data: dict, doc_end: int | None, parts: list[int] | None) -> dict:
-    """A stored trace's doc_end and parts, only where set: traces stored before them have neither key, and
-    reading one back must give the same dict."""
+def _with_place(data: dict, doc_end: int | None, parts: list[int] | None,
+                ranks: dict[int, dict[str, int]] | None = None) -> dict:
+    """A stored trace's doc_end, parts and ranks, only where set: traces stored before them have none of these
+    keys, and reading one back must give the same dict."""
     if doc_end is not None:
         data["doc_end"] = doc_end
     if parts is not None:
         data["parts"] = list(parts)
+    if ranks is not None:
+        data["ranks"] = {str(span): dict(r) for span, r in ranks.items()}
     return data
+
+
+def _ranks(stored: dict | None) -> dict[int, dict[str, int]] | None:
+    """Stored ranks (JSON keys are strings) back to span -> name -> rank."""
+    return None if stored is None else {int(span): dict(r) for span, r in stored.items()}

@@ -25,7 +25,8 @@ def parts(trace: dict, documents: Shelf) -> list[int]:
 def passages(trace: dict, documents: Shelf, k: int = 5) -> list[dict]:
     """The k spans that hold the answer's evidence, best first (Summary.evidence), each with its document, its
     pages and its text. share: the span's part of all the positive evidence (a vote for a vague question is a
-    tiny number). A document deleted since, or whose spans no longer match the trace, gives none."""
+    tiny number); ranks: where each signal ranked it ({"attention": 1, "words": 3, ...}, those that rank it).
+    A document deleted since, or whose spans no longer match the trace, gives none."""
     sizes = parts(trace, documents)
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     summary = Summary.load(trace)
@@ -42,7 +43,7 @@ def passages(trace: dict, documents: Shelf, k: int = 5) -> list[dict]:
         found.append({"document": doc["id"], "title": doc["title"], "block": span, "pages": page_label(row, pages),
                       "weight": float(weight[g]), "share": float(weight[g]) / total, "by": by,
                       "in_memory": bool(row["in_memory"]), "tokens": [row["start_token"], row["end_token"]],
-                      "text": row["text"] or ""})
+                      "text": row["text"] or "", "ranks": (summary.ranks or {}).get(g, {})})
         if len(found) == k:
             break
     return found

@@ -18,6 +18,7 @@ import torch
 
 from documents import MAX_BYTES, Document, Page, file_type, read_document
 from infllm_engine import ContextMemory, Engine, InfLLMConfig, snapshot
+from infllm_engine.encoder import Encoder
 from infllm_engine.engine import Progress
 from storage.library import Library, LibraryError, Status
 
@@ -100,23 +101,24 @@ def span_text(text: str, starts: list[int], a: int, b: int) -> str:
 
 def ingest(library: Library, engine: Engine, path: Path, progress: Progress | None = None,
            commit_every: int = 8, max_bytes: int = MAX_BYTES, name: str | None = None,
-           started: Callable[[int], None] | None = None) -> Ingested:
+           started: Callable[[int], None] | None = None, encoder: Encoder | None = None) -> Ingested:
     """Read one file into the library (or find it there, or resume it); returns what happened.
 
     name: the file's original name, when path is an upload that the library keeps (Library.keep_upload).
     started: called with the document's id as soon as it has one, before the long part.
+    encoder: embeds the document's spans once it is read (their meaning, reading.question), None: not now.
     """
     path = Path(path)
     doc = read_document(path, max_bytes, name)
     # The library keeps its own copy (an upload is one already): the page view shows its pages, and it can be
     # read again in another mode.
     kept = library.keep_upload(path, file_type(doc.source_name))
-    return ingest_document(library, engine, doc, progress, commit_every, kept.name, started)
+    return ingest_document(library, engine, doc, progress, commit_every, kept.name, started, encoder)
 
 
 def ingest_document(library: Library, engine: Engine, doc: Document, progress: Progress | None = None,
                     commit_every: int = 8, upload: str | None = None,
-                    started: Callable[[int], None] | None = None) -> Ingested:
+                    started: Callable[[int], None] | None = None, encoder: Encoder | None = None) -> Ingested:
     """Read a document already turned into text (see ingest); upload: its kept file under <data>/uploads."""
     t0 = time.perf_counter()
     tokens = tokenize(engine, doc)
@@ -170,6 +172,8 @@ def ingest_document(library: Library, engine: Engine, doc: Document, progress: P
     spans += [(a, min(a + cfg.block_size, ids.numel())) for a in range(rest, ids.numel(), cfg.block_size)]
     texts = [span_text(tokens.text, tokens.starts, a, b) for a, b in spans]
     library.finish(doc_id, spans, texts, memory.n_blocks)
+    if encoder is not None:             # what each span means, for questions in the reader's own words
+        library.set_meaning(doc_id, encoder.name, encoder.encode(texts))
     return Ingested(doc_id, doc.title, Outcome.READ, ids.numel(), time.perf_counter() - t0, resumed, memory)
 
 

@@ -12,16 +12,20 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from documents import MAX_BYTES, DocumentError, file_type
 from infllm_engine import Engine, EngineError, InfLLMConfig, Trace
-from infllm_engine.engine import Progress
+from infllm_engine.encoder import Encoder
+from infllm_engine.engine import Found, Progress
 from storage.library import Library, LibraryError, Status
 
 from . import quotes
 from .asked import ALL, Asked, parse
 from .citations import cite, passages
 from .errors import ReadingError
-from .ingest import Ingested, ingest, load_memory, stored_config
+from .ingest import Ingested, ingest, stored_config
+from .question import Gathered, gather
 from .source import Source, find
 from .upgrade import upgrade
 from .worker import Job, Worker
@@ -32,10 +36,9 @@ USER_ERRORS = (ReadingError, LibraryError, DocumentError, EngineError)   # shown
 # Tokens an answer may take by default. The quote carries the evidence; the 135M model's prose is right less
 # often the longer it runs (bench/results/questions-cpu.md).
 ANSWER_TOKENS = 64
-# Documents probed by attention for a question across the library: those with the best word matches.
-# Probing loads a memory's window and runs the question over it, about a second each on 2 CPU cores.
+# Documents probed by attention for a question across the library: those with the best word matches and
+# meaning. Probing loads a memory's window and runs the question over it, about a second each on 2 CPU cores.
 PROBED = 4
-SPAN_MATCHES = 32   # spans of each document asked that word matches may name (storage.lexical)
 
 
 @dataclass
@@ -67,27 +70,39 @@ class Shelf:
         return f"Not searched: {', '.join(self.left_out)}." if self.left_out else ""
 
 
+@dataclass
+class Finding:
+    """What a question points to, without an answer (ReadingService.find): bench.questions --retrieval."""
+
+    found: Found
+    gathered: Gathered
+    quote: dict | None
+    passages: list[dict]            # citations.passages of the evidence
+
+
 class ReadingService:
     def __init__(self, engine: Engine, library: Library, max_upload_bytes: int = MAX_BYTES, full_traces: bool = False,
-                 upgrading: Progress | None = None):
+                 upgrading: Progress | None = None, encoder: Encoder | None = None):
         """The service of a library, brought to today's formats first (reading.upgrade: at once where it is).
 
         full_traces: store each answer's per-step retrieval record (Trace.to_dict, ~340 KB an answer, for
         debugging) instead of its summary (Summary.to_dict, ~6 KB: all the pages show).
         upgrading: called with (documents done, of how many) while an old library is upgraded.
+        encoder: the sentence encoder that embeds each document's spans and each question (None: attention
+        and words alone).
         """
         if max_upload_bytes < 1:
             raise ReadingError(f"the upload limit must be at least 1 byte, got {max_upload_bytes}")
         upgrade(library, engine, upgrading)
         self.engine, self.library, self.max_upload_bytes = engine, library, max_upload_bytes
-        self.full_traces = full_traces
-        self.worker = Worker(library, max_upload_bytes)
+        self.full_traces, self.encoder = full_traces, encoder
+        self.worker = Worker(library, max_upload_bytes, encoder)
 
     @classmethod
     def start(cls, engine: Engine, library: Library, max_upload_bytes: int = MAX_BYTES, full_traces: bool = False,
-              upgrading: Progress | None = None) -> "ReadingService":
+              upgrading: Progress | None = None, encoder: Encoder | None = None) -> "ReadingService":
         """The service, with documents whose reading stopped with the app queued to resume."""
-        service = cls(engine, library, max_upload_bytes, full_traces, upgrading)
+        service = cls(engine, library, max_upload_bytes, full_traces, upgrading, encoder)
         service.worker.resume_interrupted(engine)
         return service
 
@@ -102,7 +117,7 @@ class ReadingService:
 
     def read_now(self, path: Path, progress: Progress | None = None) -> Ingested:
         """Read a file on this thread (the command line), or find it already read, or resume it."""
-        return ingest(self.library, self.engine, path, progress, max_bytes=self.max_upload_bytes)
+        return ingest(self.library, self.engine, path, progress, max_bytes=self.max_upload_bytes, encoder=self.encoder)
 
     def read_again(self, doc_ref: int | str, cfg: InfLLMConfig) -> Job:
         """Queue a document's kept file for reading under other settings (another mode, window...)."""
@@ -166,33 +181,25 @@ class ReadingService:
         if not question:
             raise ReadingError("type a question first")
         shelf = self.shelf(asked)
-        asked, chosen = shelf.asked, shelf.documents
-        engine = self.engine.answering(stored_config(chosen[0]), topk)
+        asked = shelf.asked
+        engine = self.engine.answering(stored_config(shelf.documents[0]), topk)
         history = self._history(conversation, asked.scope)        # another scope's turns are never re-read
-        ids = [d["id"] for d in chosen]
-        words = self.library.search(ids, question, SPAN_MATCHES * len(ids)) if engine.cfg.focus_lexical else {}
-        if probed is not None and len(chosen) > probed:
-            best = lambda d: max(words.get(d["id"], {0: 0.0}).values())       # noqa: E731
-            chosen = sorted(chosen, key=best, reverse=True)[:probed]
-        shelf_rows = [(d, self.library.spans(d["id"]), self.library.pages(d["id"])) for d in chosen]
         stop = stop or threading.Event()
         outcome: dict = {}
 
         def produce(emit) -> None:          # runs on the model thread
-            t0 = time.perf_counter()
-            memories = [load_memory(self.library, engine, d["id"]) for d in chosen]
-            outcome["load_s"] = time.perf_counter() - t0
-            lexical = [words.get(d["id"]) for d in chosen] if engine.cfg.focus_lexical else None
-            outcome["answer"] = answer = engine.ask(memories, question, max_new_tokens, history=history,
-                                                    lexical=lexical)
-            doc, spans, pages = shelf_rows[answer.document]
+            outcome["gathered"] = got = gather(self.library, engine, self.encoder, shelf.documents, question, probed)
+            outcome["load_s"] = got.load_s
+            outcome["answer"] = answer = engine.ask(got.memories, question, max_new_tokens, history=history,
+                                                    lexical=got.lexical, meaning=got.meaning)
+            doc, spans, pages = got.rows[answer.document]
             outcome["quote"] = self._emit(emit, answer, stop, lambda: self.quote(doc, question, answer.token_votes,
-                                                                                spans, pages))
+                                                                                spans, pages, got.asked))
 
         text = yield from self._stream(produce)
-        answer, quote = outcome["answer"], outcome.get("quote")
-        trace = {**self._stored(answer.trace), "documents": [d["id"] for d in chosen]}
-        found = passages(trace, shelf_rows)
+        answer, quote, got = outcome["answer"], outcome.get("quote"), outcome["gathered"]
+        trace = {**self._stored(answer.trace), "documents": [d["id"] for d in got.documents]}
+        found = passages(trace, got.rows)
         where = (quote["title"], quote["page"]) if quote else (found[0]["title"], found[0]["pages"]) if found else None
         cited = "" if stop.is_set() or where is None else cite(where[1], None if asked.one else where[0])
         method = engine.cfg.method
@@ -200,12 +207,38 @@ class ReadingService:
                                                  trace, outcome, quote, shelf.note)
         yield Answered(text, cited, conversation, method, trace, timings, found, quote, stop.is_set(), shelf.note)
 
-    def quote(self, doc: dict, question: str, token_votes: dict, spans: list[dict], pages: list[dict]) -> dict | None:
-        """The document's sentence that the question points to (reading.quotes), with its document."""
+    def find(self, asked: Asked | int | str | Sequence[int], question: str, topk: int | None = None,
+             probed: int | None = PROBED) -> Finding:
+        """What ask() would quote and cite for a question, found as it finds it, without writing an answer or
+        saving anything: bench.questions judges retrieval by it in minutes."""
+        shelf = self.shelf(asked)
+        engine = self.engine.answering(stored_config(shelf.documents[0]), topk)
+        out: dict = {}
+
+        def produce(emit) -> None:
+            out["gathered"] = got = gather(self.library, engine, self.encoder, shelf.documents, question, probed)
+            out["found"] = found = engine.find(got.memories, question, lexical=got.lexical, meaning=got.meaning)
+            out["quote"] = self.quote(*got.rows[found.host][:1], question, found.token_votes, *got.rows[found.host][1:],
+                                      got.asked)
+
+        for _ in self.worker.stream(produce):
+            pass
+        found, got = out["found"], out["gathered"]
+        trace = Trace(votes=found.evidence.scores if found.evidence is not None else None,
+                      parts=list(found.evidence.sizes) if found.evidence is not None else None)
+        return Finding(found, got, out["quote"], passages(trace.summary().to_dict(), got.rows))
+
+    def quote(self, doc: dict, question: str, token_votes: dict, spans: list[dict], pages: list[dict],
+              asked: torch.Tensor | None = None) -> dict | None:
+        """The document's sentence that the question points to (reading.quotes), with its document. asked: the
+        question's embedding, to weigh each sentence's meaning too (None: attention and words)."""
         stored = self.library.text(doc["id"]) if token_votes else None
         if stored is None:
             return None
-        found = quotes.choose(token_votes, spans, *stored, pages, question)
+        similar = None
+        if self.encoder is not None and asked is not None:
+            similar = lambda texts: (self.encoder.encode(texts) @ asked).tolist()      # noqa: E731
+        found = quotes.choose(token_votes, spans, *stored, pages, question, similar)
         return None if found is None else {**found.to_dict(), "document": doc["id"], "title": doc["title"]}
 
     def source(self, doc_ref: int | str, chars: Sequence[int] | None = None, span: int | None = None) -> Source:
@@ -226,7 +259,9 @@ class ReadingService:
         """On the model thread: "" (the model starts), the quote when there is one, then the answer's pieces
         until it ends or `stop` is set. Returns the quote."""
         emit("")
+        t0 = time.perf_counter()
         quote = quote_of()
+        answer.timings["quote_s"] = time.perf_counter() - t0       # before the answer's first token
         if quote is not None:
             emit(quote)
         for piece in answer:

@@ -24,6 +24,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from infllm_engine import Engine, EngineError
+from infllm_engine.encoder import Encoder
 from storage.library import Library, LibraryError, Status
 from documents import DocumentError
 
@@ -100,8 +101,8 @@ class _Cancelled(Exception):
 
 
 class Worker:
-    def __init__(self, library: Library, max_bytes: int):
-        self.library, self.max_bytes = library, max_bytes
+    def __init__(self, library: Library, max_bytes: int, encoder: Encoder | None = None):
+        self.library, self.max_bytes, self.encoder = library, max_bytes, encoder
         self.jobs: list[Job] = []
         self.version = 0                  # bumped whenever the library changes: the page then refreshes
         self.answering = False
@@ -242,7 +243,7 @@ class Worker:
             self.version += 1           # the document's row (new, or failed -> reading) shows at once
         try:
             done = ingest(self.library, job.engine, job.path, self._progress(job), max_bytes=self.max_bytes,
-                          name=job.name, started=started)
+                          name=job.name, started=started, encoder=self.encoder)
         except (DocumentError, LibraryError, EngineError) as err:
             job.state, job.message = JobState.FAILED, str(err)
             return

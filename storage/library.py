@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 
+import torch
 from sqlite_utils import Database
 
 from . import lexical
@@ -141,6 +142,26 @@ class Library(MemoryFiles, Conversations):
         """The memory blocks, then the block-sized spans of the local window (in_memory 0): what can be cited."""
         return list(self.db.query("SELECT * FROM blocks WHERE document_id = ? ORDER BY block", [doc_id]))
 
+    def meaning(self, doc_id: int, encoder: str) -> torch.Tensor | None:
+        """[spans, dim] float16 the document's spans' embeddings by `encoder`, or None (not made yet)."""
+        row = next(self.db.query("SELECT dim, vectors FROM meanings WHERE document_id = ? AND encoder = ?",
+                                 [doc_id, encoder]), None)
+        if row is None:
+            return None
+        vectors = torch.frombuffer(bytearray(row["vectors"]), dtype=torch.float16)
+        if sys.byteorder != "little":
+            vectors = vectors.view(torch.int16).byteswap().view(torch.float16)
+        return vectors.view(-1, row["dim"])
+
+    def set_meaning(self, doc_id: int, encoder: str, vectors: torch.Tensor) -> None:
+        """Keep the document's spans' embeddings [spans, dim] (stored as float16: 2 bytes a number)."""
+        data = vectors.detach().to(torch.float16).contiguous().cpu().numpy()
+        if sys.byteorder != "little":
+            data = data.byteswap()
+        with self.db.conn:
+            self.db["meanings"].upsert({"document_id": doc_id, "encoder": encoder, "dim": vectors.shape[1],
+                                        "vectors": data.tobytes()}, pk="document_id")
+
     def search(self, doc_ids: Sequence[int], question: str, limit: int = 32) -> dict[int, dict[int, float]]:
         """Document -> span number (as in spans()) -> BM25 score of the `limit` best spans of these documents
         that share words with the question, from one query (the scores compare)."""
@@ -223,6 +244,7 @@ class Library(MemoryFiles, Conversations):
                                                  "read_seconds": 0, "memory_format": memory_format})
             self.db.execute("DELETE FROM blocks WHERE document_id = ?", [doc_id])
             self.db.execute("DELETE FROM span_words WHERE document_id = ?", [doc_id])
+            self.db.execute("DELETE FROM meanings WHERE document_id = ?", [doc_id])
         folder = self.memory_dir(doc_id)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)

@@ -155,6 +155,17 @@ MIGRATIONS: list[str] = [
         WHERE quote IS NOT NULL AND json_extract(quote, '$.document') IS NULL
           AND (SELECT document_id FROM conversations c WHERE c.id = messages.conversation_id) IS NOT NULL;
     """,
+    # 10: what each span means: its text's embedding by a sentence encoder (infllm_engine.encoder), one row of
+    #     float16 per span in Library.spans order, so that a question in the reader's words finds its passage.
+    #     Documents read before get theirs on first ask, from their spans' texts.
+    """
+    CREATE TABLE IF NOT EXISTS meanings (
+        document_id INTEGER PRIMARY KEY REFERENCES documents(id) ON DELETE CASCADE,
+        encoder TEXT NOT NULL,           -- which encoder made them: another one's are made again
+        dim INTEGER NOT NULL,
+        vectors BLOB NOT NULL            -- float16 little-endian, [spans, dim], L2-normalised
+    );
+    """,
 ]
 
 

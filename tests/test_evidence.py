@@ -214,7 +214,7 @@ def test_window_evidence_is_reread_alone_and_the_rest_of_the_window_left_out(eng
     votes[WINDOW] = 1.0
 
     def evidence_of(m) -> Evidence:
-        return choose([m], [votes], [], 4, 0.0, False, 4)
+        return choose([m], [votes], [], 4, {}, False, 4)
     evidence = evidence_of(memory)
     a, b = memory.block_span(WINDOW)[0], memory.block_span(WINDOW + 1)[1]
     assert [(r.start, r.end, r.span) for r in evidence.reads] == [(a, a + 8, WINDOW), (a + 8, b, WINDOW + 1)]
@@ -260,7 +260,7 @@ def test_the_memory_where_the_words_attention_gathers_hosts_the_answer_and_only_
     spread = _probe([1, 1, 1, 1.2], [1, 1, 1, 1])         # a little above its baseline everywhere
     gathered = _probe([0.2, 3, 0.4], [1, 1, 1])           # one span draws most of the words' attention
     memories = [Tall(4, 42), Tall(0, 5), Tall(3, 40)]
-    evidence = choose(memories, [spread, None, gathered], [], 4, 0.0, True, 4)
+    evidence = choose(memories, [spread, None, gathered], [], 4, {}, True, 4)
     assert evidence.sizes == (4, 0, 3) and evidence.offsets == [0, 4, 4] and evidence.locate(5) == (2, 1)
     # Its best block with the others by score, each with the one after it (the last: before it); the other
     # memory's spans, though positive, are not read.
@@ -268,16 +268,16 @@ def test_the_memory_where_the_words_attention_gathers_hosts_the_answer_and_only_
     assert [(r.memory, r.span) for r in evidence.reads] == [(memories[2], 4), (memories[2], 5), (memories[2], 6)]
     assert evidence.pinned.tolist() == [4, 5, 6] and evidence.of(2).tolist() == evidence.scores[4:].tolist()
     # Word matches from one index over the library join by rank: a strong match moves a memory up.
-    words = choose(memories, [spread, None, gathered], [{0: 9.0}, None, {2: 1.0}], 2, 1.0, True, 4)
+    words = choose(memories, [spread, None, gathered], [{0: 9.0}, None, {2: 1.0}], 2, {"words": 1.0}, True, 4)
     assert words.scores.shape == (7,) and words.host == 0 and [r.span for r in words.reads] == [0, 1]
 
 
 def test_each_best_block_is_reread_with_the_next_one_the_last_with_the_one_before():
     votes = torch.tensor([0.0, 0.0, 0.1, 0.3, 1.0, 0.2, 0.0, 0.0])      # block 3 draws more than block 5
-    assert [r.span for r in choose([Tall(8, 80)], [votes], [], 2, 0.0, True, 4).reads] == [4, 5]
+    assert [r.span for r in choose([Tall(8, 80)], [votes], [], 2, {}, True, 4).reads] == [4, 5]
     last = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1, 1.0])
-    assert [r.span for r in choose([Tall(8, 80)], [last], [], 2, 0.0, True, 4).reads] == [6, 7]
-    assert choose([Tall(8, 80)], [None], [], 2, 0.0, True, 4) is None            # nothing voted
+    assert [r.span for r in choose([Tall(8, 80)], [last], [], 2, {}, True, 4).reads] == [6, 7]
+    assert choose([Tall(8, 80)], [None], [], 2, {}, True, 4) is None            # nothing voted
 
 
 def test_spans_of_two_memories_are_read_wherever_the_memories_stand(engine):

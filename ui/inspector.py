@@ -17,6 +17,7 @@ from infllm_engine import Summary
 from reading.citations import Shelf, page_label, parts, passages, short_title
 
 MAX_COLUMNS = 240      # wider documents are binned: one column covers several neighbouring blocks
+SIGNALS = ("attention", "words", "meaning")     # what ranked an evidence passage (infllm_engine.evidence)
 PALETTE = [(247, 251, 255), (198, 219, 239), (107, 174, 214), (33, 113, 181), (8, 48, 107)]
 
 # Runs once in the browser (gr.HTML js_on_load): a click on anything carrying data-block selects it.
@@ -50,8 +51,9 @@ def figures(trace: dict, timings: dict | None, documents: Shelf) -> Figures:
     blocks = {sum(sizes[:i]) + j for i, (_, spans, _) in enumerate(documents) if len(spans) == sizes[i]
               for j, span in enumerate(spans) if span["in_memory"]}
     # What the reader waited for once the model took the question: the memories mapped, the question's
-    # probes (one per document asked), the prefill. The engine's first_token_s counts the prefill only.
-    waited = sum(timings.get(k, 0.0) for k in ("memory_load_s", "focus_s", "first_token_s"))
+    # probes (one per document asked), the quote chosen, the prefill. The engine's first_token_s counts the
+    # prefill only.
+    waited = sum(timings.get(k, 0.0) for k in ("memory_load_s", "focus_s", "quote_s", "first_token_s"))
     return Figures(len(summary.retrieved() & blocks), len(blocks), summary.memory_share, summary.window_share,
                    timings.get("decode_tokens_per_s", 0.0), waited)
 
@@ -216,9 +218,10 @@ def render(trace: dict | None, timings: dict | None, documents: Shelf, n_layers:
     for p in passages(trace, documents):
         snippet = " ".join(p["text"].split())[:220]
         where = f"block {p['block']}" if p["in_memory"] else "local window"
+        ranked = " · ".join(f"{name} #{p['ranks'][name]}" for name in SIGNALS if name in p["ranks"])
         out.append(f"<li data-block='{p['block']}' data-document='{p['document']}'><span class='where'>"
                    f"{html.escape(_where(p, p['pages'], titled))} · {where} · {p['by']} {p['share']:.0%}</span>"
-                   f"{html.escape(snippet)}…</li>")
+                   + (f"<span class='signals'>{ranked}</span>" if ranked else "") + f"{html.escape(snippet)}…</li>")
     out.append("</ol></div>")
     return "".join(out)
 

@@ -28,6 +28,7 @@ CSS = """
 .inspector ol.passages li { cursor: pointer; margin-bottom: 6px; font-size: 0.92em; }
 .inspector ol.passages li:hover { background: var(--background-fill-secondary); }
 .inspector .where { display: block; font-weight: 600; font-size: 0.85em; color: var(--color-accent); }
+.inspector .signals { display: block; font-size: 0.8em; color: var(--body-text-color-subdued); }
 .inspector blockquote.quote { cursor: pointer; margin: 0 0 10px 0; padding: 6px 10px; border-left: 4px solid #f5c400;
   background: var(--background-fill-secondary); }
 .source img.page { width: 100%; height: auto; border: 1px solid var(--border-color-primary); }
