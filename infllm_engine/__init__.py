@@ -1,6 +1,7 @@
 """InfLLM context memory on Hugging Face causal LMs: read once, retrieve per layer, answer."""
 from .config import InfLLMConfig
-from .engine import Answer, Engine
+from .answer import Answer
+from .engine import Engine
 from .errors import EngineError
 from . import snapshot
 from .memory import ContextMemory

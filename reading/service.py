@@ -16,8 +16,9 @@ import torch
 
 from documents import MAX_BYTES, DocumentError, file_type
 from infllm_engine import Engine, EngineError, InfLLMConfig, Trace
+from infllm_engine.answer import Found
 from infllm_engine.encoder import Encoder
-from infllm_engine.engine import Found, Progress
+from infllm_engine.engine import Progress
 from storage.library import Library, LibraryError, Status
 
 from . import quotes
