@@ -26,6 +26,7 @@ from pathlib import Path
 from bench.needle import DEPTHS, correct, cut, make_facts, plant
 from bench.passkey import machine
 from infllm_engine import Engine, InfLLMConfig
+from infllm_engine.encoder import Encoder
 from reading.ingest import ingest_document
 from reading.service import ALL, Answered, ReadingService
 from storage.library import Library
@@ -73,12 +74,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default=None)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", dest="json_path", default=None)
+    parser.add_argument("--no-encoder", action="store_true", help="attention and words alone (no meaning)")
     args = parser.parse_args(argv)
 
     cfg = InfLLMConfig(dtype=args.dtype)
     engine = Engine.load(args.model, cfg, args.data_dir)
     library = Library(args.data_dir)
-    service = ReadingService(engine, library)
+    encoder = None if args.no_encoder else Encoder.load()
+    service = ReadingService(engine, library, encoder=encoder)
     facts = make_facts(random.Random(f"{args.seed}-{args.rotation}"))
     docs = []
     for d, book in enumerate(args.books):
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         depth = DEPTHS[(d + 2 * args.rotation) % len(DEPTHS)]
         doc = plant(cut(engine, read_document(book), args.tokens), [(depth, fact)])
         t0 = time.perf_counter()
-        done = ingest_document(library, engine, doc)
+        done = ingest_document(library, engine, doc, encoder=encoder)
         print(f"read {book.name}: {done.tokens:,} tokens in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         docs.append((done.doc_id, doc, fact, depth))
     samples = []
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
                 samples.append(sample)
                 print(json.dumps(sample), file=sys.stderr, flush=True)
     result = {"books": [b.name for b in args.books], "tokens": args.tokens, "config": cfg.to_dict(),
+              "encoder": encoder.name if encoder else None,
               "machine": machine(), "date": date.today().isoformat(),
               "command": "python -m bench.library " + " ".join(argv if argv is not None else sys.argv[1:]),
               "samples": samples}
