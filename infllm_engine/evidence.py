@@ -4,8 +4,9 @@ A question is asked of one memory or of several at once (a document is a shelf o
 probe (infllm_engine.probe) gives its spans' votes. Votes compare across memories: each is the
 question words' share of attention over that memory less the template's share, so a memory on which
 the words' attention gathers scores high and one on which it spreads scores low. The word matches come
-from one BM25 index over the whole library (storage.lexical), so their scores compare too. Both are
-ranked over all the spans together and fused by reciprocal rank (fuse). Spans are numbered over the
+from one BM25 index over the whole library (storage.lexical), so their scores compare too, and so do the
+meaning scores (each span's cosine with the question, infllm_engine.encoder). All three are ranked over
+all the spans together and fused by reciprocal rank (fuse). Spans are numbered over the
 memories asked: memory i's span j is offsets[i] + j, in the order Library.spans numbers each
 document's spans (memory blocks, then the local window's block-sized pieces).
 
@@ -80,13 +81,6 @@ class Evidence:
     def pinned(self) -> torch.Tensor:
         """[k] the re-read spans' ids, ascending (the trace's)."""
         return torch.tensor([r.span for r in self.reads], dtype=torch.long)
-
-    def locate(self, span: int) -> tuple[int, int]:
-        """A span's (memory index, span in that memory)."""
-        for i, (offset, size) in enumerate(zip(self.offsets, self.sizes)):
-            if span < offset + size:
-                return i, span - offset
-        raise IndexError(span)
 
     def of(self, i: int) -> torch.Tensor:
         """[sizes[i]] memory i's own spans' scores."""

@@ -27,7 +27,7 @@ from .citations import cite, passages
 from .errors import ReadingError
 from .ingest import Ingested, ingest, stored_config
 from .question import Gathered, gather
-from .source import Source, find
+from .source import Source, locate
 from .upgrade import upgrade
 from .worker import Job, Worker
 
@@ -172,11 +172,11 @@ class ReadingService:
         """Stream an answer on the model's thread: "" when the model starts, then the quote (a dict, when the
         document has a sentence to quote), then text pieces, then Answered.
 
-        asked: a document (id or title), several (ids), or "all" (reading.asked). The library's word index
-        ranks every document; the `probed` best (None: all; bench.library measures it) are probed by attention
-        (Engine.ask); the one holding the best span is read and quoted. The question and the answer (with its quote, citation, trace and timings) are
-        saved when the answer ends, also when `stop` is set. conversation: the one to continue (its turns are
-        re-read), or None.
+        asked: a document (id or title), several (ids), or "all" (reading.asked). The library's word index and
+        the spans' meanings rank every document; the `probed` best (None: all; bench.library measures it) are
+        probed by attention (Engine.ask); the one holding the best span is read and quoted. The question and
+        the answer (with its quote, citation, trace and timings) are saved when the answer ends, also when
+        `stop` is set. conversation: the one to continue (its turns are re-read), or None.
         """
         question = (question or "").strip()
         if not question:
@@ -219,8 +219,8 @@ class ReadingService:
         def produce(emit) -> None:
             out["gathered"] = got = gather(self.library, engine, self.encoder, shelf.documents, question, probed)
             out["found"] = found = engine.find(got.memories, question, lexical=got.lexical, meaning=got.meaning)
-            out["quote"] = self.quote(*got.rows[found.host][:1], question, found.token_votes, *got.rows[found.host][1:],
-                                      got.asked)
+            doc, spans, pages = got.rows[found.host]
+            out["quote"] = self.quote(doc, question, found.token_votes, spans, pages, got.asked)
 
         for _ in self.worker.stream(produce):
             pass
@@ -244,7 +244,7 @@ class ReadingService:
 
     def source(self, doc_ref: int | str, chars: Sequence[int] | None = None, span: int | None = None) -> Source:
         """Where a quote (its characters in the document's text) or an evidence span is (reading.source)."""
-        return find(self.library, doc_ref, chars, span)
+        return locate(self.library, doc_ref, chars, span)
 
     # -- internals --------------------------------------------------------------------------------
     def _history(self, conversation: int | None, scope: int | str) -> list[tuple[str, str]]:

@@ -26,7 +26,7 @@ class Source:
     excerpt: tuple[str, str, str] | None = None        # else the page's text: before, the passage, after
 
 
-def find(library: Library, doc_ref: int | str, chars: Sequence[int] | None = None, span: int | None = None) -> Source:
+def locate(library: Library, doc_ref: int | str, chars: Sequence[int] | None = None, span: int | None = None) -> Source:
     """The source of a quote (its characters [a, b) in the document's text) or of an evidence span."""
     doc = library.document(doc_ref)
     pages, stored = library.pages(doc["id"]), library.text(doc["id"])
