@@ -74,7 +74,7 @@ class InfLLMConfig:
     focus_lexical: float = 1.0
     # Weight of the spans' meaning (Engine.ask's `meaning`: cosine with the question, infllm_engine.encoder);
     # with it, the words' and the meaning's weights follow how strongly the question's words match
-    # (evidence.fuse). Paraphrased questions about 136 facts of two books found their page first 50 times
+    # (evidence.fuse). Paraphrased questions about 136 facts of two books found their page first 49 times
     # against 29 without it, questions in the book's words 132 both (bench/results/meaning-cpu.md).
     focus_meaning: float = 1.0
     # Answer time only: greedy, the 135M model loops ("The license also requires ..." again and again).

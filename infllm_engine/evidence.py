@@ -68,7 +68,8 @@ class Evidence:
     alone: bool                     # the reads without the host's own window (but the question)
     gap: int                        # tokens between the reads' end and the fixed query position
     doc_end: int                    # the host's length: its window is read from here on when alone
-    # each signal's rank of every span ("attention", "words", "meaning"; 1: its best), 0 where it ranks none
+    # each signal's rank of every span ("attention", "words", "meaning"; 1: its best), 0 where it ranks none;
+    # attention and words rank the spans of every memory asked together, meaning each memory's own
     ranks: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
     # per layer, the reads' keys rotated for the answer, built at its first step (keys)
     _keys: dict[int, Keys] = field(default_factory=dict, compare=False, repr=False)
@@ -127,7 +128,7 @@ def choose(memories: Sequence[ContextMemory], attention: Sequence[torch.Tensor |
     meant = None
     if any(m is not None for i, m in enumerate(meaning) if sizes[i]):
         meant = torch.cat([_fit(m, n) for m, n in zip(meaning, sizes) if n])
-    scores = fuse(votes, words, weights.get("words", 0.0), meant, weights.get("meaning", 0.0))
+    scores = fuse(votes, words, weights.get("words", 0.0), meant, weights.get("meaning", 0.0), sizes)
     best = int(scores.argmax())
     host = max(i for i in range(len(sizes)) if offsets[i] <= best and sizes[i])
     memory, span, offset = memories[host], best - offsets[host], offsets[host]
@@ -146,8 +147,8 @@ def choose(memories: Sequence[ContextMemory], attention: Sequence[torch.Tensor |
         lex = torch.zeros_like(votes)
         lex[list(words)] = torch.tensor(list(words.values()))
         ranks["words"] = _ranks(lex)
-    if meant is not None:
-        ranks["meaning"] = _ranks(meant, positive=False)
+    if meant is not None:               # within each document, as fuse ranks them
+        ranks["meaning"] = torch.cat([_ranks(part, positive=False) for part in meant.split(list(sizes))])
     return Evidence(scores, sizes, host, tuple(reads), alone, gap, memory.length, ranks)
 
 
@@ -184,7 +185,8 @@ def _pairs(scores: torch.Tensor, n: int) -> list[int]:
 
 
 def fuse(attention: torch.Tensor, lexical: dict[int, float] | None, weight: float,
-         meaning: torch.Tensor | None = None, meaning_weight: float = 0.0) -> torch.Tensor:
+         meaning: torch.Tensor | None = None, meaning_weight: float = 0.0,
+         sizes: Sequence[int] | None = None) -> torch.Tensor:
     """Spans' evidence: the attention vote fused by reciprocal rank with the word matches (span -> score) and
     the spans' meaning (cosine with the question); the vote alone without either.
 
@@ -199,7 +201,12 @@ def fuse(attention: torch.Tensor, lexical: dict[int, float] | None, weight: floa
     (STRONG_WORDS): a question in the book's words shares them with one span far more than with the rest,
     a paraphrase shares a few common ones with many. On all 136 facts of lshort and TeX for the Impatient
     (bench/results/meaning-cpu.md), the fact's page came first for 132 questions in the book's words and
-    50 paraphrased, against 132 and 29 without meaning, and 128 and 49 with the weights fixed at 1 and 2.
+    50 paraphrased, against 132 and 29 without meaning, and 121 and 49 with the weights fixed at 1 and 2.
+
+    Meaning ranks the spans within each memory asked (sizes: each one's spans, one after another), never
+    one memory's against another's: attention and words choose the document. Asked of lshort and TeX for
+    the Impatient together (two TeX books), lshort's paraphrased facts went to lshort 36 times in 42 by
+    attention and words, and 29 when meaning ranked the spans of both books together.
     """
     matched = {i: x for i, x in (lexical or {}).items() if 0 <= i < attention.numel() and x > 0}
     use_meaning = meaning is not None and meaning_weight > 0
@@ -209,7 +216,8 @@ def fuse(attention: torch.Tensor, lexical: dict[int, float] | None, weight: floa
     if use_meaning:
         strong = strongly(list(matched.values()))
         weight, meaning_weight = (weight * WORDS_WEIGHT[strong], meaning_weight * MEANING_WEIGHT[strong])
-        fused = fused + meaning_weight * _reciprocal_ranks(meaning.to(attention), positive=False)
+        fused = fused + meaning_weight * torch.cat([_reciprocal_ranks(part, positive=False) for part in
+                                                    meaning.to(attention).split(list(sizes or [meaning.numel()]))])
     if matched and weight:
         lex = torch.zeros_like(attention)
         lex[list(matched)] = torch.tensor(list(matched.values()), dtype=lex.dtype, device=lex.device)

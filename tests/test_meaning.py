@@ -146,3 +146,19 @@ def test_the_documents_probed_across_the_library_are_chosen_by_words_and_meaning
     assert [d["id"] for d in _best(docs, words, None, 2)] == [1, 2]          # words alone: as before
     # Document 3 shares fewer words with the question than document 2, but means it: it is probed instead.
     assert [d["id"] for d in _best(docs, words, meant, 2)] == [1, 3]
+
+
+def test_meaning_ranks_spans_within_each_document_and_never_chooses_the_document():
+    class Tall:
+        def __init__(self, n):
+            self.n_blocks, self.length = n, 10 + 8 * n
+
+        def block_span(self, i):
+            return 10 + 8 * i, 18 + 8 * i
+    a, b = Tall(6), Tall(6)
+    votes = [torch.tensor([0.5, 0.1, 0.0, 0.0, -0.1, -0.2]), torch.tensor([0.3, 0.1, 0.0, 0.0, -0.1, -0.2])]
+    # Every span of b means the question more than any of a's (another book on the same subject).
+    meaning = [torch.tensor([0.2, 0.1, 0.1, 0.1, 0.1, 0.1]), torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])]
+    evidence = choose([a, b], votes, [], 2, {"meaning": 1.0}, True, 4, meaning)
+    assert evidence.host == 0 and [r.memory for r in evidence.reads] == [a, a]
+    assert evidence.ranks["meaning"].tolist() == [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6]
